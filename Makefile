@@ -1,0 +1,34 @@
+# Quick start: `make demo` trains the embedded digits job; `make test` runs the whole suite.
+# Both create .venv and install tlray (with its test tools) on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Nothing leaves the machine: Ray otherwise reports usage statistics to a public server.
+export RAY_USAGE_STATS_ENABLED := 0
+# A single-machine Ray keeps every socket on 127.0.0.1 (Ray otherwise binds the machine's
+# outward address even for a local cluster). Multi-node clusters never run from this Makefile.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+
+.PHONY: install demo test reference clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: install
+	$(BIN)/tlray demo jobs/digits.yaml
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Regenerate the spec reference that README.md embeds (a test keeps them in sync).
+reference: install
+	$(BIN)/tlray reference
+
+clean:
+	rm -rf $(VENV) data outputs .pytest_cache

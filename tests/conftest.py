@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny generated image folders, tiny specs, and no traffic off the machine."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+
+# Nothing leaves the machine: no usage statistics, and every Ray socket on loopback.
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+ROOT = Path(__file__).resolve().parents[1]
+COLOURS = [(220, 40, 40), (40, 200, 60), (40, 60, 220), (230, 200, 30), (150, 40, 200), (30, 200, 200)]
+
+
+def write_image_folder(root: Path, classes: int = 3, per_class: int = 12, size: int = 16, seed: int = 0) -> Path:
+    """Class k is a noisy image of colour k: learnable in a couple of epochs by any network."""
+    from PIL import Image
+
+    rng = random.Random(seed)
+    for k in range(classes):
+        folder = root / f"class_{k}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for n in range(per_class):
+            base = COLOURS[k % len(COLOURS)]
+            pixels = bytes(
+                max(0, min(255, c + rng.randint(-40, 40))) for _ in range(size * size) for c in base
+            )
+            Image.frombytes("RGB", (size, size), pixels).save(folder / f"{n:03d}.png")
+    return root
+
+
+def spec_dict(data_uri: str, output_uri: str, **sections) -> dict:
+    """A small valid spec; keyword sections are merged over the defaults."""
+    spec = {
+        "name": "tiny",
+        "dataset": {"uri": data_uri, "image_size": 32, "val_fraction": 0.25},
+        "model": {"arch": "resnet18", "weights": "none", "mode": "architecture"},
+        "train": {"epochs": 2, "batch_size": 8, "lr": 0.003},
+        "scaling": {"num_workers": 1},
+        "output": {"uri": output_uri},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict) and isinstance(spec.get(section), dict):
+            spec[section] = {**spec[section], **values}
+        else:
+            spec[section] = values
+    return spec
+
+
+def write_spec(path: Path, spec: dict) -> Path:
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _fresh_ray_per_test():
+    """In-process `tlray train` starts a local Ray; stop it so each test owns the machine's 2 CPUs."""
+    yield
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return write_image_folder(tmp_path / "images")

@@ -1,0 +1,410 @@
+"""tlray.models: block maps, freezing (params, optimizer, BatchNorm, DDP), checkpoints, preprocessing.
+
+Everything builds with weights=None (no downloads); checkpoints are written to tmp_path.
+The expected block maps below are written out by hand, independently of tlray.models.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import pickle
+import socket
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from tlray import models
+from tlray.models import ModelError
+
+# arch -> (expected blocks as lists of dotted paths, head path, head-side prefixes never frozen)
+EXPECTED = {
+    "resnet18": (
+        [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]],
+        "fc",
+        ["fc"],
+    ),
+    "efficientnet_b0": ([[f"features.{i}"] for i in range(9)], "classifier.1", ["classifier"]),
+    "efficientnet_v2_s": ([[f"features.{i}"] for i in range(8)], "classifier.1", ["classifier"]),
+    "mobilenet_v2": ([[f"features.{i}"] for i in range(19)], "classifier.1", ["classifier"]),
+    "mobilenet_v3_small": ([[f"features.{i}"] for i in range(13)], "classifier.3", ["classifier"]),
+    "convnext_tiny": ([[f"features.{i}"] for i in range(8)], "classifier.2", ["classifier"]),
+    "regnet_x_400mf": (
+        [["stem"]] + [[f"trunk_output.block{i}"] for i in range(1, 5)],
+        "fc",
+        ["fc"],
+    ),
+    "vit_b_32": (
+        [["conv_proj", "class_token", "encoder.pos_embedding"]]
+        + [[f"encoder.layers.encoder_layer_{i}"] for i in range(12)],
+        "heads.head",
+        ["encoder.ln", "heads"],
+    ),
+}
+ONE_PER_FAMILY = ["resnet18", "efficientnet_b0", "mobilenet_v3_small", "convnext_tiny", "regnet_x_400mf", "vit_b_32"]
+WITH_BATCHNORM = ["resnet18", "efficientnet_b0", "mobilenet_v2", "mobilenet_v3_small", "regnet_x_400mf"]
+HEAD_SIDE = {"resnet": ["fc"], "efficientnet": ["classifier"], "mobilenet": ["classifier"],
+             "convnext": ["classifier"], "regnet": ["fc"], "vit": ["encoder.ln", "heads"]}
+NUM_CLASSES = 3
+
+
+# ---------------------------------------------------------------- helpers (no tlray.models inside)
+
+
+def params_at(model: nn.Module, path: str) -> list[nn.Parameter]:
+    """The parameters under a dotted path, found by walking attributes by hand."""
+    obj = model
+    for part in path.split("."):
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return list(obj.parameters()) if isinstance(obj, nn.Module) else [obj]
+
+
+def modules_at(model: nn.Module, path: str) -> list[nn.Module]:
+    obj = model
+    for part in path.split("."):
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return list(obj.modules()) if isinstance(obj, nn.Module) else []
+
+
+def numel(params) -> int:
+    return sum(p.numel() for p in {id(p): p for p in params}.values())
+
+
+def batch_for(arch: str) -> torch.Tensor:
+    torch.manual_seed(0)
+    # ViT needs its 224 px input; batch 1 keeps it cheap. Others: 2 images of 64 px.
+    return torch.randn(1, 3, 224, 224) if arch.startswith("vit") else torch.randn(2, 3, 64, 64)
+
+
+def batchnorms(model: nn.Module, paths: list[str]) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for p in paths for m in modules_at(model, p) if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def bn_state(bns) -> list[torch.Tensor]:
+    return [t.clone() for bn in bns for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
+
+
+def same(a, b) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@functools.cache
+def _built(arch: str) -> nn.Module:
+    torch.manual_seed(0)
+    return models.build_model(arch, None, NUM_CLASSES)
+
+
+def fresh(arch: str) -> nn.Module:
+    """A new random-init model with a NUM_CLASSES head (built once per arch, then copied)."""
+    return copy.deepcopy(_built(arch))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def process_group():
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}")
+    yield
+    dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- block maps
+
+
+@pytest.mark.parametrize("arch", list(EXPECTED))
+def test_block_map_matches_the_hand_written_one(arch):
+    blocks, head, _ = EXPECTED[arch]
+    assert len(models.backbone_block_names(arch)) == len(blocks)
+    assert models.resolve_freeze_depth(arch, "all") == len(blocks)
+    model = fresh(arch)
+    assert models.head_module(model, arch) is model.get_submodule(head)
+
+
+def test_block_names_are_readable():
+    assert models.backbone_block_names("resnet18") == ["stem", "layer1", "layer2", "layer3", "layer4"]
+    assert models.backbone_block_names("convnext_tiny")[3] == "features.3"
+    assert models.backbone_block_names("vit_b_32")[6] == "encoder_layer_5"
+    assert models.backbone_block_names("regnet_x_400mf") == ["stem", "block1", "block2", "block3", "block4"]
+
+
+@pytest.mark.parametrize("arch", models.supported_archs())
+def test_every_supported_arch_blocks_cover_the_backbone(arch):
+    """On the meta device (no memory): blocks are disjoint, and every parameter outside them is head-side."""
+    with models._ParametersOnMeta():  # plain torch.device("meta") cannot build RegNet
+        model = torchvision.models.get_model(arch, weights=None)
+    layout = models._layout(arch)
+    owner: dict[str, str] = {}
+    names = dict(model.named_parameters())
+    for block, paths in layout.blocks:
+        for path in paths:
+            prefix = path + "."
+            hits = [n for n in names if n == path or n.startswith(prefix)]
+            assert hits, f"{arch}: {path} holds no parameters"
+            for n in hits:
+                assert n not in owner, f"{arch}: {n} is in {owner.get(n)} and {block}"
+                owner[n] = block
+    head_side = HEAD_SIDE[models.family_of(arch)]
+    rest = [n for n in names if n not in owner]
+    assert rest and all(any(n == h or n.startswith(h + ".") for h in head_side) for n in rest), rest
+    assert isinstance(model.get_submodule(layout.head), nn.Linear)
+
+
+def test_supported_families_and_errors():
+    assert set(models.SUPPORTED_FAMILIES) == {"resnet", "efficientnet", "mobilenet", "convnext", "regnet", "vit"}
+    assert models.family_of("resnext50_32x4d") == "resnet"
+    assert models.family_of("efficientnet_v2_l") == "efficientnet"
+    with pytest.raises(ModelError, match=r"^model\.arch: unknown arch 'resnet19'; did you mean 'resnet18'\?"):
+        models.family_of("resnet19")
+    with pytest.raises(ModelError, match="model.arch"):
+        models.backbone_block_names("alexnet")
+    assert models.weights_enum("resnet18") is torchvision.models.ResNet18_Weights
+
+
+@pytest.mark.parametrize("bad", [-1, 6, 2.5, "most", "", True, None])
+def test_resolve_freeze_depth_errors(bad):
+    with pytest.raises(ModelError, match=r"^model\.freeze_depth: .*0\.\.5.*layer4") as err:
+        models.resolve_freeze_depth("resnet18", bad)
+    assert isinstance(err.value, ValueError)
+
+
+def test_resolve_freeze_depth_values():
+    import numpy as np
+
+    assert models.resolve_freeze_depth("resnet18", 0) == 0
+    assert models.resolve_freeze_depth("resnet18", 5) == 5
+    assert models.resolve_freeze_depth("resnet18", "all") == 5
+    assert models.resolve_freeze_depth("resnet18", np.int64(3)) == 3  # as Tune samples it
+    assert models.resolve_freeze_depth("vit_b_32", "all") == 13
+
+
+# ---------------------------------------------------------------- freezing
+
+
+@pytest.mark.parametrize("arch", list(EXPECTED))
+def test_counts_at_every_depth(arch):
+    blocks, head, head_side = EXPECTED[arch]
+    model = fresh(arch)
+    total = numel(model.parameters())
+    assert model.get_submodule(head).out_features == NUM_CLASSES
+    for depth in [*range(len(blocks) + 1), "all"]:
+        d = len(blocks) if depth == "all" else depth
+        summary = models.freeze(model, arch, depth)
+        frozen = numel(p for block in blocks[:d] for path in block for p in params_at(model, path))
+        assert summary == models.FreezeSummary(
+            d, len(blocks), models.backbone_block_names(arch)[:d], total - frozen, frozen
+        )
+        assert numel(p for p in model.parameters() if not p.requires_grad) == frozen
+        assert numel(models.trainable_parameters(model)) == total - frozen
+    # "all": exactly the head-side layers remain trainable
+    head_side_params = numel(p for path in head_side for p in params_at(model, path))
+    assert numel(models.trainable_parameters(model)) == head_side_params
+    assert all(p.requires_grad for path in head_side for p in params_at(model, path))
+
+
+def test_freeze_logs_counts(caplog):
+    model = fresh("resnet18")
+    with caplog.at_level("INFO", logger="tlray"):
+        s = models.freeze(model, "resnet18", 2)
+    assert f"trainable {s.trainable_params} / frozen {s.frozen_params} parameters" in caplog.text
+    assert "freeze_depth 2 of 5: blocks stem, layer1" in caplog.text
+
+
+def test_freeze_rejects_bad_batchnorm_and_depth():
+    model = fresh("resnet18")
+    with pytest.raises(ModelError, match="^model.batchnorm"):
+        models.freeze(model, "resnet18", 1, batchnorm="sometimes")
+    with pytest.raises(ModelError, match="^model.freeze_depth"):
+        models.freeze(model, "resnet18", 9)
+
+
+@pytest.mark.parametrize("arch", ONE_PER_FAMILY + ["mobilenet_v2"])
+def test_sgd_step_leaves_frozen_parameters_untouched(arch):
+    blocks, _, _ = EXPECTED[arch]
+    model = fresh(arch)
+    depth = len(blocks) // 2
+    models.freeze(model, arch, depth)
+    frozen = [p for block in blocks[:depth] for path in block for p in params_at(model, path)]
+    before = [p.detach().clone() for p in frozen]
+    trainable = models.trainable_parameters(model)
+    trainable_before = [p.detach().clone() for p in trainable]
+    optimizer = torch.optim.SGD(trainable, lr=0.1, momentum=0.9, weight_decay=1e-4)
+    held = [p for group in optimizer.param_groups for p in group["params"]]
+    assert {id(p) for p in held} == {id(p) for p in model.parameters() if p.requires_grad}
+    assert not {id(p) for p in held} & {id(p) for p in frozen}
+
+    model.train()
+    x, y = batch_for(arch), torch.tensor([0, 2][: len(batch_for(arch))])
+    for _ in range(2):  # the second step exercises momentum
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    assert all(torch.equal(p, b) for p, b in zip(frozen, before))
+    assert all(p.grad is None for p in frozen)
+    assert any(not torch.equal(p, b) for p, b in zip(trainable, trainable_before))
+
+
+@pytest.mark.parametrize("arch", WITH_BATCHNORM)
+def test_frozen_batchnorm_keeps_its_statistics(arch):
+    blocks, _, _ = EXPECTED[arch]
+    model = fresh(arch)
+    depth = 2
+    models.freeze(model, arch, depth, batchnorm="frozen")
+    frozen_bns = batchnorms(model, [p for b in blocks[:depth] for p in b])
+    trainable_bns = batchnorms(model, [p for b in blocks[depth:] for p in b])
+    assert frozen_bns and trainable_bns
+    frozen_before = bn_state(frozen_bns)
+    x = batch_for(arch)
+
+    model.train()
+    assert not any(bn.training for bn in frozen_bns) and all(bn.training for bn in trainable_bns)
+    trainable_before = bn_state(trainable_bns)
+    model(x)
+    assert same(bn_state(frozen_bns), frozen_before)
+    assert not same(bn_state(trainable_bns), trainable_before)  # unfrozen BN still learns its statistics
+
+    model.eval()
+    model.train()  # again
+    model(x)
+    assert same(bn_state(frozen_bns), frozen_before)
+
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        clone_bns = batchnorms(clone, [p for b in blocks[:depth] for p in b])
+        clone.train()
+        clone(x)
+        assert same(bn_state(clone_bns), frozen_before)
+        assert not any(bn.training for bn in clone_bns)
+    assert same(bn_state(frozen_bns), frozen_before)  # the clones' layers are their own
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small"])
+def test_batchnorm_train_keeps_updating_frozen_statistics(arch):
+    blocks, _, _ = EXPECTED[arch]
+    model = fresh(arch)
+    models.freeze(model, arch, 2, batchnorm="train")
+    frozen_bns = batchnorms(model, [p for b in blocks[:2] for p in b])
+    before = bn_state(frozen_bns)
+    model.train()
+    model(batch_for(arch))
+    assert not same(bn_state(frozen_bns), before)
+    assert all(not p.requires_grad for bn in frozen_bns for p in bn.parameters())
+
+
+def test_refreezing_shallower_releases_batchnorm():
+    model = fresh("resnet18")
+    models.freeze(model, "resnet18", 3)
+    models.freeze(model, "resnet18", 1)
+    model.train()
+    assert model.layer2[0].bn1.training and not model.bn1.training
+    assert all(p.requires_grad for p in model.layer2.parameters())
+
+
+def test_freeze_refuses_a_ddp_wrapped_model(process_group):
+    ddp = nn.parallel.DistributedDataParallel(fresh("resnet18"))
+    with pytest.raises(ModelError, match="^model.freeze_depth: .*DistributedDataParallel"):
+        models.freeze(ddp, "resnet18", 2)
+    assert models.head_module(ddp, "resnet18").out_features == NUM_CLASSES
+
+
+def test_frozen_model_trains_under_ddp(process_group):
+    model = fresh("resnet18")
+    models.freeze(model, "resnet18", 3)  # before wrapping, as prepare_model would be called after
+    frozen = [p for path in ["conv1", "bn1", "layer1", "layer2"] for p in params_at(model, path)]
+    before = [p.detach().clone() for p in frozen]
+    bns = batchnorms(model, ["bn1", "layer1", "layer2"])
+    bn_before = bn_state(bns)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(models.trainable_parameters(ddp), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    ddp.train()
+    x, y = batch_for("resnet18"), torch.tensor([0, 1])
+    for _ in range(2):  # the second step is where a wrong freeze fails ("Expected to have finished reduction")
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(ddp(x), y).backward()
+        optimizer.step()
+    assert all(torch.equal(p, b) for p, b in zip(frozen, before))
+    assert same(bn_state(bns), bn_before)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+@pytest.mark.parametrize("arch", ONE_PER_FAMILY)
+def test_build_from_checkpoint(arch, tmp_path):
+    _, head, _ = EXPECTED[arch]
+    torch.manual_seed(1)
+    source = torchvision.models.get_model(arch, weights=None)  # 1000-class ImageNet head
+    saved = {k: v.clone() for k, v in source.state_dict().items()}
+    path = tmp_path / "ckpt.pt"
+    torch.save(saved, path)
+    del source
+
+    model = models.build_model(arch, str(path), NUM_CLASSES)
+    assert models.head_module(model, arch).out_features == NUM_CLASSES
+    loaded = model.state_dict()
+    head_keys = {f"{head}.weight", f"{head}.bias"}
+    assert set(loaded) == set(saved)
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved if k not in head_keys)
+    assert loaded[f"{head}.weight"].shape[0] == NUM_CLASSES
+
+
+def test_build_from_wrapped_checkpoint_with_another_head(tmp_path):
+    """A tlray/DDP-style checkpoint: {"model": {"module.<key>": ...}} with a 5-class head."""
+    source = models.build_model("resnet18", None, 5)
+    torch.save({"model": {f"module.{k}": v for k, v in source.state_dict().items()}, "epoch": 3}, tmp_path / "c.pt")
+    model = models.build_model("resnet18", str(tmp_path / "c.pt"), 2)
+    assert torch.equal(model.layer3[0].conv1.weight, source.layer3[0].conv1.weight)
+    assert model.fc.out_features == 2
+    torch.save({"state_dict": source.state_dict()}, tmp_path / "s.pt")
+    assert torch.equal(models.build_model("resnet18", str(tmp_path / "s.pt"), 2).conv1.weight, source.conv1.weight)
+
+
+def test_checkpoint_of_another_arch_is_refused(tmp_path):
+    torch.save(torchvision.models.get_model("mobilenet_v3_small", weights=None).state_dict(), tmp_path / "m.pt")
+    with pytest.raises(ModelError, match=r"^model\.weights: .*(missing|unexpected) keys") as err:
+        models.build_model("resnet18", str(tmp_path / "m.pt"), NUM_CLASSES)
+    assert "conv1.weight" in str(err.value)
+
+
+def test_bad_weights_values(tmp_path):
+    with pytest.raises(ModelError, match=r"^model\.weights: 'nope\.pt' is neither .*IMAGENET1K_V1"):
+        models.build_model("resnet18", "nope.pt", NUM_CLASSES)
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(ModelError, match=r"^model\.weights: cannot read"):
+        models.build_model("resnet18", str(tmp_path / "junk.pt"), NUM_CLASSES)
+    with pytest.raises(ModelError, match=r"^model\.num_classes"):
+        models.build_model("resnet18", None, 0)
+
+
+# ---------------------------------------------------------------- preprocessing
+
+
+def test_preprocessing_from_torchvision_metadata():
+    from PIL import Image
+
+    p = models.preprocessing("resnet18", None)
+    assert (p.crop_size, p.resize_size, p.interpolation) == (224, 256, "bilinear")
+    assert p.mean == pytest.approx((0.485, 0.456, 0.406)) and p.std == pytest.approx((0.229, 0.224, 0.225))
+    assert models.preprocessing("efficientnet_b0", None).interpolation == "bicubic"
+
+    small = models.preprocessing("resnet18", 32)
+    assert (small.crop_size, small.resize_size) == (32, round(256 * 32 / 224))
+    assert json.loads(json.dumps(small.to_dict())) == small.to_dict()
+
+    torch.manual_seed(0)
+    image = Image.fromarray((torch.rand(48, 64, 3) * 255).to(torch.uint8).numpy(), "RGB")
+    out = small.eval_transform()(image)
+    assert out.dtype == torch.float32 and out.shape == (3, 32, 32)
+    assert torch.equal(small.train_transform(False)(image), out)
+    torch.manual_seed(0)
+    augmented = small.train_transform(True)(image)
+    assert augmented.shape == (3, 32, 32) and not torch.equal(augmented, out)
+    with pytest.raises(ModelError, match="image_size"):
+        models.preprocessing("resnet18", 0)

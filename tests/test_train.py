@@ -1,0 +1,132 @@
+"""End to end on a real local Ray cluster: train on 2 CPU workers, export, reload without tlray, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tlray import models
+from tlray.cli import main
+from tlray.data import open_rgb
+from tlray.spec import load_spec
+
+from conftest import spec_dict, write_image_folder, write_spec
+
+pytestmark = pytest.mark.slow
+
+TLRAY = [sys.executable, "-m", "tlray"]
+
+
+def run_dir(spec_path: Path) -> Path:
+    spec = load_spec(spec_path)
+    return Path(spec.output.uri) / spec.name / "runs" / spec.run_id
+
+
+def test_two_worker_run_exports_a_model_plain_pytorch_loads(tmp_path, capsys):
+    data = write_image_folder(tmp_path / "images", classes=3, per_class=12)
+    spec_path = write_spec(
+        tmp_path / "job.yaml",
+        spec_dict(str(data), str(tmp_path / "out"), scaling={"num_workers": 2}, train={"epochs": 2, "batch_size": 4}),
+    )
+    assert main(["train", str(spec_path)]) == 0
+    out = capsys.readouterr().out
+    assert "model published to" in out and "val_accuracy" in out
+
+    run = run_dir(spec_path)
+    metadata = json.loads((run / "metadata.json").read_text())
+    history = json.loads((run / "metrics.json").read_text())["history"]
+    assert metadata["classes"] == ["class_0", "class_1", "class_2"]
+    assert metadata["spec"]["scaling"]["num_workers"] == 2
+    assert set(metadata["versions"]) >= {"tlray", "torch", "torchvision", "ray"}
+    assert [h["epoch"] for h in history] == [1, 2]
+    for key in ("train_loss", "val_loss", "val_accuracy", "images_per_second"):
+        assert all(key in h for h in history)
+    assert "val_top5" not in history[-1]  # only with 5 or more classes
+
+    # tlray's own predictions: the state_dict in a torchvision model, tlray's eval preprocessing
+    images = sorted(data.glob("*/*.png"))[:6]
+    transform = models.preprocessing("resnet18", 32).eval_transform()
+    batch = torch.stack([transform(open_rgb(str(p))) for p in images])
+    torch.save(batch, tmp_path / "batch.pt")
+    model = models.build_model("resnet18", None, 3)
+    model.load_state_dict(torch.load(run / "model" / "state_dict.pt", weights_only=True))
+    expected = model.eval()(batch)
+
+    # a fresh interpreter that only has torch: load the exported program, predict, prove tlray never loaded
+    script = textwrap.dedent(
+        f"""
+        import sys, json, torch
+        sys.modules["tlray"] = None  # any import of tlray now fails
+        program = torch.export.load({str(run / "model" / "model.pt2")!r}).module()
+        logits = program(torch.load({str(tmp_path / "batch.pt")!r}))
+        print(json.dumps(logits.tolist()))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    exported = torch.tensor(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert torch.allclose(exported, expected, atol=1e-4)
+    assert torch.equal(exported.argmax(1), expected.argmax(1))
+
+
+def test_run_stopped_after_first_epoch_resumes_from_its_checkpoint(tmp_path):
+    data = write_image_folder(tmp_path / "images", classes=3, per_class=40, size=24)
+    spec_path = write_spec(
+        tmp_path / "job.yaml",
+        spec_dict(str(data), str(tmp_path / "out"), train={"epochs": 4, "batch_size": 4}),
+    )
+    snapshot = run_dir(spec_path) / "train" / "checkpoint_manager_snapshot.json"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+
+    # 1. Start training; Ctrl-C it as soon as the first epoch's checkpoint is registered.
+    first = subprocess.Popen([*TLRAY, "train", str(spec_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while latest_checkpoint_epoch(snapshot) < 1:
+        assert first.poll() is None, first.stdout.read()
+        assert time.monotonic() < deadline, "no checkpoint after 300 s"
+        time.sleep(0.2)
+    first.send_signal(signal.SIGINT)
+    first_output, _ = first.communicate(timeout=120)
+    assert first.returncode != 0, first_output
+    assert not (run_dir(spec_path) / "metadata.json").exists(), "an interrupted run must not publish"
+    resume_at = latest_checkpoint_epoch(snapshot)
+    assert 1 <= resume_at < 4, "the first run must stop before finishing"
+
+    # 2. The same command again continues from that checkpoint.
+    second = subprocess.run([*TLRAY, "train", str(spec_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert f"resuming after epoch {resume_at} of 4" in second.stdout
+    trained_now = [int(e) for e in re.findall(r"\[tlray\] epoch (\d+)/4", second.stdout)]
+    assert trained_now == list(range(resume_at + 1, 5))
+    history = json.loads((run_dir(spec_path) / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+
+
+def latest_checkpoint_epoch(snapshot: Path) -> int:
+    try:
+        latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+        return 0
+    return latest["metrics"]["epoch"] if latest else 0
+
+
+def test_data_problems_stop_before_ray_with_exit_2(tmp_path, capsys):
+    one_class = write_image_folder(tmp_path / "one", classes=1)
+    (tmp_path / "empty").mkdir()
+    cases = {str(tmp_path / "missing"): "does not exist", str(one_class): "at least 2", str(tmp_path / "empty"): "no images"}
+    for uri, expected in cases.items():
+        path = write_spec(tmp_path / "job.yaml", spec_dict(uri, str(tmp_path / "out")))
+        assert main(["train", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert "dataset.uri" in err and expected in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists(), "nothing is written for bad data"

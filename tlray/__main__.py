@@ -1,0 +1,3 @@
+from tlray.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,161 @@
+"""The `tlray` command line. Each command reads like a table of contents of what it does.
+
+Exit codes: 0 success, 2 bad input (spec, data, paths: one clear message, no
+traceback), 1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+
+from tlray.errors import UserError
+
+log = logging.getLogger("tlray")
+
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from tlray import models
+    from tlray.publish import run_uri
+    from tlray.spec import load_spec
+
+    spec = load_spec(args.spec, args.set)
+    blocks = models.backbone_block_names(spec.model.arch)
+    depth = spec.freeze_depth
+    print(f"{args.spec}: valid job spec '{spec.name}' (run id {spec.run_id})")
+    print(f"  model: {spec.model.arch} ({models.family_of(spec.model.arch)}), weights {spec.model.weights}, mode {spec.model.mode}")
+    print(f"  frozen blocks: {depth} of {len(blocks)}")
+    for i, block in enumerate(blocks):
+        print(f"    {i + 1:>3} {block:<24} {'frozen' if i < depth else 'trained'}")
+    print(f"  workers: {spec.scaling.num_workers} x {'GPU' if spec.scaling.use_gpu else 'CPU'}")
+    print(f"  output: {run_uri(spec)}")
+    return EXIT_OK
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tlray.spec import load_spec
+
+    spec = load_spec(args.spec, args.set)  # 1. parse and validate the whole spec
+    published = train_and_publish(spec)
+    print(f"[tlray] model published to {published.uri}/model")
+    print(f"[tlray] val_accuracy {published.metrics['val_accuracy']:.4f} after {published.metrics['epoch']} epochs")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tlray.demo import write_digits
+    from tlray.spec import load_spec
+
+    spec = load_spec(args.spec, args.set)
+    count = write_digits(spec.dataset.uri)
+    print(f"[tlray] scikit-learn digits: {count} images as an image folder in {spec.dataset.uri}")
+    published = train_and_publish(spec)
+    print(f"[tlray] model published to {published.uri}/model")
+    print(f"[tlray] digits val_accuracy {published.metrics['val_accuracy']:.4f} after {published.metrics['epoch']} epochs")
+    return EXIT_OK
+
+
+def cmd_reference(args: argparse.Namespace) -> int:
+    from tlray.spec import reference_markdown
+
+    print(reference_markdown(), end="")
+    return EXIT_OK
+
+
+def train_and_publish(spec):
+    """Data index → model check → Ray Train → export. Shared by `train` and `demo`."""
+    from tlray import models
+    from tlray.data import build_index
+    from tlray.publish import publish, run_uri
+    from tlray.train import fit, load_checkpoint_state
+
+    index = build_index(spec.dataset)  # 2. list and split the data; every data problem is exit 2 here
+    print(f"[tlray] dataset: {index.summary()}")
+    weights = spec.model.builder_weights
+    model = models.build_model(spec.model.arch, weights, len(index.classes))  # 3. weights load before cluster work
+    frozen = models.freeze(model, spec.model.arch, spec.freeze_depth, spec.model.batchnorm)
+    start_ray()  # 4. join the cluster (RAY_ADDRESS / inside a job) or start a local one
+    run = run_uri(spec)
+    print(f"[tlray] run {spec.run_id}: checkpoints and model under {run}")
+    result = fit(spec, index, weights, run)  # 5. fine-tune on Ray Train workers
+    return publish(spec, index, frozen, load_checkpoint_state(result.checkpoint))  # 6. export and describe
+
+
+def start_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tlray",
+        description="Fine-tune pretrained torchvision image classifiers on Ray Train, from one YAML job spec.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func, help: str, with_spec: bool = True) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        if with_spec:
+            sub.add_argument("spec", metavar="SPEC", help="job spec YAML file (see jobs/)")
+            sub.add_argument(
+                "--set",
+                action="append",
+                default=[],
+                metavar="KEY.PATH=VALUE",
+                help="override a spec value, parsed as YAML, e.g. --set train.lr=0.01 (repeatable)",
+            )
+        sub.set_defaults(func=func)
+        return sub
+
+    add("validate", cmd_validate, "Check a job spec and report every problem at once; list the model's blocks.")
+    add("train", cmd_train, "Fine-tune the spec's model on Ray Train and publish it to output.uri.")
+    add(
+        "demo",
+        cmd_demo,
+        "Write scikit-learn's handwritten digits to the spec's dataset.uri as an image folder, then train.",
+    )
+    add("reference", cmd_reference, "Print the job spec reference (Markdown) from the spec's field descriptions.", with_spec=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="[tlray] %(message)s")
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"tlray: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("tlray: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 — the last line of defence: say it is ours
+        cause = user_error_inside(exc)
+        if cause is not None:
+            print(f"tlray: error: {cause}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        traceback.print_exc()
+        print(f"tlray: internal error ({type(exc).__name__}); please report it with the output above", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def user_error_inside(exc: BaseException) -> UserError | None:
+    """A UserError raised on a Ray worker arrives wrapped; find it."""
+    seen, stack = set(), [exc]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, UserError):
+            return current
+        stack += [current.__cause__, current.__context__, getattr(current, "cause", None)]
+        stack += list((getattr(current, "worker_failures", None) or {}).values())
+    return None

@@ -1,0 +1,418 @@
+"""Torchvision models for transfer learning: block maps, freezing, new heads, preprocessing.
+
+A model is an ordered list of named backbone *blocks*, input to output, followed by
+head-side layers that are never frozen (the classifier, ViT's final LayerNorm, ...).
+`freeze_depth = d` freezes the first d blocks: 0 is a full fine-tune, "all" (the number
+of blocks) a feature extractor. The block map is read off a model built on the meta
+device, so it costs no memory and always matches what torchvision builds.
+
+Nothing here downloads unless `build_model` is given a torchvision weights name.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import logging
+import operator
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torchvision
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torchvision.transforms import v2
+
+from tlray.errors import UserError
+
+log = logging.getLogger("tlray")
+
+
+class ModelError(UserError, ValueError):
+    """Bad model settings. The message starts with the spec key it concerns ("model.arch: ...").
+
+    A ValueError so pydantic validators turn it into a validation error; a UserError so
+    the CLI reports it without a traceback.
+    """
+
+
+SUPPORTED_FAMILIES: dict[str, tuple[str, ...]] = {
+    "resnet": (
+        "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+        "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
+        "wide_resnet50_2", "wide_resnet101_2",
+    ),
+    "efficientnet": (
+        "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3",
+        "efficientnet_b4", "efficientnet_b5", "efficientnet_b6", "efficientnet_b7",
+        "efficientnet_v2_s", "efficientnet_v2_m", "efficientnet_v2_l",
+    ),
+    "mobilenet": ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large"),
+    "convnext": ("convnext_tiny", "convnext_small", "convnext_base", "convnext_large"),
+    "regnet": (
+        "regnet_x_400mf", "regnet_x_800mf", "regnet_x_1_6gf", "regnet_x_3_2gf",
+        "regnet_x_8gf", "regnet_x_16gf", "regnet_x_32gf",
+        "regnet_y_400mf", "regnet_y_800mf", "regnet_y_1_6gf", "regnet_y_3_2gf",
+        "regnet_y_8gf", "regnet_y_16gf", "regnet_y_32gf", "regnet_y_128gf",
+    ),
+    "vit": ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14"),
+}
+
+
+def supported_archs() -> list[str]:
+    return [arch for archs in SUPPORTED_FAMILIES.values() for arch in archs]
+
+
+def family_of(arch: str) -> str:
+    for family, archs in SUPPORTED_FAMILIES.items():
+        if arch in archs:
+            return family
+    close = difflib.get_close_matches(str(arch), supported_archs(), n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"supported: {', '.join(supported_archs())}"
+    raise ModelError(f"model.arch: unknown arch '{arch}'; {hint}")
+
+
+def weights_enum(arch: str):
+    family_of(arch)  # a clear error for unsupported archs before torchvision's own
+    return torchvision.models.get_model_weights(arch)
+
+
+# ---------------------------------------------------------------- block map
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where things are in a model of one arch, as dotted paths (module or parameter)."""
+
+    blocks: tuple[tuple[str, tuple[str, ...]], ...]  # (block name, paths it covers), input -> output
+    head: str  # path of the final Linear that build_model replaces
+
+
+def _classifier_head(model: nn.Module) -> str:
+    # EfficientNet (Dropout, Linear), MobileNet v2 (Dropout, Linear), MobileNet v3
+    # (Linear, Hardswish, Dropout, Linear), ConvNeXt (LayerNorm2d, Flatten, Linear):
+    # only the last Linear is replaced; the layers before it stay, trainable.
+    last = max(i for i, m in enumerate(model.classifier) if isinstance(m, nn.Linear))
+    return f"classifier.{last}"
+
+
+def _layout_of(family: str, model: nn.Module) -> _Layout:
+    if family == "resnet":
+        blocks = [("stem", ("conv1", "bn1"))] + [(f"layer{i}", (f"layer{i}",)) for i in range(1, 5)]
+        return _Layout(tuple(blocks), "fc")
+    if family in ("efficientnet", "mobilenet", "convnext"):
+        blocks = [(f"features.{i}", (f"features.{i}",)) for i in range(len(model.features))]
+        return _Layout(tuple(blocks), _classifier_head(model))
+    if family == "regnet":
+        blocks = [("stem", ("stem",))]
+        blocks += [(name, (f"trunk_output.{name}",)) for name, _ in model.trunk_output.named_children()]
+        return _Layout(tuple(blocks), "fc")
+    if family == "vit":
+        # The stem is the patch embedding plus the two bare parameters added to its output.
+        # encoder.ln (after the last layer) is head-side: it stays trainable with the head.
+        blocks = [("stem", ("conv_proj", "class_token", "encoder.pos_embedding"))]
+        blocks += [(name, (f"encoder.layers.{name}",)) for name, _ in model.encoder.layers.named_children()]
+        return _Layout(tuple(blocks), "heads.head")
+    raise AssertionError(f"no block map for family {family}")  # SUPPORTED_FAMILIES and this disagree
+
+
+class _ParametersOnMeta(TorchFunctionMode):
+    """Within it, `torch.empty` without a device allocates on the meta device.
+
+    Torch layers create their parameters with torch.empty, so models build without
+    memory or init cost (even vit_h_14). Plain `with torch.device("meta")` is not enough:
+    RegNet computes its stage widths with tensor arithmetic and reads them back with
+    .tolist(), which meta tensors cannot do. Torch function modes are per thread.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.empty and kwargs.get("device") is None:
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
+@functools.cache
+def _layout(arch: str) -> _Layout:
+    family = family_of(arch)
+    with _ParametersOnMeta():  # shapes only: the block map needs no real weights
+        model = torchvision.models.get_model(arch, weights=None)
+    return _layout_of(family, model)
+
+
+def backbone_block_names(arch: str) -> list[str]:
+    return [name for name, _ in _layout(arch).blocks]
+
+
+def resolve_freeze_depth(arch: str, depth: int | str) -> int:
+    names = backbone_block_names(arch)
+    total = len(names)
+    valid = f"valid: 0..{total} or 'all' (blocks of {arch}: {', '.join(names)})"
+    if isinstance(depth, str):
+        if depth == "all":
+            return total
+        if not depth.strip().isdigit():  # "3" from a command line is fine, "most" is not
+            raise ModelError(f"model.freeze_depth: '{depth}' is not a depth; {valid}")
+        depth = int(depth)
+    if isinstance(depth, bool):
+        raise ModelError(f"model.freeze_depth: {depth} is not a depth; {valid}")
+    try:
+        value = operator.index(depth)  # ints and numpy ints (Tune samples), not floats
+    except TypeError:
+        raise ModelError(f"model.freeze_depth: {depth!r} is not a whole number; {valid}") from None
+    if not 0 <= value <= total:
+        raise ModelError(f"model.freeze_depth: {value} is out of range; {valid}")
+    return value
+
+
+def _params_at(model: nn.Module, path: str) -> list[nn.Parameter]:
+    try:
+        return list(model.get_submodule(path).parameters())
+    except AttributeError:  # a bare parameter such as ViT's class_token
+        return [model.get_parameter(path)]
+
+
+def _modules_at(model: nn.Module, path: str) -> list[nn.Module]:
+    try:
+        return list(model.get_submodule(path).modules())
+    except AttributeError:
+        return []
+
+
+# ---------------------------------------------------------------- building
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    is_wrapped = isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel))
+    return model.module if is_wrapped else model
+
+
+def head_module(model: nn.Module, arch: str) -> nn.Module:
+    return _unwrap(model).get_submodule(_layout(arch).head)
+
+
+def _replace_head(model: nn.Module, arch: str, num_classes: int) -> None:
+    path = _layout(arch).head
+    parent_path, _, name = path.rpartition(".")
+    old = model.get_submodule(path)
+    setattr(model.get_submodule(parent_path), name, nn.Linear(old.in_features, num_classes))
+
+
+def _torchvision_weights(arch: str, name: str):
+    """The enum member for a weights name ("DEFAULT", "IMAGENET1K_V2", "ResNet18_Weights.DEFAULT"), else None."""
+    enum = weights_enum(arch)
+    prefix = enum.__name__ + "."
+    member = name[len(prefix):] if name.startswith(prefix) else name
+    return enum[member] if member in enum.__members__ else None  # __members__ includes the DEFAULT alias
+
+
+def _read_checkpoint(path: str) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 — any unreadable file is the user's to fix
+        raise ModelError(f"model.weights: cannot read checkpoint '{path}': {exc}") from None
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):  # common wrappers around the weights
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelError(
+            f"model.weights: '{path}' holds no state_dict (expected a dict of tensors, "
+            "or one under the key 'state_dict' or 'model')"
+        )
+    state = dict(obj)
+    if state and all(k.startswith("module.") for k in state):  # saved from a DDP-wrapped model
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
+def _load_checkpoint(model: nn.Module, arch: str, path: str) -> None:
+    state = _read_checkpoint(path)
+    expected = model.state_dict()
+    # A checkpoint may carry any head (1000 ImageNet classes, or an earlier fine-tune's):
+    # head tensors of another shape are dropped, since the head is replaced anyway.
+    head = _layout(arch).head
+    head_keys = {f"{head}.weight", f"{head}.bias"}
+    dropped = {k for k in head_keys if k in state and k in expected and state[k].shape != expected[k].shape}
+    state = {k: v for k, v in state.items() if k not in dropped}
+
+    missing = [k for k in expected if k not in state and k not in dropped]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = [
+            f"{label} {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''} ({len(keys)})"
+            for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
+            if keys
+        ]
+        raise ModelError(f"model.weights: checkpoint '{path}' does not fit arch '{arch}': {'; '.join(parts)}")
+    model.load_state_dict(state, strict=not dropped)  # everything else was checked above
+
+
+def build_model(arch: str, weights: str | None, num_classes: int) -> nn.Module:
+    """A torchvision `arch` with `weights` loaded, then a fresh `num_classes`-way head.
+
+    weights: None = random init; a torchvision weights name ("DEFAULT", "IMAGENET1K_V2")
+    = torchvision's pretrained weights (downloads); anything else = a local checkpoint path.
+    """
+    family_of(arch)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ModelError(f"model.num_classes: need a positive number of classes, got {num_classes!r}")
+    if weights is None:
+        model = torchvision.models.get_model(arch, weights=None)
+    elif (member := _torchvision_weights(arch, weights)) is not None:
+        model = torchvision.models.get_model(arch, weights=member)
+    elif os.path.isfile(weights):
+        model = torchvision.models.get_model(arch, weights=None)
+        _load_checkpoint(model, arch, weights)
+    else:
+        names = ", ".join(weights_enum(arch).__members__)
+        raise ModelError(
+            f"model.weights: '{weights}' is neither a weights name of {arch} ({names}) nor an existing checkpoint file"
+        )
+    _replace_head(model, arch, num_classes)  # weights first, head second
+    return model
+
+
+# ---------------------------------------------------------------- freezing
+
+
+@dataclass(frozen=True)
+class FreezeSummary:
+    depth: int
+    total_blocks: int
+    frozen_blocks: list[str]
+    trainable_params: int  # numel sums
+    frozen_params: int
+
+
+def _train_locked_in_eval(bn: nn.Module, mode: bool = True) -> nn.Module:
+    # Stands in for nn.Module.train on a frozen BatchNorm: whatever model.train() asks,
+    # the layer stays in eval mode, so it normalises with its running statistics and
+    # never updates them. Kept as a module-level function behind functools.partial (not
+    # a bound method) so that copy.deepcopy and pickle rebind it to the copied layer.
+    bn.training = False
+    return bn
+
+
+def _lock_eval(bn: nn.Module) -> None:
+    bn.train = functools.partial(_train_locked_in_eval, bn)  # instance attribute wins over the class method
+    bn.train(False)
+
+
+def _unlock(bn: nn.Module, training: bool) -> None:
+    bn.__dict__.pop("train", None)
+    bn.training = training
+
+
+def freeze(model: nn.Module, arch: str, depth: int | str, batchnorm: str = "frozen") -> FreezeSummary:
+    """Freeze the first `depth` backbone blocks; the rest and the head stay trainable.
+
+    Call it on the bare model, before DDP wrapping: DDP records which parameters need
+    gradients when it is built, so changing that afterwards breaks its reduction.
+    Calling it again re-freezes from scratch at the new depth.
+    """
+    if model is not _unwrap(model):
+        raise ModelError(
+            "model.freeze_depth: freeze() was given a DistributedDataParallel/DataParallel model; "
+            "freeze the bare model first, then wrap it (ray.train.torch.prepare_model)"
+        )
+    if batchnorm not in ("frozen", "train"):
+        raise ModelError(f"model.batchnorm: must be 'frozen' or 'train', got {batchnorm!r}")
+    depth = resolve_freeze_depth(arch, depth)
+    blocks = _layout(arch).blocks
+
+    for p in model.parameters():  # start from "all trainable" so repeated calls do not accumulate
+        p.requires_grad_(True)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            _unlock(m, model.training)
+
+    for _, paths in blocks[:depth]:
+        for path in paths:
+            for p in _params_at(model, path):
+                p.requires_grad_(False)
+            if batchnorm == "frozen":
+                for m in _modules_at(model, path):
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        _lock_eval(m)
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    frozen_names = [name for name, _ in blocks[:depth]]
+    log.info(
+        "trainable %d / frozen %d parameters (freeze_depth %d of %d: blocks %s)",
+        trainable, frozen, depth, len(blocks), ", ".join(frozen_names) or "none",
+    )
+    return FreezeSummary(depth, len(blocks), frozen_names, trainable, frozen)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """What the optimizer gets: frozen parameters then never receive momentum or weight decay."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# ---------------------------------------------------------------- preprocessing
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    resize_size: int
+    crop_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str  # torchvision InterpolationMode value, e.g. "bilinear"
+
+    def _to_normalised_tensor(self) -> list:
+        return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(self.mean), list(self.std))]
+
+    def eval_transform(self):
+        """PIL image (or HWC uint8 array) -> normalised float tensor C x crop x crop."""
+        mode = v2.InterpolationMode(self.interpolation)
+        return v2.Compose(
+            [v2.Resize(self.resize_size, interpolation=mode, antialias=True), v2.CenterCrop(self.crop_size)]
+            + self._to_normalised_tensor()
+        )
+
+    def train_transform(self, augment: bool):
+        if not augment:  # deterministic: the frozen-prefix cache depends on it
+            return self.eval_transform()
+        mode = v2.InterpolationMode(self.interpolation)
+        return v2.Compose(
+            [v2.RandomResizedCrop(self.crop_size, interpolation=mode, antialias=True), v2.RandomHorizontalFlip()]
+            + self._to_normalised_tensor()
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "resize_size": self.resize_size,
+            "crop_size": self.crop_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+        }
+
+
+def preprocessing(arch: str, image_size: int | None) -> Preprocessing:
+    """The preset of the arch's DEFAULT weights (reading it downloads nothing); image_size
+    replaces the crop size and scales the resize size by the same ratio."""
+    preset = weights_enum(arch).DEFAULT.transforms()
+    crop, resize = preset.crop_size[0], preset.resize_size[0]
+    if image_size is not None:
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+            raise ModelError(f"dataset.image_size: need a positive number of pixels, got {image_size!r}")
+        crop, resize = image_size, round(resize * image_size / crop)
+    return Preprocessing(
+        resize_size=resize,
+        crop_size=crop,
+        mean=tuple(float(x) for x in preset.mean),
+        std=tuple(float(x) for x in preset.std),
+        interpolation=preset.interpolation.value,
+    )

@@ -1,0 +1,582 @@
+"""The job spec: one YAML file that describes a whole fine-tuning job.
+
+Typing and ranges live on the pydantic models below (every field described,
+unknown keys forbidden). Rules that relate two fields live in ``RULES`` and
+run per section, so one `tlray validate` reports every problem at once, each
+under its dotted key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Callable, Iterable, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tlray.errors import UserError
+
+REPORTED_METRICS = ("train_loss", "val_loss", "val_accuracy", "val_top5", "images_per_second")
+CREDENTIAL_KEY = re.compile(r"secret|password|passwd|token|access_key|credential", re.IGNORECASE)
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=False)
+
+
+FreezeDepth = Annotated[
+    int | Literal["all"],
+    Field(union_mode="left_to_right"),
+]
+
+
+class DatasetSpec(_Section):
+    uri: str = Field(
+        description="Where the labelled images are: `s3://bucket/prefix` or a local folder "
+        "(relative paths are relative to the working directory)."
+    )
+    layout: Literal["imagefolder", "manifest"] = Field(
+        "imagefolder",
+        description="`imagefolder`: `<uri>/<class>/<image>` or `<uri>/train|val/<class>/<image>`; "
+        "`manifest`: a CSV/JSONL index named by `manifest`.",
+    )
+    manifest: str | None = Field(
+        None, description="Path of the CSV/JSONL index (columns `path`, `label`, optional `split`); only with `layout: manifest`."
+    )
+    val_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Share of images held out for validation when the data has no train/val folders."
+    )
+    split_seed: int = Field(
+        0, description="Salt of the hash that assigns each image to train or val; the split is stable as files are added."
+    )
+    image_size: int | None = Field(
+        None, ge=8, le=1024, description="Square input size in pixels; default: the pretrained weights' preset (e.g. 224)."
+    )
+    augment: bool = Field(False, description="Random-resized-crop and horizontal flip on training images.")
+    on_bad_image: Literal["skip", "fail"] = Field(
+        "skip", description="What to do with an image that cannot be decoded: skip it (and count it) or stop the job."
+    )
+    endpoint_url: str | None = Field(
+        None,
+        pattern=r"^https?://",
+        description="Endpoint of an S3-compatible store (MinIO, Ceph), e.g. `http://minio:9000`; AWS S3 needs none.",
+    )
+
+
+class ModelSpec(_Section):
+    arch: str = Field(description="torchvision classification builder, e.g. `resnet50`, `efficientnet_v2_s`, `vit_b_16`.")
+    weights: str = Field(
+        "DEFAULT",
+        description="Initial weights: `DEFAULT`, a torchvision weights name (e.g. `IMAGENET1K_V2`), "
+        "a checkpoint (`s3://…` or a path to a state_dict), or `none` for random init.",
+    )
+    mode: Literal["architecture", "feature_extractor", "partial"] = Field(
+        "partial",
+        description="`architecture`: random init, train everything; `feature_extractor`: freeze the whole "
+        "pretrained backbone, train a new head; `partial`: freeze the first `freeze_depth` blocks.",
+    )
+    freeze_depth: FreezeDepth | None = Field(
+        None,
+        description="Number of backbone blocks (input side) to freeze, or `all`; required for `mode: partial`, "
+        "implied by the other modes. `tlray validate` lists the arch's blocks.",
+    )
+    batchnorm: Literal["frozen", "train"] = Field(
+        "frozen",
+        description="`frozen`: BatchNorm layers in frozen blocks keep their running statistics; "
+        "`train`: they keep updating them in train mode.",
+    )
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, arch: str) -> str:
+        from tlray import models
+
+        models.family_of(arch)  # raises with a did-you-mean
+        return arch
+
+    @property
+    def pretrained(self) -> bool:
+        return self.weights.lower() != "none"
+
+    @property
+    def builder_weights(self) -> str | None:
+        """What `models.build_model` takes: None for random init, else the weights name or checkpoint."""
+        return self.weights if self.pretrained else None
+
+
+class TrainSpec(_Section):
+    epochs: int = Field(10, ge=1, le=10_000, description="Passes over the training split.")
+    batch_size: int = Field(32, ge=1, le=65_536, description="Images per step on each worker.")
+    optimizer: Literal["sgd", "adamw"] = Field("adamw", description="`sgd` (momentum 0.9, Nesterov) or `adamw`.")
+    lr: float = Field(1e-3, gt=0, le=10, description="Peak learning rate.")
+    weight_decay: float = Field(1e-4, ge=0, le=1, description="Weight decay of the optimizer.")
+    scheduler: Literal["cosine", "onecycle", "constant"] = Field(
+        "cosine", description="Learning-rate schedule over all steps, after the warm-up."
+    )
+    warmup_epochs: int = Field(0, ge=0, description="Epochs of linear warm-up from 0 to `lr`; less than `epochs`.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the cross-entropy loss.")
+    amp: Literal["auto", "off", "bf16", "fp16"] = Field(
+        "auto", description="Mixed precision: `auto` = bf16 (or fp16) on GPU, off on CPU."
+    )
+    seed: int = Field(0, description="Seed of weight init, shuffling and augmentation.")
+    checkpoints_to_keep: int = Field(2, ge=1, le=100, description="Most recent checkpoints kept in the run's storage.")
+
+
+class ScalingSpec(_Section):
+    num_workers: int = Field(1, ge=1, le=4096, description="Ray Train workers (one process each, data-parallel).")
+    use_gpu: bool = Field(False, description="Train on GPUs (NCCL); otherwise CPUs (gloo).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker reserves.")
+    gpus_per_worker: float = Field(1.0, ge=0, description="GPUs each worker reserves when `use_gpu` is true.")
+    max_failures: int = Field(
+        0, ge=-1, description="Worker failures to recover from (restart from the last checkpoint); -1 = unlimited."
+    )
+
+
+class LrRange(_Section):
+    min: float = Field(gt=0, description="Lowest learning rate tried.")
+    max: float = Field(gt=0, description="Highest learning rate tried.")
+
+
+class TuneSpec(_Section):
+    num_samples: int = Field(8, ge=1, le=10_000, description="Trials to run.")
+    lr: LrRange | None = Field(None, description="Learning-rate range, sampled log-uniformly; default: `train.lr` only.")
+    freeze_depth: list[FreezeDepth] | None = Field(
+        None, min_length=1, description="Freeze depths to try (`mode: partial`); default: `model.freeze_depth` only."
+    )
+    scheduler: Literal["asha", "none"] = Field("asha", description="`asha` stops weak trials early; `none` runs all.")
+    grace_period: int = Field(1, ge=1, description="Epochs every trial runs before ASHA may stop it.")
+    metric: str = Field("val_accuracy", description=f"Metric to optimise: one of {', '.join(REPORTED_METRICS)}.")
+    mode: Literal["max", "min"] = Field("max", description="Whether a higher (`max`) or lower (`min`) metric is better.")
+    max_concurrent_trials: int | None = Field(
+        None, ge=1, description="Trials running at once; default: as many as the cluster's resources allow."
+    )
+
+    @field_validator("metric")
+    @classmethod
+    def _reported_metric(cls, metric: str) -> str:
+        if metric not in REPORTED_METRICS:
+            raise ValueError(f"'{metric}' is never reported; choose one of {', '.join(REPORTED_METRICS)}")
+        return metric
+
+
+class OutputSpec(_Section):
+    uri: str = Field(
+        description="Where runs and published models go: `s3://bucket/prefix` or a local folder; "
+        "a run writes `<uri>/<name>/runs/<run_id>/`."
+    )
+
+
+class JobSpec(_Section):
+    name: str = Field(
+        description="Job name, a DNS-1123 label (lowercase letters, digits, '-'; at most 40 characters): "
+        "it names run folders and Kubernetes objects."
+    )
+    dataset: DatasetSpec = Field(description="The labelled images.")
+    model: ModelSpec = Field(description="The network, its initial weights and what is frozen.")
+    train: TrainSpec = Field(default_factory=TrainSpec, description="Optimisation settings.")
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="How many Ray Train workers, on what.")
+    tune: TuneSpec | None = Field(None, description="Hyper-parameter search over `lr` and `freeze_depth` (`tlray tune`).")
+    output: OutputSpec = Field(description="Where the results go.")
+
+    @field_validator("name")
+    @classmethod
+    def _dns_label(cls, name: str) -> str:
+        if len(name) > 40 or not DNS_LABEL.match(name):
+            raise ValueError(
+                f"'{name}' is not a DNS-1123 label of at most 40 characters "
+                "(lowercase letters, digits and '-', starting and ending with a letter or digit)"
+            )
+        return name
+
+    # -- derived values: computed here once, used everywhere -------------------------------
+    @property
+    def freeze_depth(self) -> int:
+        """The number of frozen backbone blocks this spec trains with."""
+        from tlray import models
+
+        if self.model.mode == "architecture":
+            return 0
+        if self.model.mode == "feature_extractor":
+            return len(models.backbone_block_names(self.model.arch))
+        return models.resolve_freeze_depth(self.model.arch, self.model.freeze_depth)
+
+    @property
+    def fingerprint(self) -> str:
+        """Short hash of the whole spec: same spec, same run id (so a re-run resumes)."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:8]
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.name}-{self.fingerprint}"
+
+
+# ---------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Problem:
+    key: str  # dotted path, e.g. "model.freeze_depth"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.message}" if self.key else self.message
+
+
+class SpecError(UserError):
+    def __init__(self, source: str, problems: list[Problem]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        noun = "problem" if len(problems) == 1 else "problems"
+        super().__init__(f"{source}: {len(problems)} {noun} in the job spec:\n{lines}")
+
+
+# ---------------------------------------------------------------------------------------
+# Cross-field rules. Each takes the validated sections it names and yields problems.
+# ---------------------------------------------------------------------------------------
+Rule = Callable[..., Iterable[Problem]]
+RULES: list[tuple[tuple[str, ...], Rule]] = []
+
+
+def rule(*sections: str) -> Callable[[Rule], Rule]:
+    def register(fn: Rule) -> Rule:
+        RULES.append((sections, fn))
+        return fn
+
+    return register
+
+
+@rule("dataset")
+def _manifest_matches_layout(dataset: DatasetSpec):
+    if dataset.layout == "manifest" and not dataset.manifest:
+        yield Problem("dataset.manifest", "required with `layout: manifest` (a CSV or JSONL index)")
+    if dataset.layout == "imagefolder" and dataset.manifest:
+        yield Problem("dataset.manifest", "only used with `layout: manifest`; remove it or set `layout: manifest`")
+
+
+@rule("dataset")
+def _endpoint_needs_s3(dataset: DatasetSpec):
+    if dataset.endpoint_url and not dataset.uri.startswith("s3://"):
+        yield Problem("dataset.endpoint_url", "only applies to an `s3://` dataset.uri")
+
+
+@rule("model")
+def _weights_match_mode(model: ModelSpec):
+    if model.mode == "architecture" and model.pretrained:
+        yield Problem(
+            "model.weights",
+            f"mode 'architecture' trains from random init, so weights must be `none` (got '{model.weights}')",
+        )
+    if model.mode in ("feature_extractor", "partial") and not model.pretrained:
+        yield Problem("model.weights", f"mode '{model.mode}' needs pretrained weights; use `mode: architecture` for random init")
+
+
+@rule("model")
+def _weights_exist(model: ModelSpec):
+    from tlray import models
+
+    w = model.weights
+    if not model.pretrained or w.startswith("s3://"):
+        return
+    if w == "DEFAULT" or w in models.weights_enum(model.arch).__members__:
+        return
+    if "/" in w or w.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        if not Path(w).is_file():
+            yield Problem("model.weights", f"checkpoint file '{w}' not found")
+        return
+    names = ["DEFAULT", *models.weights_enum(model.arch).__members__]
+    yield Problem("model.weights", f"'{w}' is not a weights name of {model.arch} ({', '.join(names)}), a checkpoint path or `none`")
+
+
+@rule("model")
+def _freeze_depth_matches_mode(model: ModelSpec):
+    from tlray import models
+
+    depth, blocks = model.freeze_depth, models.backbone_block_names(model.arch)
+    if model.mode == "architecture" and depth not in (None, 0):
+        yield Problem("model.freeze_depth", "mode 'architecture' trains every block from random init; remove freeze_depth")
+    elif model.mode == "feature_extractor" and depth not in (None, "all", len(blocks)):
+        yield Problem("model.freeze_depth", f"mode 'feature_extractor' freezes all {len(blocks)} blocks; use mode 'partial' for {depth}")
+    elif model.mode == "partial":
+        if depth is None:
+            yield Problem("model.freeze_depth", f"required with mode 'partial': 0..{len(blocks)} or `all` ({_describe_blocks(blocks)})")
+        else:
+            yield from _depth_problems("model.freeze_depth", model.arch, depth)
+
+
+@rule("train")
+def _warmup_shorter_than_training(train: TrainSpec):
+    if train.warmup_epochs >= train.epochs:
+        yield Problem("train.warmup_epochs", f"must be less than train.epochs ({train.warmup_epochs} >= {train.epochs})")
+
+
+@rule("train", "scaling")
+def _fp16_needs_gpu(train: TrainSpec, scaling: ScalingSpec):
+    if train.amp == "fp16" and not scaling.use_gpu:
+        yield Problem("train.amp", "fp16 autocast needs `scaling.use_gpu: true`; use bf16 or off on CPU")
+
+
+@rule("scaling")
+def _gpu_needs_gpus(scaling: ScalingSpec):
+    if scaling.use_gpu and scaling.gpus_per_worker <= 0:
+        yield Problem("scaling.gpus_per_worker", "must be > 0 when `scaling.use_gpu` is true")
+
+
+@rule("tune")
+def _lr_bounds_ordered(tune: TuneSpec | None):
+    if tune and tune.lr and tune.lr.min >= tune.lr.max:
+        yield Problem("tune.lr", f"min ({tune.lr.min:g}) must be below max ({tune.lr.max:g})")
+
+
+@rule("tune", "model")
+def _tuned_depths_in_block_map(tune: TuneSpec | None, model: ModelSpec):
+    if not tune or not tune.freeze_depth:
+        return
+    if model.mode != "partial":
+        yield Problem("tune.freeze_depth", f"searching freeze depths needs `model.mode: partial` (got '{model.mode}')")
+        return
+    for i, depth in enumerate(tune.freeze_depth):
+        yield from _depth_problems(f"tune.freeze_depth[{i}]", model.arch, depth)
+
+
+@rule("tune", "train")
+def _grace_period_within_epochs(tune: TuneSpec | None, train: TrainSpec):
+    if tune and tune.grace_period > train.epochs:
+        yield Problem("tune.grace_period", f"must not exceed train.epochs ({tune.grace_period} > {train.epochs})")
+
+
+def _describe_blocks(blocks: list[str]) -> str:
+    shown = ", ".join(blocks) if len(blocks) <= 10 else ", ".join(blocks[:4] + ["…"] + blocks[-3:])
+    return f"blocks: {shown}"
+
+
+def _depth_problems(key: str, arch: str, depth: int | str):
+    from tlray import models
+
+    blocks = models.backbone_block_names(arch)
+    if depth != "all" and not 0 <= depth <= len(blocks):
+        yield Problem(key, f"{depth} is outside 0..{len(blocks)} for {arch} ({_describe_blocks(blocks)})")
+
+
+# ---------------------------------------------------------------------------------------
+# Loading: file -> raw mapping -> overrides -> validated JobSpec (or every problem at once)
+# ---------------------------------------------------------------------------------------
+def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> JobSpec:
+    """Read, override and validate a spec file; raise SpecError listing every problem."""
+    raw = read_yaml_mapping(path)
+    problems = apply_overrides(raw, overrides)
+    if problems:
+        raise SpecError(str(path), problems)
+    return validate_spec(raw, source=str(path))
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"spec file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise UserError(f"{path}: the spec file is empty; see `jobs/` for examples")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise UserError(f"{path}: invalid YAML{where}: {problem}") from None
+    if raw is None:
+        raise UserError(f"{path}: the spec file holds only comments; see `jobs/` for examples")
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a job spec is a YAML mapping (name:, dataset:, model:, …), got a {type(raw).__name__}")
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> list[Problem]:
+    """Apply `key.path=value` overrides in place; the value is parsed as YAML (`0.1`, `true`, `[1, 2]`)."""
+    problems = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            problems.append(Problem("--set", f"'{item}' is not of the form key.path=value"))
+            continue
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                problems.append(Problem(key, f"cannot set a key inside '{part}', which is not a mapping"))
+                break
+        else:
+            try:
+                node[leaf] = yaml.safe_load(value) if value else ""
+            except yaml.YAMLError:
+                node[leaf] = value
+    return problems
+
+
+def validate_spec(raw: dict[str, Any], source: str = "spec") -> JobSpec:
+    problems = _credential_problems(raw, "")
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        spec = None
+        credential_keys = {p.key for p in problems}
+        problems += [p for p in map(_problem_from_pydantic, exc.errors()) if p.key not in credential_keys]
+    problems += _rule_problems(raw)
+    if problems:
+        raise SpecError(source, _unique(problems))
+    return spec
+
+
+def _credential_problems(node: Any, prefix: str) -> list[Problem]:
+    problems = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            if CREDENTIAL_KEY.search(str(key)):
+                problems.append(
+                    Problem(
+                        dotted,
+                        "looks like a credential; tlray never reads secrets from a spec. Use the standard AWS "
+                        "credential chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY env vars, ~/.aws profiles), "
+                        "a Kubernetes Secret, or IRSA / EKS Pod Identity",
+                    )
+                )
+            else:
+                problems += _credential_problems(value, dotted)
+    return problems
+
+
+def _problem_from_pydantic(err: dict[str, Any]) -> Problem:
+    loc = [part for part in err["loc"] if not _is_union_tag(part)]
+    key = _dotted(loc)
+    if err["type"] == "extra_forbidden":
+        known = _known_keys(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(known)}"
+        return Problem(key, f"unknown key{hint}")
+    if err["type"] == "missing":
+        return Problem(key, "required key is missing")
+    message = err["msg"].removeprefix("Value error, ").removeprefix(f"{key}: ")
+    if "input" in err and err["type"] not in ("value_error",) and not isinstance(err["input"], (dict, list)):
+        message += f" (got {err['input']!r})"
+    return Problem(key, message)
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic adds the union member it tried ("int", "literal['all']") to the location
+    return isinstance(part, str) and (part in ("int", "float", "str", "bool", "LrRange", "TuneSpec") or "[" in part)
+
+
+def _dotted(loc: list[Any]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _known_keys(loc: list[Any]) -> list[str]:
+    model: type[BaseModel] = JobSpec
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        annotation = model.model_fields[part].annotation
+        model = next(
+            (t for t in (annotation, *getattr(annotation, "__args__", ())) if isinstance(t, type) and issubclass(t, BaseModel)),
+            model,
+        )
+    return list(model.model_fields)
+
+
+def _rule_problems(raw: dict[str, Any]) -> list[Problem]:
+    """Run every rule whose sections validate on their own (so rule errors show beside type errors)."""
+    sections: dict[str, Any] = {}
+    for name, field in JobSpec.model_fields.items():
+        if name == "name":
+            continue
+        value = raw.get(name)
+        if value is None and field.is_required():
+            continue
+        try:
+            sections[name] = (
+                _section_model(field.annotation).model_validate(value)
+                if value is not None
+                else field.get_default(call_default_factory=True)
+            )
+        except (ValidationError, UserError):
+            pass
+    problems = []
+    for needed, fn in RULES:
+        if all(s in sections for s in needed):
+            try:
+                problems += list(fn(*(sections[s] for s in needed)))
+            except UserError as exc:  # e.g. an arch-dependent lookup that fails for this arch
+                problems.append(Problem(needed[0], str(exc)))
+    return problems
+
+
+def _section_model(annotation: Any) -> type[BaseModel]:
+    return next(t for t in (annotation, *getattr(annotation, "__args__", ())) if isinstance(t, type) and issubclass(t, BaseModel))
+
+
+def _unique(problems: list[Problem]) -> list[Problem]:
+    return list(dict.fromkeys(problems))
+
+
+# ---------------------------------------------------------------------------------------
+# Reference documentation, generated from the field descriptions (README embeds it)
+# ---------------------------------------------------------------------------------------
+def reference_markdown() -> str:
+    lines = ["| key | type | default | description |", "| --- | --- | --- | --- |"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            key = f"{prefix}{name}"
+            section = _nested_section(field.annotation)
+            default = "required" if field.is_required() else _default_text(field)
+            lines.append(f"| `{key}` | {_type_text(field.annotation)} | {default} | {field.description} |")
+            if section is not None:
+                walk(section, f"{key}.")
+
+    walk(JobSpec, "")
+    return "\n".join(lines) + "\n"
+
+
+def _nested_section(annotation: Any) -> type[BaseModel] | None:
+    for t in (annotation, *getattr(annotation, "__args__", ())):
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            return t
+    return None
+
+
+def _default_text(field: Any) -> str:
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, BaseModel):
+        return "(section)"
+    return f"`{json.dumps(value)}`"
+
+
+def _type_text(annotation: Any) -> str:
+    """A reader's name for a field type: `int \\| 'all'`, `'sgd' \\| 'adamw'`, `list of …`."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _type_text(args[0])
+    if origin is typing.Literal:
+        return " \\| ".join(f"`{a}`" for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " \\| ".join(_type_text(a) for a in args)
+    if origin is list:
+        return f"list of ({_type_text(args[0])})"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "mapping"
+    if annotation is type(None):
+        return "null"
+    return getattr(annotation, "__name__", str(annotation))
