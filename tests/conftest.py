@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from s3_fixtures import flaky_s3, s3_bucket, s3_env, s3_server  # noqa: F401 — pytest fixtures
+
 # Nothing leaves the machine: no usage statistics, and every Ray socket on loopback.
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"

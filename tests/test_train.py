@@ -36,7 +36,7 @@ def test_two_worker_run_exports_a_model_plain_pytorch_loads(tmp_path, capsys):
     data = write_image_folder(tmp_path / "images", classes=3, per_class=12)
     spec_path = write_spec(
         tmp_path / "job.yaml",
-        spec_dict(str(data), str(tmp_path / "out"), scaling={"num_workers": 2}, train={"epochs": 2, "batch_size": 4}),
+        spec_dict(str(data), str(tmp_path / "out"), scaling={"num_workers": 2, "cpus_per_worker": 0.5}, train={"epochs": 2, "batch_size": 4}),
     )
     assert main(["train", str(spec_path)]) == 0
     out = capsys.readouterr().out

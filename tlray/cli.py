@@ -11,7 +11,7 @@ import logging
 import sys
 import traceback
 
-from tlray.errors import UserError
+from tlray.errors import UserError, user_error_inside
 
 log = logging.getLogger("tlray")
 
@@ -70,19 +70,20 @@ def train_and_publish(spec):
     """Data index → model check → Ray Train → export. Shared by `train` and `demo`."""
     from tlray import models
     from tlray.data import build_index
-    from tlray.publish import publish, run_uri
-    from tlray.train import fit, load_checkpoint_state
+    from tlray.publish import check_output, publish, run_uri
+    from tlray.train import fetch_weights, fit, load_checkpoint_state
 
     index = build_index(spec.dataset)  # 2. list and split the data; every data problem is exit 2 here
     print(f"[tlray] dataset: {index.summary()}")
-    weights = spec.model.builder_weights
-    model = models.build_model(spec.model.arch, weights, len(index.classes))  # 3. weights load before cluster work
+    check_output(spec)  # 3. the output location is reachable, before anything is written
+    weights = fetch_weights(spec.model.builder_weights, spec.dataset.endpoint_url)
+    model = models.build_model(spec.model.arch, weights, len(index.classes))  # 4. the weights load
     frozen = models.freeze(model, spec.model.arch, spec.freeze_depth, spec.model.batchnorm)
-    start_ray()  # 4. join the cluster (RAY_ADDRESS / inside a job) or start a local one
+    start_ray()  # 5. join the cluster (RAY_ADDRESS / inside a job) or start a local one
     run = run_uri(spec)
     print(f"[tlray] run {spec.run_id}: checkpoints and model under {run}")
-    result = fit(spec, index, weights, run)  # 5. fine-tune on Ray Train workers
-    return publish(spec, index, frozen, load_checkpoint_state(result.checkpoint))  # 6. export and describe
+    result = fit(spec, index, run)  # 6. fine-tune on Ray Train workers, data streamed by Ray Data
+    return publish(spec, index, frozen, load_checkpoint_state(result.checkpoint))  # 7. export and describe
 
 
 def start_ray() -> None:
@@ -130,32 +131,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="[tlray] %(message)s")
     try:
         return args.func(args)
-    except UserError as exc:
-        print(f"tlray: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
+        stop_ray()
         print("tlray: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 — the last line of defence: say it is ours
-        cause = user_error_inside(exc)
-        if cause is not None:
-            print(f"tlray: error: {cause}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 — the last line of defence: say whose fault it is
+        user_error = user_error_inside(exc)  # also finds one raised on a Ray worker
+        if user_error is None:
+            traceback.print_exc()
+        stop_ray()  # so Ray's forwarded worker logs end before tlray's last word
+        if user_error is not None:
+            print(f"tlray: error: {user_error}", file=sys.stderr)
             return EXIT_BAD_INPUT
-        traceback.print_exc()
         print(f"tlray: internal error ({type(exc).__name__}); please report it with the output above", file=sys.stderr)
         return EXIT_INTERNAL
 
 
-def user_error_inside(exc: BaseException) -> UserError | None:
-    """A UserError raised on a Ray worker arrives wrapped; find it."""
-    seen, stack = set(), [exc]
-    while stack:
-        current = stack.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, UserError):
-            return current
-        stack += [current.__cause__, current.__context__, getattr(current, "cause", None)]
-        stack += list((getattr(current, "worker_failures", None) or {}).values())
-    return None
+def stop_ray() -> None:
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()

@@ -39,7 +39,7 @@ def run_uri(spec: JobSpec) -> str:
 
 def publish(spec: JobSpec, index: DatasetIndex, summary: models.FreezeSummary, state: dict) -> PublishedRun:
     """Export the trained weights in `state` (a training checkpoint) and describe the run."""
-    destination = run_uri(spec)
+    destination, endpoint = run_uri(spec), spec.dataset.endpoint_url
     model = models.build_model(spec.model.arch, None, len(index.classes))
     model.load_state_dict(state["model"])
     model.eval()
@@ -52,9 +52,12 @@ def publish(spec: JobSpec, index: DatasetIndex, summary: models.FreezeSummary, s
         model_dir.mkdir()
         export_program(model, preprocessing.crop_size, model_dir / "model.pt2")
         torch.save(model.state_dict(), model_dir / "state_dict.pt")
-        storage.upload_dir(model_dir, storage.join(destination, "model"))
+        storage.upload_dir(model_dir, storage.join(destination, "model"), endpoint)
 
-    storage.write_json(storage.join(destination, "metrics.json"), {"history": history, "final": final})
+    bad_images = {"count": final.get("bad_images", 0), "examples": state.get("bad_image_examples", [])}
+    storage.write_json(
+        storage.join(destination, "metrics.json"), {"history": history, "final": final, "bad_images": bad_images}, endpoint
+    )
     metadata = {
         "run_id": spec.run_id,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -69,13 +72,27 @@ def publish(spec: JobSpec, index: DatasetIndex, summary: models.FreezeSummary, s
         "preprocessing": preprocessing.to_dict(),
         "metrics": final,
         "epochs_run": len(history),
-        "dataset": {"uri": index.root, "fingerprint": index.fingerprint, "train_images": len(index.train), "val_images": len(index.val)},
+        "dataset": {
+            "uri": index.root,
+            "fingerprint": index.fingerprint,
+            "train_images": len(index.train),
+            "val_images": len(index.val),
+            "bad_images": bad_images,
+        },
         "files": {"program": "model/model.pt2", "state_dict": "model/state_dict.pt"},
         "spec": spec.model_dump(mode="json"),
         "versions": versions(),
     }
-    storage.write_json(storage.join(destination, "metadata.json"), metadata)
+    storage.write_json(storage.join(destination, "metadata.json"), metadata, endpoint)
     return PublishedRun(destination, final)
+
+
+def check_output(spec: JobSpec) -> None:
+    """An S3 output must exist and be listable now, not after hours of training. Writes nothing."""
+    if storage.is_s3(spec.output.uri):
+        from tlray import s3
+
+        s3.check_writable(spec.output.uri, spec.dataset.endpoint_url, key="output.uri", max_attempts=storage.s3_max_attempts())
 
 
 def export_program(model: torch.nn.Module, crop_size: int, path: Path) -> None:

@@ -67,7 +67,8 @@ class DatasetSpec(_Section):
     endpoint_url: str | None = Field(
         None,
         pattern=r"^https?://",
-        description="Endpoint of an S3-compatible store (MinIO, Ceph), e.g. `http://minio:9000`; AWS S3 needs none.",
+        description="Endpoint of an S3-compatible store (MinIO, Ceph), e.g. `http://minio:9000`, used for every "
+        "`s3://` URI of the job (data, manifest, weights, output); AWS S3 needs none.",
     )
 
 

@@ -1,15 +1,38 @@
-"""Where runs live: one pyarrow filesystem for local folders and object stores alike."""
+"""Where data and runs live: one pyarrow filesystem for local folders and S3 alike.
+
+Ray Data tasks and Ray Train workers get the filesystem *object* (it pickles), not an
+environment variable: pyarrow ignores AWS_ENDPOINT_URL_S3, and a driver's environment
+does not reach the workers of a cluster it joined. Credentials always come from the
+standard AWS chain on whichever machine the code runs (env, profile, IRSA/Pod Identity).
+"""
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+DEFAULT_S3_ATTEMPTS = 10
+
+
+def s3_max_attempts() -> int:
+    """Attempts per S3 request (botocore `standard` retries, pyarrow's standard strategy).
+
+    The standard AWS variable AWS_MAX_ATTEMPTS sets it, for boto3 and pyarrow alike.
+    """
+    return int(os.environ.get("AWS_MAX_ATTEMPTS") or DEFAULT_S3_ATTEMPTS)
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
 
 def absolute_uri(uri: str) -> str:
-    """Object-store URIs stay as they are; local paths become absolute (Ray needs that)."""
+    """Object-store URIs stay as they are; local paths become absolute (workers run elsewhere)."""
     return uri if "://" in uri else str(Path(uri).expanduser().resolve())
 
 
@@ -17,29 +40,53 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
 
 
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    return pafs.FileSystem.from_uri(absolute_uri(uri))
+def filesystem(uri: str, endpoint_url: str | None = None) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or an `s3://bucket/key` URI."""
+    if not is_s3(uri):
+        return pafs.LocalFileSystem(), absolute_uri(uri)
+    return s3_filesystem(endpoint_url, bucket=uri[len("s3://") :].split("/", 1)[0]), uri[len("s3://") :].rstrip("/")
 
 
-def upload_dir(local_dir: str | Path, uri: str) -> None:
-    fs, path = filesystem(uri)
+@functools.cache
+def s3_filesystem(endpoint_url: str | None, bucket: str = "") -> pafs.S3FileSystem:
+    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    options: dict = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=s3_max_attempts())}
+    if endpoint:
+        parsed = urlparse(endpoint)
+        options.update(endpoint_override=parsed.netloc, scheme=parsed.scheme or "https")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if not region and not endpoint and bucket:
+        region = pafs.resolve_s3_region(bucket)  # AWS proper: the bucket's own region
+    return pafs.S3FileSystem(region=region or "us-east-1", **options)
+
+
+def upload_dir(local_dir: str | Path, uri: str, endpoint_url: str | None = None) -> None:
+    fs, path = filesystem(uri, endpoint_url)
     fs.create_dir(path, recursive=True)
     pafs.copy_files(str(local_dir), path, destination_filesystem=fs)
 
 
-def write_json(uri: str, payload: object) -> None:
-    fs, path = filesystem(uri)
+def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None) -> None:
+    fs, path = filesystem(uri, endpoint_url)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as out:
-        out.write(json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
+        out.write(data)
 
 
-def read_json(uri: str) -> object:
-    fs, path = filesystem(uri)
+def write_json(uri: str, payload: object, endpoint_url: str | None = None) -> None:
+    write_bytes(uri, json.dumps(payload, indent=2, sort_keys=True, default=str).encode(), endpoint_url)
+
+
+def read_bytes(uri: str, endpoint_url: str | None = None) -> bytes:
+    fs, path = filesystem(uri, endpoint_url)
     with fs.open_input_stream(path) as f:
-        return json.loads(f.read())
+        return f.read()
 
 
-def exists(uri: str) -> bool:
-    fs, path = filesystem(uri)
+def read_json(uri: str, endpoint_url: str | None = None) -> object:
+    return json.loads(read_bytes(uri, endpoint_url))
+
+
+def exists(uri: str, endpoint_url: str | None = None) -> bool:
+    fs, path = filesystem(uri, endpoint_url)
     return fs.get_file_info(path).type != pafs.FileType.NotFound

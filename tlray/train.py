@@ -6,26 +6,44 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import ray.data
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from tlray import models
-from tlray.data import DatasetIndex, ImageDataset
+from tlray import models, storage
+from tlray.data import BAD_LABEL, MAX_BAD_FRACTION, DataError, DatasetIndex, image_dataset
+from tlray.errors import UserError, user_error_inside
 from tlray.spec import JobSpec, TrainSpec
 
 CHECKPOINT_FILE = "state.pt"
+BAD_EXAMPLES = 5  # undecodable files named in the log and metadata
 
 
 def train_loop_per_worker(config: dict) -> None:
+    try:
+        fine_tune(config)
+    except Exception as exc:
+        # A bad input found on a worker (an undecodable image, say) arrives wrapped in Ray's
+        # task errors; raise it bare so the driver reports it as bad input (exit 2). Its first
+        # line is tlray's message: Ray Data appends its retry advice below.
+        user_error = user_error_inside(exc)
+        if user_error is None:
+            raise
+        raise type(user_error)(str(user_error).splitlines()[0]) from None
+
+
+def fine_tune(config: dict) -> None:
+    """One worker's share of the fine-tune: plain PyTorch, plus the steps marked "Ray n"."""
     spec = JobSpec.model_validate(config["spec"])
     index = DatasetIndex.from_dict(config["index"])
     torch.manual_seed(spec.train.seed)  # same init on every rank; DDP also broadcasts rank 0's weights
@@ -36,31 +54,27 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
 
     # Load weights, new head, then freeze — all on the bare model, before DDP wraps it.
-    model = models.build_model(spec.model.arch, config["weights"], len(index.classes))
+    weights = fetch_weights(spec.model.builder_weights, spec.dataset.endpoint_url)
+    model = models.build_model(spec.model.arch, weights, len(index.classes))
     models.freeze(model, spec.model.arch, spec.freeze_depth, spec.model.batchnorm)  # logs the counts
     optimizer = make_optimizer(models.trainable_parameters(model), spec.train)
 
     # Ray 2: move to the device and wrap in DistributedDataParallel (when world_size > 1).
     model = ray.train.torch.prepare_model(model)
 
-    preprocessing = models.preprocessing(spec.model.arch, spec.dataset.image_size)
-    train_set = ImageDataset(index, index.train, preprocessing.train_transform(spec.dataset.augment))
-    val_set = ImageDataset(index, index.val[rank::world_size], preprocessing.eval_transform())
-    # Equal-length shards (DistributedSampler pads), so every rank runs the same number of steps.
-    sampler = torch.utils.data.DistributedSampler(train_set, world_size, rank, shuffle=True, seed=spec.train.seed)
-    # drop_last: a final batch of one image breaks BatchNorm in train mode
-    train_loader = torch.utils.data.DataLoader(
-        train_set, spec.train.batch_size, sampler=sampler, drop_last=len(sampler) > spec.train.batch_size
-    )
-    val_loader = torch.utils.data.DataLoader(val_set, spec.train.batch_size)
+    # Ray 3: this worker's shard of each split, decoded by Ray Data tasks (equal row counts per worker).
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    rows_per_worker = len(index.train) // world_size
+    drop_last = rows_per_worker > spec.train.batch_size  # a last batch of one image breaks BatchNorm
+    steps_per_epoch = rows_per_worker // spec.train.batch_size if drop_last else 1
 
-    scheduler = make_lr_schedule(optimizer, spec.train, steps_per_epoch=len(train_loader))
+    scheduler = make_lr_schedule(optimizer, spec.train, steps_per_epoch)
     amp_dtype = autocast_dtype(spec.train.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=spec.train.label_smoothing)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=spec.train.label_smoothing, ignore_index=BAD_LABEL)
 
-    # Ray 3: a re-run of the same run name (or a restarted worker group) resumes from the latest checkpoint.
-    start_epoch, history = 0, []
+    # Ray 4: a re-run of the same run name (or a restarted worker group) resumes from the latest checkpoint.
+    start_epoch, history, bad_examples = 0, [], []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as checkpoint_dir:
@@ -69,42 +83,64 @@ def train_loop_per_worker(config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        start_epoch, history = state["epoch"] + 1, state["history"]
+        start_epoch, history, bad_examples = state["epoch"] + 1, state["history"], state["bad_image_examples"]
         if rank == 0:
             say(f"resuming after epoch {start_epoch} of {spec.train.epochs}")
 
     for epoch in range(start_epoch, spec.train.epochs):
-        sampler.set_epoch(epoch)
         model.train()  # frozen BatchNorm layers stay in eval mode (models.freeze)
-        started, seen, loss_sum = time.perf_counter(), 0, 0.0
-        for images, labels in train_loader:
-            images, labels = images.to(device), labels.to(device)
+        started, seen, loss_sum, bad_rows = time.perf_counter(), 0, 0.0, []
+        batches = train_shard.iter_torch_batches(
+            batch_size=spec.train.batch_size,
+            drop_last=drop_last,
+            local_shuffle_buffer_size=min(1024, max(rows_per_worker, 1)),
+            local_shuffle_seed=spec.train.seed + 1000 * epoch + rank,
+            dtypes={"image": torch.float32, "label": torch.int64, "row": torch.int64},
+            device=device,
+        )
+        for batch in batches:
+            images, labels = batch["image"], batch["label"]
+            bad_rows += batch["row"][labels == BAD_LABEL].tolist()
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss = loss_fn(model(images), labels)
+                logits = model(images)
+                # an all-bad batch still runs backward, so DDP's gradient sync stays in step
+                loss = loss_fn(logits, labels) if (labels != BAD_LABEL).any() else logits.sum() * 0.0
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            seen += len(labels)
-            loss_sum += loss.item() * len(labels)
+            good = int((labels != BAD_LABEL).sum())
+            seen, loss_sum = seen + good, loss_sum + loss.item() * good
         elapsed = time.perf_counter() - started
 
-        train_totals = all_reduce_sum([loss_sum, seen, elapsed], device)
-        val = evaluate(unwrap(model), val_loader, loss_fn, device, amp_dtype, top5=len(index.classes) >= 5)
+        val, val_bad_rows = evaluate(unwrap(model), val_shard, spec.train.batch_size, loss_fn, device, amp_dtype, len(index.classes))
+        bad_keys = [index.train[r][0] for r in bad_rows] + [index.val[r][0] for r in val_bad_rows]
+        bad_examples = (bad_examples + [index.location(k) for k in bad_keys])[:BAD_EXAMPLES] if epoch == 0 else bad_examples
+        loss_sum, seen, elapsed, bad, total_rows = all_reduce_sum(
+            [loss_sum, seen, elapsed, len(bad_keys), rows_per_worker + val["rows"]], device
+        )
+        if bad and rank == 0:
+            say(f"skipped {int(bad)} undecodable image(s) this epoch, e.g. {', '.join(bad_examples) or '(other workers)'}")
+        if bad / total_rows > MAX_BAD_FRACTION:
+            raise DataError(
+                f"dataset.uri: {int(bad)} of {int(total_rows)} images ({bad / total_rows:.1%}) cannot be decoded, "
+                f"more than {MAX_BAD_FRACTION:.0%}; e.g. {', '.join(bad_examples)}"
+            )
         metrics = {
             "epoch": epoch + 1,
-            "train_loss": train_totals[0] / train_totals[1],
+            "train_loss": loss_sum / max(seen, 1),
             # images/s of the whole group: all images over the mean worker wall time
-            "images_per_second": train_totals[1] / (train_totals[2] / world_size),
+            "images_per_second": seen / (elapsed / world_size),
             "lr": optimizer.param_groups[0]["lr"],
-            **val,
+            "bad_images": int(bad),
+            **{k: v for k, v in val.items() if k != "rows"},
         }
         history.append(metrics)
         if rank == 0:
             say(format_metrics(metrics, spec.train.epochs))
 
-        # Ray 4: report metrics every epoch; rank 0 adds a checkpoint that Ray copies to the run's storage.
+        # Ray 5: report metrics every epoch; rank 0 adds a checkpoint that Ray copies to the run's storage.
         with tempfile.TemporaryDirectory() as checkpoint_dir:
             checkpoint = None
             if rank == 0:
@@ -115,6 +151,7 @@ def train_loop_per_worker(config: dict) -> None:
                     "scaler": scaler.state_dict(),
                     "epoch": epoch,
                     "history": history,
+                    "bad_image_examples": bad_examples,
                 }
                 torch.save(state, Path(checkpoint_dir, CHECKPOINT_FILE))
                 checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir)
@@ -127,6 +164,21 @@ def train_loop_per_worker(config: dict) -> None:
 def say(message: str) -> None:
     # Ray Train routes print() through its logger, which echoes lines twice; the raw stream does not.
     print(f"[tlray] {message}", file=sys.__stdout__, flush=True)
+
+
+def fetch_weights(weights: str | None, endpoint_url: str | None) -> str | None:
+    """A checkpoint in S3 is downloaded (once per worker process); other weights pass through."""
+    if not weights or not storage.is_s3(weights):
+        return weights
+    local = Path(tempfile.gettempdir(), "tlray-weights", hashlib.sha256(weights.encode()).hexdigest()[:16] + ".pt")
+    if not local.exists():
+        local.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            local.with_suffix(".part").write_bytes(storage.read_bytes(weights, endpoint_url))
+        except OSError as exc:
+            raise UserError(f"model.weights: cannot read {weights}: {exc}") from None
+        local.with_suffix(".part").rename(local)
+    return str(local)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -175,29 +227,38 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 @torch.no_grad()
-def evaluate(model, loader, loss_fn, device, amp_dtype, top5: bool) -> dict[str, float]:
-    """Loss and accuracy over this rank's validation shard, summed over all ranks.
+def evaluate(model, shard, batch_size, loss_fn, device, amp_dtype, num_classes) -> tuple[dict, list[int]]:
+    """Loss and accuracy over this worker's validation shard, summed over all workers.
 
-    Runs on the unwrapped model: a DDP forward would sync buffers, and shards differ in length.
+    Runs on the unwrapped model: a DDP forward would sync buffers. Returns the metrics
+    (plus "rows": this worker's row count) and the rows of undecodable images.
     """
     was_training = model.training
     model.eval()
-    loss_sum = correct = correct5 = count = 0.0
-    for images, labels in loader:
-        images, labels = images.to(device), labels.to(device)
+    loss_sum = correct = correct5 = count = rows = 0.0
+    bad_rows = []
+    dtypes = {"image": torch.float32, "label": torch.int64, "row": torch.int64}
+    for batch in shard.iter_torch_batches(batch_size=batch_size, dtypes=dtypes, device=device):
+        good = batch["label"] != BAD_LABEL
+        bad_rows += batch["row"][~good].tolist()
+        rows += len(good)
+        images, labels = batch["image"][good], batch["label"][good]
+        if not len(labels):
+            continue
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(images)
-        loss_sum += loss_fn(logits.float(), labels).item() * len(labels)
+            logits = model(images).float()
+        loss_sum += loss_fn(logits, labels).item() * len(labels)
         correct += (logits.argmax(1) == labels).sum().item()
-        if top5:
+        if num_classes >= 5:
             correct5 += (logits.topk(5, 1).indices == labels[:, None]).any(1).sum().item()
         count += len(labels)
     model.train(was_training)
     loss_sum, correct, correct5, count = all_reduce_sum([loss_sum, correct, correct5, count], device)
-    metrics = {"val_loss": loss_sum / count, "val_accuracy": correct / count}
-    if top5:
+    count = max(count, 1)
+    metrics = {"val_loss": loss_sum / count, "val_accuracy": correct / count, "rows": rows}
+    if num_classes >= 5:
         metrics["val_top5"] = correct5 / count
-    return metrics
+    return metrics, bad_rows
 
 
 def format_metrics(metrics: dict, epochs: int) -> str:
@@ -209,13 +270,23 @@ def format_metrics(metrics: dict, epochs: int) -> str:
 # ---------------------------------------------------------------------------------------
 # Driver side
 # ---------------------------------------------------------------------------------------
-def fit(spec: JobSpec, index: DatasetIndex, weights: str | None, storage_path: str) -> ray.train.Result:
-    """Run the loop on `scaling.num_workers` Ray Train workers; checkpoints go to `storage_path/train`."""
+def fit(spec: JobSpec, index: DatasetIndex, run_uri: str) -> ray.train.Result:
+    """Run the loop on `scaling.num_workers` Ray Train workers; checkpoints go to `<run_uri>/train`."""
     from ray.train.torch import TorchTrainer
 
+    filesystem, storage_path = storage.filesystem(run_uri, spec.dataset.endpoint_url)
+    data_context = ray.data.DataContext.get_current()
+    data_context.enable_progress_bars = False  # the epoch lines are the progress
+    data_context.raise_original_map_exception = True  # keep DataError (bad image, exit 2) recognisable
+    preprocessing = models.preprocessing(spec.model.arch, spec.dataset.image_size)
+    on_bad = spec.dataset.on_bad_image
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec.model_dump(mode="json"), "index": index.to_dict(), "weights": weights},
+        train_loop_config={"spec": spec.model_dump(mode="json"), "index": index.to_dict()},
+        datasets={
+            "train": image_dataset(index, "train", preprocessing.train_transform(spec.dataset.augment), on_bad),
+            "val": image_dataset(index, "val", preprocessing.eval_transform(), on_bad),
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.scaling.num_workers,
             use_gpu=spec.scaling.use_gpu,
@@ -225,11 +296,25 @@ def fit(spec: JobSpec, index: DatasetIndex, weights: str | None, storage_path: s
         run_config=ray.train.RunConfig(
             name="train",  # fixed: the run folder is already unique per spec, and a re-run resumes
             storage_path=storage_path,
+            storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=spec.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.train.checkpoints_to_keep),
         ),
     )
+    warn_if_no_cpu_left_for_data(spec)
     return trainer.fit()
+
+
+def warn_if_no_cpu_left_for_data(spec: JobSpec) -> None:
+    # Ray Data decodes in tasks that need a CPU beside the workers'; with none left they
+    # wait forever (an autoscaling cluster may still add a node, so this only warns).
+    spare = ray.cluster_resources().get("CPU", 0) - spec.scaling.num_workers * spec.scaling.cpus_per_worker
+    if spare < 1:
+        say(
+            f"warning: the cluster has {spare:g} CPU(s) left beside {spec.scaling.num_workers} worker(s) x "
+            f"{spec.scaling.cpus_per_worker:g} CPU; Ray Data needs at least 1 to decode images. "
+            "Lower scaling.cpus_per_worker or scaling.num_workers, or add a node."
+        )
 
 
 def worker_resources(spec: JobSpec) -> dict[str, float]:
