@@ -20,8 +20,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
+# Also keeps the trained weights: jobs/digits-tune.yaml fine-tunes from them.
 demo: install
-	$(BIN)/tlray demo jobs/digits.yaml
+	$(BIN)/tlray demo jobs/digits.yaml --save-weights data/digits-resnet18.pt
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

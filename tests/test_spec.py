@@ -52,7 +52,6 @@ BAD_SPECS = [
     ("depth-word", lambda s: pretrained(s, mode="partial", freeze_depth="half"), ["model.freeze_depth:"]),
     ("architecture-with-depth", lambda s: s["model"].update(freeze_depth=2), ["model.freeze_depth:"]),
     ("weights-name-unknown", lambda s: pretrained(s, mode="feature_extractor", weights="IMAGENET9K_V9"), ["model.weights:", "IMAGENET1K_V1"]),
-    ("weights-file-missing", lambda s: pretrained(s, mode="feature_extractor", weights="/nonexistent/r18.pt"), ["model.weights:", "not found"]),
     ("batchnorm-unknown", lambda s: s["model"].update(batchnorm="fixed"), ["model.batchnorm:"]),
     ("epochs-zero", lambda s: s["train"].update(epochs=0), ["train.epochs:"]),
     ("warmup-not-shorter", lambda s: s["train"].update(warmup_epochs=2), ["train.warmup_epochs:", "train.epochs"]),

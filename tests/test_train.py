@@ -129,4 +129,12 @@ def test_data_problems_stop_before_ray_with_exit_2(tmp_path, capsys):
         assert main(["train", str(path)]) == 2
         err = capsys.readouterr().err
         assert "dataset.uri" in err and expected in err and "Traceback" not in err
-    assert not (tmp_path / "out").exists(), "nothing is written for bad data"
+    path = write_spec(
+        tmp_path / "job.yaml",
+        spec_dict(str(one_class), str(tmp_path / "out"), model={"weights": "/nonexistent/r18.pt", "mode": "feature_extractor"}),
+    )
+    write_image_folder(one_class, classes=2)
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "model.weights" in err and "/nonexistent/r18.pt" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists(), "nothing is written for bad input"

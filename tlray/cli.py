@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 import traceback
+from pathlib import Path
 
 from tlray.errors import UserError, user_error_inside
 
@@ -56,6 +57,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     published = train_and_publish(spec)
     print(f"[tlray] model published to {published.uri}/model")
     print(f"[tlray] digits val_accuracy {published.metrics['val_accuracy']:.4f} after {published.metrics['epoch']} epochs")
+    if args.save_weights:  # a local copy that later specs (jobs/digits-tune.yaml) start from
+        from tlray import storage
+
+        Path(args.save_weights).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.save_weights).write_bytes(storage.read_bytes(f"{published.uri}/model/state_dict.pt", spec.dataset.endpoint_url))
+        print(f"[tlray] weights saved to {args.save_weights}")
     return EXIT_OK
 
 
@@ -66,24 +73,78 @@ def cmd_reference(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def train_and_publish(spec):
-    """Data index → model check → Ray Train → export. Shared by `train` and `demo`."""
+def cmd_tune(args: argparse.Namespace) -> int:
+    from tlray import report, storage, tune
+    from tlray.publish import freeze_summary, publish, run_uri
+    from tlray.spec import load_spec
+    from tlray.train import load_checkpoint_at
+
+    spec = load_spec(args.spec, args.set)  # 1. parse and validate the whole spec
+    if spec.tune is None:
+        raise UserError("tune: the spec has no tune section; add one (see jobs/digits-tune.yaml) or use `tlray train`")
+    index = prepare(spec)  # 2-4. data, output, weights
+    tune.check_searchable(spec, index)
+    start_ray()  # 5. join the cluster (RAY_ADDRESS / inside a job) or start a local one
+    run = run_uri(spec, "tune")
+    print(f"[tlray] search {spec.run_id_for('tune')}: trials, results, report and best model under {run}")
+    grid = tune.search(spec, index, run)  # 6. one TorchTrainer per trial, ASHA stops weak ones
+    tune.raise_if_no_trial_finished(grid)
+    rows = tune.result_rows(grid, spec)
+    print(tune.results_table(rows, spec))
+    tune.write_results(rows, run, spec)
+
+    best = tune.best_trial(rows)  # 7. publish the best trial exactly as `tlray train` would
+    best_spec = tune.best_trial_spec(spec, best)
+    filesystem, _ = storage.filesystem(run, spec.dataset.endpoint_url)
+    state = load_checkpoint_at(best["checkpoint"], filesystem)
+    summary = freeze_summary(best_spec, len(index.classes))
+    hyperparameters = {"lr": best["lr"], "freeze_depth": summary.depth, "trial": best["trial"]}
+    published = publish(best_spec, index, summary, state, run, hyperparameters)
+
+    confusion = report.confusion_matrix_of(best_spec, index, state)  # 8. the report
+    storage.write_json(storage.join(run, "confusion_matrix.json"), {**confusion, "trial": best["trial"]}, spec.dataset.endpoint_url)
+    page = report.write_report(run, spec.dataset.endpoint_url)
+    print(f"[tlray] best trial {best['trial']}: lr {best['lr']:.3g}, freeze_depth {best['freeze_depth']}, "
+          f"{spec.tune.metric} {best['metric']:.4f}")
+    print(f"[tlray] model published to {published.uri}/model")
+    print(f"[tlray] report: {page}")
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from tlray.report import write_report
+
+    print(f"[tlray] report: {write_report(args.run_uri.rstrip('/'), args.endpoint_url)}")
+    return EXIT_OK
+
+
+def prepare(spec):
+    """Every check before cluster work, shared by train and tune: data index, output, weights."""
     from tlray import models
     from tlray.data import build_index
-    from tlray.publish import check_output, publish, run_uri
-    from tlray.train import fetch_weights, fit, load_checkpoint_state
+    from tlray.publish import check_output
+    from tlray.train import fetch_weights
 
-    index = build_index(spec.dataset)  # 2. list and split the data; every data problem is exit 2 here
+    index = build_index(spec.dataset)  # list and split the data; every data problem is exit 2 here
     print(f"[tlray] dataset: {index.summary()}")
-    check_output(spec)  # 3. the output location is reachable, before anything is written
+    check_output(spec)  # the output location is reachable, before anything is written
     weights = fetch_weights(spec.model.builder_weights, spec.dataset.endpoint_url)
-    model = models.build_model(spec.model.arch, weights, len(index.classes))  # 4. the weights load
-    frozen = models.freeze(model, spec.model.arch, spec.freeze_depth, spec.model.batchnorm)
+    models.build_model(spec.model.arch, weights, len(index.classes))  # the weights load
+    return index
+
+
+def train_and_publish(spec):
+    """Shared by `train` and `demo`."""
+    from tlray.publish import freeze_summary, publish, run_uri
+    from tlray.train import fit, load_checkpoint_state
+
+    index = prepare(spec)  # 2-4. data, output, weights
     start_ray()  # 5. join the cluster (RAY_ADDRESS / inside a job) or start a local one
     run = run_uri(spec)
     print(f"[tlray] run {spec.run_id}: checkpoints and model under {run}")
     result = fit(spec, index, run)  # 6. fine-tune on Ray Train workers, data streamed by Ray Data
-    return publish(spec, index, frozen, load_checkpoint_state(result.checkpoint))  # 7. export and describe
+    state = load_checkpoint_state(result.checkpoint)
+    return publish(spec, index, freeze_summary(spec, len(index.classes)), state, run)  # 7. export and describe
 
 
 def start_ray() -> None:
@@ -117,11 +178,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("validate", cmd_validate, "Check a job spec and report every problem at once; list the model's blocks.")
     add("train", cmd_train, "Fine-tune the spec's model on Ray Train and publish it to output.uri.")
-    add(
+    demo = add(
         "demo",
         cmd_demo,
         "Write scikit-learn's handwritten digits to the spec's dataset.uri as an image folder, then train.",
     )
+    demo.add_argument("--save-weights", metavar="PATH", help="also copy the trained state_dict to PATH")
+    add(
+        "tune",
+        cmd_tune,
+        "Search learning rate and freeze depth (the spec's tune section) with Ray Tune; "
+        "publish the best trial's model and write a report.",
+    )
+    sub = add("report", cmd_report, "Rebuild a search's report (PNG plots + index.html) from its stored results.", with_spec=False)
+    sub.add_argument("run_uri", metavar="RUN_URI", help="the search's run folder or s3:// URI, as `tlray tune` printed it")
+    sub.add_argument("--endpoint-url", help="S3-compatible endpoint, when RUN_URI is in such a store")
     add("reference", cmd_reference, "Print the job spec reference (Markdown) from the spec's field descriptions.", with_spec=False)
     return parser
 

@@ -33,13 +33,21 @@ class PublishedRun:
     metrics: dict
 
 
-def run_uri(spec: JobSpec) -> str:
-    return storage.join(storage.absolute_uri(spec.output.uri), spec.name, "runs", spec.run_id)
+def run_uri(spec: JobSpec, command: str = "train") -> str:
+    """`<output.uri>/<name>/runs/<run_id>`: the same spec and command always map to the same place."""
+    return storage.join(storage.absolute_uri(spec.output.uri), spec.name, "runs", spec.run_id_for(command))
 
 
-def publish(spec: JobSpec, index: DatasetIndex, summary: models.FreezeSummary, state: dict) -> PublishedRun:
+def publish(
+    spec: JobSpec,
+    index: DatasetIndex,
+    summary: models.FreezeSummary,
+    state: dict,
+    destination: str,
+    hyperparameters: dict | None = None,
+) -> PublishedRun:
     """Export the trained weights in `state` (a training checkpoint) and describe the run."""
-    destination, endpoint = run_uri(spec), spec.dataset.endpoint_url
+    endpoint = spec.dataset.endpoint_url
     model = models.build_model(spec.model.arch, None, len(index.classes))
     model.load_state_dict(state["model"])
     model.eval()
@@ -59,7 +67,7 @@ def publish(spec: JobSpec, index: DatasetIndex, summary: models.FreezeSummary, s
         storage.join(destination, "metrics.json"), {"history": history, "final": final, "bad_images": bad_images}, endpoint
     )
     metadata = {
-        "run_id": spec.run_id,
+        "run_id": destination.rstrip("/").rsplit("/", 1)[-1],
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "classes": index.classes,
         "arch": spec.model.arch,
@@ -80,11 +88,18 @@ def publish(spec: JobSpec, index: DatasetIndex, summary: models.FreezeSummary, s
             "bad_images": bad_images,
         },
         "files": {"program": "model/model.pt2", "state_dict": "model/state_dict.pt"},
+        "hyperparameters": hyperparameters or {"lr": spec.train.lr, "freeze_depth": summary.depth},
         "spec": spec.model_dump(mode="json"),
         "versions": versions(),
     }
     storage.write_json(storage.join(destination, "metadata.json"), metadata, endpoint)
     return PublishedRun(destination, final)
+
+
+def freeze_summary(spec: JobSpec, num_classes: int) -> models.FreezeSummary:
+    """What the spec freezes, counted on a freshly built model (for metadata.json)."""
+    model = models.build_model(spec.model.arch, None, num_classes)
+    return models.freeze(model, spec.model.arch, spec.freeze_depth, spec.model.batchnorm)
 
 
 def check_output(spec: JobSpec) -> None:

@@ -217,7 +217,11 @@ class JobSpec(_Section):
 
     @property
     def run_id(self) -> str:
-        return f"{self.name}-{self.fingerprint}"
+        return self.run_id_for("train")
+
+    def run_id_for(self, command: str) -> str:
+        """`<name>-<hash>` for `tlray train`, `<name>-search-<hash>` for `tlray tune` of the same spec."""
+        return f"{self.name}-{self.fingerprint}" if command == "train" else f"{self.name}-search-{self.fingerprint}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -289,10 +293,8 @@ def _weights_exist(model: ModelSpec):
         return
     if w == "DEFAULT" or w in models.weights_enum(model.arch).__members__:
         return
-    if "/" in w or w.endswith((".pt", ".pth", ".bin", ".safetensors")):
-        if not Path(w).is_file():
-            yield Problem("model.weights", f"checkpoint file '{w}' not found")
-        return
+    if "/" in w or w.endswith((".pt", ".pth", ".bin")):
+        return  # a checkpoint path: whether it exists here is checked when a job starts, like the data
     names = ["DEFAULT", *models.weights_enum(model.arch).__members__]
     yield Problem("model.weights", f"'{w}' is not a weights name of {model.arch} ({', '.join(names)}), a checkpoint path or `none`")
 

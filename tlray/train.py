@@ -54,7 +54,7 @@ def fine_tune(config: dict) -> None:
     device = ray.train.torch.get_device()
 
     # Load weights, new head, then freeze — all on the bare model, before DDP wraps it.
-    weights = fetch_weights(spec.model.builder_weights, spec.dataset.endpoint_url)
+    weights = fetch_weights(config["weights"], spec.dataset.endpoint_url)
     model = models.build_model(spec.model.arch, weights, len(index.classes))
     models.freeze(model, spec.model.arch, spec.freeze_depth, spec.model.batchnorm)  # logs the counts
     optimizer = make_optimizer(models.trainable_parameters(model), spec.train)
@@ -166,6 +166,13 @@ def say(message: str) -> None:
     print(f"[tlray] {message}", file=sys.__stdout__, flush=True)
 
 
+def weights_location(weights: str | None) -> str | None:
+    """A local checkpoint path made absolute: workers run in other directories."""
+    if weights and not storage.is_s3(weights) and Path(weights).is_file():
+        return storage.absolute_uri(weights)
+    return weights
+
+
 def fetch_weights(weights: str | None, endpoint_url: str | None) -> str | None:
     """A checkpoint in S3 is downloaded (once per worker process); other weights pass through."""
     if not weights or not storage.is_s3(weights):
@@ -272,17 +279,32 @@ def format_metrics(metrics: dict, epochs: int) -> str:
 # ---------------------------------------------------------------------------------------
 def fit(spec: JobSpec, index: DatasetIndex, run_uri: str) -> ray.train.Result:
     """Run the loop on `scaling.num_workers` Ray Train workers; checkpoints go to `<run_uri>/train`."""
+    warn_if_no_cpu_left_for_data(spec, trials=1)
+    # the run folder is already unique per spec, so a fixed name lets a re-run resume
+    weights = weights_location(spec.model.builder_weights)
+    return make_trainer(spec, index, weights, run_uri, name="train").fit()
+
+
+def make_trainer(spec: JobSpec, index: DatasetIndex, weights: str | None, storage_uri: str, name: str, callbacks=()):
+    """A TorchTrainer for one run of the loop; its checkpoints go to `<storage_uri>/<name>`.
+
+    `weights`: what `weights_location` made of the spec's weights in the driver's directory.
+    """
     from ray.train.torch import TorchTrainer
 
-    filesystem, storage_path = storage.filesystem(run_uri, spec.dataset.endpoint_url)
+    filesystem, storage_path = storage.filesystem(storage_uri, spec.dataset.endpoint_url)
     data_context = ray.data.DataContext.get_current()
     data_context.enable_progress_bars = False  # the epoch lines are the progress
     data_context.raise_original_map_exception = True  # keep DataError (bad image, exit 2) recognisable
     preprocessing = models.preprocessing(spec.model.arch, spec.dataset.image_size)
     on_bad = spec.dataset.on_bad_image
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec.model_dump(mode="json"), "index": index.to_dict()},
+        train_loop_config={
+            "spec": spec.model_dump(mode="json"),
+            "index": index.to_dict(),
+            "weights": weights,
+        },
         datasets={
             "train": image_dataset(index, "train", preprocessing.train_transform(spec.dataset.augment), on_bad),
             "val": image_dataset(index, "val", preprocessing.eval_transform(), on_bad),
@@ -294,24 +316,23 @@ def fit(spec: JobSpec, index: DatasetIndex, run_uri: str) -> ray.train.Result:
         ),
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
-            name="train",  # fixed: the run folder is already unique per spec, and a re-run resumes
+            name=name,
             storage_path=storage_path,
             storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=spec.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.train.checkpoints_to_keep),
+            callbacks=list(callbacks),
         ),
     )
-    warn_if_no_cpu_left_for_data(spec)
-    return trainer.fit()
 
 
-def warn_if_no_cpu_left_for_data(spec: JobSpec) -> None:
+def warn_if_no_cpu_left_for_data(spec: JobSpec, trials: int) -> None:
     # Ray Data decodes in tasks that need a CPU beside the workers'; with none left they
     # wait forever (an autoscaling cluster may still add a node, so this only warns).
-    spare = ray.cluster_resources().get("CPU", 0) - spec.scaling.num_workers * spec.scaling.cpus_per_worker
+    spare = ray.cluster_resources().get("CPU", 0) - trials * spec.scaling.num_workers * spec.scaling.cpus_per_worker
     if spare < 1:
         say(
-            f"warning: the cluster has {spare:g} CPU(s) left beside {spec.scaling.num_workers} worker(s) x "
+            f"warning: the cluster has {spare:g} CPU(s) left beside {trials} x {spec.scaling.num_workers} worker(s) x "
             f"{spec.scaling.cpus_per_worker:g} CPU; Ray Data needs at least 1 to decode images. "
             "Lower scaling.cpus_per_worker or scaling.num_workers, or add a node."
         )
@@ -327,3 +348,8 @@ def worker_resources(spec: JobSpec) -> dict[str, float]:
 def load_checkpoint_state(checkpoint: ray.train.Checkpoint) -> dict:
     with checkpoint.as_directory() as checkpoint_dir:
         return torch.load(Path(checkpoint_dir, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
+
+
+def load_checkpoint_at(path: str, filesystem) -> dict:
+    """A training checkpoint's state from its folder in the run's storage (as Tune reports it)."""
+    return load_checkpoint_state(ray.train.Checkpoint(path, filesystem=filesystem))

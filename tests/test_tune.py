@@ -1,0 +1,186 @@
+"""`tlray tune` end to end on this 2-CPU machine: ASHA, resume, results, report, the published best model."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from tlray import models
+from tlray.cli import main
+from tlray.data import open_rgb
+from tlray.spec import load_spec
+
+from conftest import spec_dict, write_image_folder, write_spec
+
+pytestmark = pytest.mark.slow
+
+
+def search_spec(tmp_path: Path, **tune) -> Path:
+    data = write_image_folder(tmp_path / "images", classes=3, per_class=12)
+    weights = tmp_path / "pretrained_resnet18.pt"  # a stand-in for downloaded ImageNet weights
+    torch.save(models.build_model("resnet18", None, 1000).state_dict(), weights)
+    spec = spec_dict(
+        str(data),
+        str(tmp_path / "out"),
+        model={"arch": "resnet18", "weights": str(weights), "mode": "partial", "freeze_depth": 1},
+        train={"epochs": 3, "batch_size": 8, "lr": 0.003, "warmup_epochs": 0},
+        scaling={"num_workers": 1, "cpus_per_worker": 0.5},
+    )
+    spec["tune"] = {
+        "num_samples": 4,
+        "lr": {"min": 1e-4, "max": 0.5},
+        "freeze_depth": [1, "all"],
+        "scheduler": "asha",
+        "grace_period": 1,
+        **tune,
+    }
+    return write_spec(tmp_path / "search.yaml", spec)
+
+
+def run_dir(spec_path: Path) -> Path:
+    spec = load_spec(spec_path)
+    return Path(spec.output.uri) / spec.name / "runs" / spec.run_id_for("tune")
+
+
+def test_four_trial_asha_search_finishes_on_two_cpus_and_publishes_the_best(tmp_path, capsys):
+    spec_path = search_spec(tmp_path)
+    started = time.monotonic()
+    assert main(["tune", str(spec_path)]) == 0
+    elapsed = time.monotonic() - started
+    out = capsys.readouterr().out
+    run = run_dir(spec_path)
+
+    # the table, best first
+    table = out[out.index("trial  ") :].splitlines()
+    assert "stopped early" in table[0]
+    results = json.loads((run / "tune_results.json").read_text())
+    trials = results["trials"]
+    assert len(trials) == 4 and len(table) >= 5
+    assert [t["metric"] for t in trials] == sorted((t["metric"] for t in trials), reverse=True)
+    assert {str(t["freeze_depth"]) for t in trials} == {"1", "all"}
+    for t in trials:
+        assert 1 <= t["epochs"] <= 3
+        assert t["stopped_early"] == (t["epochs"] < 3)
+        assert [h["epoch"] for h in t["history"]] == list(range(1, t["epochs"] + 1))
+    csv_lines = (run / "tune_results.csv").read_text().splitlines()
+    assert csv_lines[0].split(",")[:3] == ["trial", "lr", "freeze_depth"] and len(csv_lines) == 5
+    print(f"4-trial search took {elapsed:.0f} s; trial-epochs {sum(t['epochs'] for t in trials)} of 12")
+
+    # the best trial, published like `tlray train` with its hyper-parameters
+    best = trials[0]
+    metadata = json.loads((run / "metadata.json").read_text())
+    assert metadata["hyperparameters"]["trial"] == best["trial"]
+    assert metadata["hyperparameters"]["lr"] == pytest.approx(best["lr"])
+    assert metadata["freeze_depth"] == (5 if best["freeze_depth"] == "all" else best["freeze_depth"])
+    assert metadata["spec"]["train"]["lr"] == pytest.approx(best["lr"])
+    assert metadata["metrics"]["val_accuracy"] == pytest.approx(best["metric"])
+
+    # ... and its exported program reproduces the reported metric on the validation split
+    spec = load_spec(spec_path)
+    from tlray.data import build_index
+
+    index = build_index(spec.dataset)
+    transform = models.preprocessing("resnet18", 32).eval_transform()
+    images = torch.stack([transform(open_rgb(index.location(key))) for key, _ in index.val])
+    labels = torch.tensor([label for _, label in index.val])
+    program = torch.export.load(str(run / "model" / "model.pt2")).module()
+    accuracy = (program(images).argmax(1) == labels).float().mean().item()
+    assert accuracy == pytest.approx(best["metric"], abs=1e-6)
+
+    # the report: real PNGs of a sensible size, referenced by index.html
+    report = run / "report"
+    page = (report / "index.html").read_text()
+    for name in ("learning_curves.png", "search_space.png", "confusion_matrix.png"):
+        with Image.open(report / name) as png:
+            assert png.format == "PNG" and png.width >= 400 and png.height >= 300
+        assert (report / name).stat().st_size > 5_000
+        assert f'src="{name}"' in page
+    assert best["trial"] in page
+    confusion = json.loads((run / "confusion_matrix.json").read_text())
+    assert sum(map(sum, confusion["matrix"])) == len(index.val)
+
+
+def test_report_is_rebuilt_from_stored_results(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run).mkdir()
+    trials = [
+        {"trial": "a_00000", "lr": 0.01, "freeze_depth": 2, "epochs": 3, "metric": 0.9, "best_metric": 0.9,
+         "stopped_early": False, "status": "done", "history": [{"epoch": e, "val_accuracy": 0.3 * e} for e in (1, 2, 3)]},
+        {"trial": "a_00001", "lr": 0.1, "freeze_depth": "all", "epochs": 1, "metric": 0.2, "best_metric": 0.2,
+         "stopped_early": True, "status": "done", "history": [{"epoch": 1, "val_accuracy": 0.2}]},
+    ]
+    (run / "tune_results.json").write_text(json.dumps({"metric": "val_accuracy", "mode": "max", "epochs": 3, "trials": trials}))
+    (run / "confusion_matrix.json").write_text(json.dumps({"classes": ["x", "y"], "matrix": [[3, 1], [0, 4]], "trial": "a_00000"}))
+    assert main(["report", str(run)]) == 0
+    assert "report:" in capsys.readouterr().out
+    assert {p.name for p in (run / "report").iterdir()} == {
+        "index.html", "learning_curves.png", "search_space.png", "confusion_matrix.png"
+    }
+    assert main(["report", str(tmp_path / "nothing-here")]) == 2
+    assert "tune_results.json" in capsys.readouterr().err
+
+
+def test_stopped_search_resumes_instead_of_starting_over(tmp_path):
+    spec_path = search_spec(tmp_path, scheduler="none", num_samples=4, freeze_depth=[1, 2])
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    trials_dir = run_dir(spec_path) / "trials"
+
+    first = subprocess.Popen([sys.executable, "-m", "tlray", "tune", str(spec_path)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not list(trials_dir.glob("*/epoch_0001")):
+        assert first.poll() is None, first.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "no trial checkpoint after 300 s"
+        time.sleep(0.5)
+    first.send_signal(signal.SIGINT)  # Ctrl-C
+    output, _ = first.communicate(timeout=180)
+    assert first.returncode != 0
+    assert not (run_dir(spec_path) / "metadata.json").exists()
+    started_trials = {p.name for p in trials_dir.iterdir()}
+
+    second = subprocess.run([sys.executable, "-m", "tlray", "tune", str(spec_path)], env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming the search" in second.stdout
+    results = json.loads((run_dir(spec_path) / "tune_results.json").read_text())
+    assert len(results["trials"]) == 4, "a resumed search runs the same 4 trials, not 4 more"
+    assert started_trials <= {p.name for p in trials_dir.iterdir()}
+    assert re.search(r"resuming after epoch \d+ of 3", second.stdout), "an interrupted trial resumes its training"
+
+
+@pytest.mark.parametrize(
+    "tune, expected",
+    [
+        ({"freeze_depth": [1, 9]}, "tune.freeze_depth[1]"),
+        ({"num_samples": 0}, "tune.num_samples"),
+        ({"lr": {"min": 0.1, "max": 0.01}}, "tune.lr"),
+        ({"lr": {"min": 0, "max": 0.01}}, "tune.lr.min"),
+        ({"metric": "f1_score"}, "tune.metric"),
+        ({"metric": "val_top5"}, "tune.metric: val_top5 is only reported with 5 or more classes"),
+    ],
+    ids=["depth-outside-block-map", "no-samples", "lr-reversed", "lr-not-positive", "unreported-metric", "top5-with-3-classes"],
+)
+def test_bad_search_input_is_exit_2_before_ray_starts(tmp_path, capsys, tune, expected):
+    import ray
+
+    assert main(["tune", str(search_spec(tmp_path, **tune))]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+    assert not ray.is_initialized() or "val_top5" in expected
+
+
+def test_tune_without_a_tune_section_is_exit_2(tmp_path, capsys):
+    data = write_image_folder(tmp_path / "images")
+    path = write_spec(tmp_path / "job.yaml", spec_dict(str(data), str(tmp_path / "out")))
+    assert main(["tune", str(path)]) == 2
+    assert "tune: the spec has no tune section" in capsys.readouterr().err
