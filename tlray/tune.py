@@ -29,8 +29,6 @@ RESULT_COLUMNS = ("trial", "lr", "freeze_depth", "epochs", "metric", "best_metri
 
 def check_searchable(spec: JobSpec, index: DatasetIndex) -> None:
     """What only the data can tell: the metric must be one the loop reports for this dataset."""
-    if spec.tune is None:
-        raise UserError("tune: the spec has no tune section; add one (see jobs/digits-tune.yaml) or use `tlray train`")
     if spec.tune.metric == "val_top5" and len(index.classes) < 5:
         raise UserError(f"tune.metric: val_top5 is only reported with 5 or more classes; this dataset has {len(index.classes)}")
 
@@ -87,23 +85,19 @@ def run_trial(config: dict, spec_json: dict, index_json: dict, weights: str | No
 # ---------------------------------------------------------------------------------------
 # The search space and its schedule
 # ---------------------------------------------------------------------------------------
-def searched_depths(spec: JobSpec) -> list[int | str] | None:
-    return spec.tune.freeze_depth
-
-
 def samples_per_depth(spec: JobSpec) -> int:
     """Freeze depths are a grid; `num_samples` is shared out over it (rounded up)."""
-    depths = searched_depths(spec)
+    depths = spec.tune.freeze_depth
     return math.ceil(spec.tune.num_samples / len(depths)) if depths else spec.tune.num_samples
 
 
 def trial_count(spec: JobSpec) -> int:
-    return samples_per_depth(spec) * len(searched_depths(spec) or [None])
+    return samples_per_depth(spec) * len(spec.tune.freeze_depth or [None])
 
 
 def search_space(spec: JobSpec) -> dict:
     lr = spec.tune.lr
-    depths = searched_depths(spec)
+    depths = spec.tune.freeze_depth
     return {
         "lr": ray.tune.loguniform(lr.min, lr.max) if lr else spec.train.lr,
         "freeze_depth": ray.tune.grid_search(depths) if depths else spec.model.freeze_depth,
