@@ -10,7 +10,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 # outward address even for a local cluster). Multi-node clusters never run from this Makefile.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: install demo test reference clean
+.PHONY: install demo test reference manifests clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ test: install
 # Regenerate the spec reference that README.md embeds (a test keeps them in sync).
 reference: install
 	$(BIN)/tlray reference
+
+# Regenerate k8s/base and k8s/components from tlray/k8s.py and jobs/pets-s3.yaml (a test keeps them in sync).
+manifests: install
+	$(BIN)/python -m tlray.k8s jobs/pets-s3.yaml k8s
 
 clean:
 	rm -rf $(VENV) data outputs .pytest_cache

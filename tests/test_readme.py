@@ -40,3 +40,16 @@ def test_every_readme_command_runs():
                 assert "succeeded" in done.stdout + done.stderr
     finally:
         subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_cluster_commands_name_what_exists():
+    """The README's cluster-only commands (```console) cannot run here; what they name must exist and is
+    rendered and validated by tests/test_k8s.py."""
+    text = (ROOT / "README.md").read_text()
+    consoles = "\n".join(re.findall(r"```console\n(.*?)```", text, flags=re.S))
+    for path in re.findall(r"kubectl apply -k (\S+)", consoles):
+        assert (ROOT / path / "kustomization.yaml").is_file(), path
+    assert "kubectl apply -k k8s/overlays/gpu-prod" in consoles
+    for overlay in (ROOT / "k8s" / "overlays").iterdir():
+        assert f"kubectl kustomize k8s/overlays/{overlay.name}" in text, f"README previews {overlay.name}"
+        assert (overlay / "README.md").is_file()

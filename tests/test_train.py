@@ -17,7 +17,8 @@ import torch
 
 from tlray import models
 from tlray.cli import main
-from tlray.data import open_rgb
+from tlray.data import build_index, open_rgb
+from tlray.publish import run_uri
 from tlray.spec import load_spec
 
 from conftest import spec_dict, write_image_folder, write_spec
@@ -27,9 +28,9 @@ pytestmark = pytest.mark.slow
 TLRAY = [sys.executable, "-m", "tlray"]
 
 
-def run_dir(spec_path: Path) -> Path:
+def run_dir(spec_path: Path, command: str = "train") -> Path:
     spec = load_spec(spec_path)
-    return Path(spec.output.uri) / spec.name / "runs" / spec.run_id
+    return Path(run_uri(spec, build_index(spec.dataset), command))
 
 
 def test_two_worker_run_exports_a_model_plain_pytorch_loads(tmp_path, capsys):

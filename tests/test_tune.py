@@ -17,7 +17,8 @@ from PIL import Image
 
 from tlray import models
 from tlray.cli import main
-from tlray.data import open_rgb
+from tlray.data import build_index, open_rgb
+from tlray.publish import run_uri
 from tlray.spec import load_spec
 
 from conftest import spec_dict, write_image_folder, write_spec
@@ -49,7 +50,7 @@ def search_spec(tmp_path: Path, **tune) -> Path:
 
 def run_dir(spec_path: Path) -> Path:
     spec = load_spec(spec_path)
-    return Path(spec.output.uri) / spec.name / "runs" / spec.run_id_for("tune")
+    return Path(run_uri(spec, build_index(spec.dataset), "tune"))
 
 
 def test_four_trial_asha_search_finishes_on_two_cpus_and_publishes_the_best(tmp_path, capsys):
@@ -87,7 +88,6 @@ def test_four_trial_asha_search_finishes_on_two_cpus_and_publishes_the_best(tmp_
 
     # ... and its exported program reproduces the reported metric on the validation split
     spec = load_spec(spec_path)
-    from tlray.data import build_index
 
     index = build_index(spec.dataset)
     transform = models.preprocessing("resnet18", 32).eval_transform()

@@ -21,19 +21,19 @@ EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from tlray import models
-    from tlray.publish import run_uri
+    from tlray.publish import runs_uri
     from tlray.spec import load_spec
 
     spec = load_spec(args.spec, args.set)
     blocks = models.backbone_block_names(spec.model.arch)
     depth = spec.freeze_depth
-    print(f"{args.spec}: valid job spec '{spec.name}' (run id {spec.run_id})")
+    print(f"{args.spec}: valid job spec '{spec.name}'")
     print(f"  model: {spec.model.arch} ({models.family_of(spec.model.arch)}), weights {spec.model.weights}, mode {spec.model.mode}")
     print(f"  frozen blocks: {depth} of {len(blocks)}")
     for i, block in enumerate(blocks):
         print(f"    {i + 1:>3} {block:<24} {'frozen' if i < depth else 'trained'}")
     print(f"  workers: {spec.scaling.num_workers} x {'GPU' if spec.scaling.use_gpu else 'CPU'}")
-    print(f"  output: {run_uri(spec)}")
+    print(f"  output: {runs_uri(spec)}/{spec.name}-<hash of spec and data>")
     return EXIT_OK
 
 
@@ -85,8 +85,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     index = prepare(spec)  # 2-4. data, output, weights
     tune.check_searchable(spec, index)
     start_ray()  # 5. join the cluster (RAY_ADDRESS / inside a job) or start a local one
-    run = run_uri(spec, "tune")
-    print(f"[tlray] search {spec.run_id_for('tune')}: trials, results, report and best model under {run}")
+    run = run_uri(spec, index, "tune")
+    print(f"[tlray] search {run.rsplit('/', 1)[-1]}: trials, results, report and best model under {run}")
     grid = tune.search(spec, index, run)  # 6. one TorchTrainer per trial, ASHA stops weak ones
     tune.raise_if_no_trial_finished(grid)
     rows = tune.result_rows(grid, spec)
@@ -108,6 +108,32 @@ def cmd_tune(args: argparse.Namespace) -> int:
           f"{spec.tune.metric} {best['metric']:.4f}")
     print(f"[tlray] model published to {published.uri}/model")
     print(f"[tlray] report: {page}")
+    return EXIT_OK
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    import yaml
+
+    from tlray import k8s
+    from tlray.spec import load_spec
+
+    spec = load_spec(args.spec, args.set)  # the whole spec is checked before anything is printed
+    for warning in k8s.cluster_warnings(spec):
+        print(f"tlray: warning: {warning}", file=sys.stderr)
+    # The ConfigMap carries the spec as written plus any --set, with defaults left implicit.
+    spec_yaml = f"# rendered by tlray render from {args.spec}\n" + yaml.safe_dump(
+        spec.model_dump(mode="json", exclude_unset=True), sort_keys=False
+    )
+    objects = k8s.render(spec, spec_yaml, args.image, args.kind, args.namespace, args.schedule)
+    print(k8s.to_yaml(objects), end="")
+    return EXIT_OK
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from tlray import launch
+
+    api = launch.KubernetesApi(args.api_server) if args.api_server else launch.KubernetesApi.in_cluster()
+    launch.launch(api, args.namespace or launch.current_namespace(), args.template, keep=args.keep)
     return EXIT_OK
 
 
@@ -140,8 +166,8 @@ def train_and_publish(spec):
 
     index = prepare(spec)  # 2-4. data, output, weights
     start_ray()  # 5. join the cluster (RAY_ADDRESS / inside a job) or start a local one
-    run = run_uri(spec)
-    print(f"[tlray] run {spec.run_id}: checkpoints and model under {run}")
+    run = run_uri(spec, index)
+    print(f"[tlray] run {run.rsplit('/', 1)[-1]}: checkpoints and model under {run}")
     result = fit(spec, index, run)  # 6. fine-tune on Ray Train workers, data streamed by Ray Data
     state = load_checkpoint_state(result.checkpoint)
     return publish(spec, index, freeze_summary(spec, len(index.classes)), state, run)  # 7. export and describe
@@ -155,6 +181,8 @@ def start_ray() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tlray import k8s
+
     parser = argparse.ArgumentParser(
         prog="tlray",
         description="Fine-tune pretrained torchvision image classifiers on Ray Train, from one YAML job spec.",
@@ -190,6 +218,34 @@ def build_parser() -> argparse.ArgumentParser:
         "Search learning rate and freeze depth (the spec's tune section) with Ray Tune; "
         "publish the best trial's model and write a report.",
     )
+    render = add(
+        "render",
+        cmd_render,
+        "Print Kubernetes manifests for the spec (KubeRay RayJob by default), sized from its scaling section.",
+    )
+    render.add_argument("--image", required=True, help="container image with tlray installed (see Dockerfile)")
+    render.add_argument("--namespace", help="namespace of every object (default: none, i.e. kubectl's current one)")
+    render.add_argument(
+        "--kind",
+        choices=k8s.KINDS,
+        default="rayjob",
+        help="rayjob: one run; raycluster: a long-lived autoscaling cluster for `ray job submit`; "
+        "raycronjob: scheduled runs (KubeRay >= 1.6, feature gate RayCronJob); "
+        "cronjob: scheduled runs on any cluster (a CronJob running `tlray launch`)",
+    )
+    render.add_argument(
+        "--schedule", default=k8s.DEFAULT_SCHEDULE, help=f"cron schedule of raycronjob/cronjob (default: '{k8s.DEFAULT_SCHEDULE}')"
+    )
+    launch = add(
+        "launch",
+        cmd_launch,
+        "Create a RayJob from a suspended template RayJob (what the scheduled CronJob runs in its pod).",
+        with_spec=False,
+    )
+    launch.add_argument("template", metavar="TEMPLATE", help="name of the RayJob template (`<name>-template`)")
+    launch.add_argument("--namespace", help="default: the pod's own namespace")
+    launch.add_argument("--keep", type=int, default=5, help="finished runs kept; older ones are deleted (default 5)")
+    launch.add_argument("--api-server", help="API server URL (default: in-cluster, with the pod's ServiceAccount)")
     sub = add("report", cmd_report, "Rebuild a search's report (PNG plots + index.html) from its stored results.", with_spec=False)
     sub.add_argument("run_uri", metavar="RUN_URI", help="the search's run folder or s3:// URI, as `tlray tune` printed it")
     sub.add_argument("--endpoint-url", help="S3-compatible endpoint, when RUN_URI is in such a store")

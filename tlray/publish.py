@@ -33,9 +33,13 @@ class PublishedRun:
     metrics: dict
 
 
-def run_uri(spec: JobSpec, command: str = "train") -> str:
-    """`<output.uri>/<name>/runs/<run_id>`: the same spec and command always map to the same place."""
-    return storage.join(storage.absolute_uri(spec.output.uri), spec.name, "runs", spec.run_id_for(command))
+def run_uri(spec: JobSpec, index: DatasetIndex, command: str = "train") -> str:
+    """`<output.uri>/<name>/runs/<run_id>`: the same spec, data and command always map to the same place."""
+    return storage.join(runs_uri(spec), spec.run_id_for(command, index.fingerprint))
+
+
+def runs_uri(spec: JobSpec) -> str:
+    return storage.join(storage.absolute_uri(spec.output.uri), spec.name, "runs")
 
 
 def publish(

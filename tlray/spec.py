@@ -154,6 +154,9 @@ class TuneSpec(_Section):
     )
     scheduler: Literal["asha", "none"] = Field("asha", description="`asha` stops weak trials early; `none` runs all.")
     grace_period: int = Field(1, ge=1, description="Epochs every trial runs before ASHA may stop it.")
+    reduction_factor: int = Field(
+        3, ge=2, description="ASHA keeps the best 1/`reduction_factor` of the trials at each rung (epochs grace, grace x factor, ...)."
+    )
     metric: str = Field("val_accuracy", description=f"Metric to optimise: one of {', '.join(REPORTED_METRICS)}.")
     mode: Literal["max", "min"] = Field("max", description="Whether a higher (`max`) or lower (`min`) metric is better.")
     max_concurrent_trials: int | None = Field(
@@ -211,17 +214,19 @@ class JobSpec(_Section):
 
     @property
     def fingerprint(self) -> str:
-        """Short hash of the whole spec: same spec, same run id (so a re-run resumes)."""
+        """Short hash of the whole spec."""
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:8]
 
-    @property
-    def run_id(self) -> str:
-        return self.run_id_for("train")
+    def run_id_for(self, command: str, data_fingerprint: str) -> str:
+        """`<name>-<hash>` for `tlray train`, `<name>-search-<hash>` for `tlray tune`.
 
-    def run_id_for(self, command: str) -> str:
-        """`<name>-<hash>` for `tlray train`, `<name>-search-<hash>` for `tlray tune` of the same spec."""
-        return f"{self.name}-{self.fingerprint}" if command == "train" else f"{self.name}-search-{self.fingerprint}"
+        The hash covers the spec and the data: the same spec on the same images maps to the same
+        run (a re-run resumes, a finished one re-publishes), while new or changed images (the next
+        scheduled retraining) start a new run.
+        """
+        digest = hashlib.sha256(f"{self.fingerprint}:{data_fingerprint}".encode()).hexdigest()[:8]
+        return f"{self.name}-{digest}" if command == "train" else f"{self.name}-search-{digest}"
 
 
 # ---------------------------------------------------------------------------------------

@@ -113,7 +113,7 @@ def trial_spec(spec: JobSpec, config: dict) -> JobSpec:
 
 
 def scheduler_name(spec: JobSpec) -> str:
-    return f"ASHA, grace period {spec.tune.grace_period}" if spec.tune.scheduler == "asha" else "no early stopping"
+    return f"ASHA, grace period {spec.tune.grace_period}, keeps 1/{spec.tune.reduction_factor} per rung" if spec.tune.scheduler == "asha" else "no early stopping"
 
 
 def make_scheduler(spec: JobSpec):
@@ -123,7 +123,7 @@ def make_scheduler(spec: JobSpec):
         time_attr="training_iteration",  # one report per epoch
         max_t=spec.train.epochs,
         grace_period=spec.tune.grace_period,
-        reduction_factor=2,
+        reduction_factor=spec.tune.reduction_factor,
     )
 
 
