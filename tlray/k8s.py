@@ -121,10 +121,11 @@ def ray_cluster_spec(instance: str, image: str, sizing: Sizing, autoscaling: boo
         "minReplicas": 0 if autoscaling else sizing.worker_pods,
         "maxReplicas": sizing.worker_pods,
         "rayStartParams": {},
-        "template": pod_template(instance, "ray-worker", image, container("ray-worker", image, sizing.cpus,
-                                                                          sizing.memory_gib, sizing.gpus)),
+        "template": pod_template(
+            instance, "ray-worker", container("ray-worker", image, sizing.cpus, sizing.memory_gib, sizing.gpus), sizing.memory_gib
+        ),
     }
-    head = pod_template(instance, "ray-head", image, container("ray-head", image, 2, 8, ports=RAY_HEAD_PORTS))
+    head = pod_template(instance, "ray-head", container("ray-head", image, 2, 8, ports=RAY_HEAD_PORTS), 8)
     if autoscaling:
         # The autoscaler sidecar talks to the API server; KubeRay binds its Role to this ServiceAccount.
         head["spec"]["automountServiceAccountToken"] = True
@@ -184,7 +185,7 @@ def ray_job_spec(instance: str, image: str, sizing: Sizing, command: str) -> dic
 def submitter_template(instance: str, image: str) -> dict:
     submitter = container("ray-job-submitter", image, 0.5, 1)
     submitter["volumeMounts"].append({"name": "job-spec", "mountPath": f"{SPEC_DIR}/{SPEC_FILE}", "subPath": SPEC_FILE})
-    template = pod_template(instance, "submitter", image, submitter)
+    template = pod_template(instance, "submitter", submitter, 1)
     template["spec"]["restartPolicy"] = "Never"
     template["spec"]["volumes"].append({"name": "job-spec", "configMap": {"name": f"{instance}-spec"}})
     return template
@@ -249,8 +250,8 @@ def container(name: str, image: str, cpus: float, memory_gib: float, gpus: int =
     return out
 
 
-def pod_template(instance: str, component: str, image: str, main: dict) -> dict:
-    memory_gib = float(main["resources"]["limits"]["memory"].removesuffix("Gi"))
+def pod_template(instance: str, component: str, main: dict, memory_gib: float) -> dict:
+    """A pod of the Ray ServiceAccount around `main`, whose memory limit is `memory_gib`."""
     return {
         "metadata": {"labels": labels(instance, component)},
         "spec": {
