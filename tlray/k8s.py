@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import yaml
 
+from tlray import models, storage
 from tlray.spec import JobSpec
 
 RAY_VERSION = "2.60.0"
@@ -94,13 +95,13 @@ def to_yaml(objects: list[dict]) -> str:
 def cluster_warnings(spec: JobSpec) -> list[str]:
     """Paths that exist only on this machine: the pods cannot read or write them."""
     places = [("dataset.uri", spec.dataset.uri), ("output.uri", spec.output.uri)]
-    weights = spec.model.weights
-    if "/" in weights or weights.endswith((".pt", ".pth")):  # a checkpoint, not a torchvision weights name
+    weights = spec.model.builder_weights
+    if weights and models.torchvision_weights(spec.model.arch, weights) is None:  # a checkpoint, as build_model decides
         places.append(("model.weights", weights))
     return [
         f"{key}: '{uri}' is a local path; pods on the cluster read and write s3:// URIs"
         for key, uri in places
-        if not uri.startswith("s3://")
+        if not storage.is_s3(uri)
     ]
 
 
@@ -335,26 +336,20 @@ def launcher_rbac(name: str) -> list[dict]:
         "kind": "ServiceAccount",
         "metadata": {"name": f"{name}-launcher", "labels": labels(name)},
     }
-    rules = [{"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["get", "list", "create", "delete"]}]
-    return [account] + role_and_binding(f"{name}-launcher", f"{name}-launcher", name, rules)
-
-
-def role_and_binding(role: str, account: str, instance: str, rules: list[dict]) -> list[dict]:
-    return [
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "Role",
-            "metadata": {"name": role, "labels": labels(instance)},
-            "rules": rules,
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": {"name": role, "labels": labels(instance)},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role},
-            "subjects": [{"kind": "ServiceAccount", "name": account}],
-        },
-    ]
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": {"name": f"{name}-launcher", "labels": labels(name)},
+        "rules": [{"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["get", "list", "create", "delete"]}],
+    }
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": f"{name}-launcher", "labels": labels(name)},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": f"{name}-launcher"},
+        "subjects": [{"kind": "ServiceAccount", "name": f"{name}-launcher"}],
+    }
+    return [account, role, binding]
 
 
 def launcher_cron_job(name: str, image: str, schedule: str) -> dict:

@@ -200,7 +200,7 @@ def _replace_head(model: nn.Module, arch: str, num_classes: int) -> None:
     setattr(model.get_submodule(parent_path), name, nn.Linear(old.in_features, num_classes))
 
 
-def _torchvision_weights(arch: str, name: str):
+def torchvision_weights(arch: str, name: str):
     """The enum member for a weights name ("DEFAULT", "IMAGENET1K_V2", "ResNet18_Weights.DEFAULT"), else None."""
     enum = weights_enum(arch)
     prefix = enum.__name__ + "."
@@ -267,7 +267,7 @@ def build_model(arch: str, weights: str | None, num_classes: int) -> nn.Module:
         raise ModelError(f"model.num_classes: need a positive number of classes, got {num_classes!r}")
     if weights is None:
         model = torchvision.models.get_model(arch, weights=None)
-    elif (member := _torchvision_weights(arch, weights)) is not None:
+    elif (member := torchvision_weights(arch, weights)) is not None:
         model = torchvision.models.get_model(arch, weights=member)
     elif os.path.isfile(weights):
         model = torchvision.models.get_model(arch, weights=None)
