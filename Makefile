@@ -10,7 +10,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 # outward address even for a local cluster). Multi-node clusters never run from this Makefile.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: install demo test reference manifests clean
+.PHONY: install demo lint test bench reference manifests clean
 
 install: $(VENV)/.installed
 
@@ -24,8 +24,17 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/tlray demo jobs/digits.yaml --save-weights data/digits-resnet18.pt
 
-test: install
+# Lint and format check (ruff, configured in pyproject.toml); `make test` runs it first.
+lint: install
+	$(BIN)/ruff check tlray tests bench
+	$(BIN)/ruff format --check tlray tests bench
+
+test: install lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Benchmarks, never part of the suite: prints one table, writes bench/results.json (see bench/RESULTS.md).
+bench: install
+	$(BIN)/python bench/data_path.py
 
 # Regenerate the spec reference that README.md embeds (a test keeps them in sync).
 reference: install

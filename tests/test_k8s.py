@@ -9,7 +9,6 @@ import copy
 import os
 import shutil
 import subprocess
-import sys
 from functools import cache
 from pathlib import Path
 
@@ -26,9 +25,21 @@ from conftest import ROOT
 
 KUBERAY_CRDS = Path(os.environ.get("TLRAY_KUBERAY_CRDS", ROOT.parent / "shared" / "schemas" / "kuberay-v1.7.0"))
 KUBERNETES_VERSION = kubernetes_validate.latest_version()  # the newest the package knows
-CRD_FILES = {"RayJob": "ray.io_rayjobs.yaml", "RayCluster": "ray.io_rayclusters.yaml", "RayCronJob": "ray.io_raycronjobs.yaml"}
+CRD_FILES = {
+    "RayJob": "ray.io_rayjobs.yaml",
+    "RayCluster": "ray.io_rayclusters.yaml",
+    "RayCronJob": "ray.io_raycronjobs.yaml",
+}
 OVERLAYS = ("cpu-dev", "gpu-prod")
 MODES = (None, "raycluster", "raycronjob", "cronjob")  # None: the overlay as shipped (one RayJob)
+# k8s/components that fit the manifests to a cluster, each with the `tlray render` flags that do the same
+CLUSTER_COMPONENTS = {
+    "apiserver-8443": ("--api-server-port", "8443"),
+    "openshift-dns": ("--dns-port", "5353"),
+    "irsa": ("--irsa-role-arn", "arn:aws:iam::111122223333:role/tlray-s3-access"),
+    "priority-class": ("--priority-class", "tlray-training"),
+    "kueue": ("--queue", "tlray"),
+}
 SECRET_NAME_HINTS = ("SECRET", "PASSWORD", "TOKEN", "ACCESS_KEY", "CREDENTIAL")
 
 needs_kubectl = pytest.mark.skipif(
@@ -39,19 +50,23 @@ needs_kubectl = pytest.mark.skipif(
 # ---------------------------------------------------------------------------------------
 # What is checked
 # ---------------------------------------------------------------------------------------
-def kustomize(overlay: str, mode: str | None, workdir: Path) -> list[dict]:
-    """`kubectl kustomize` of an overlay, with the mode's component uncommented as its README says."""
+def kustomize(overlay: str, mode: str | None, workdir: Path, *components: str) -> list[dict]:
+    """`kubectl kustomize` of an overlay, with the mode's and the other components uncommented as it says."""
     root = ROOT
-    if mode:
+    components = tuple(c for c in (mode, *components) if c)
+    if components:
         for folder in ("k8s", "jobs"):
             shutil.copytree(ROOT / folder, workdir / folder)
         kustomization = workdir / "k8s" / "overlays" / overlay / "kustomization.yaml"
-        text = kustomization.read_text()
-        assert f"# - ../../components/{mode} " in text, "the overlay lists the component to uncomment"
-        text = text.replace("# components:", "components:").replace(f"# - ../../components/{mode} ", f"- ../../components/{mode} ")
+        text = kustomization.read_text().replace("# components:", "components:")
+        for component in components:
+            assert f"# - ../../components/{component} " in text, "the overlay lists the component to uncomment"
+            text = text.replace(f"# - ../../components/{component} ", f"- ../../components/{component} ")
         kustomization.write_text(text)
         root = workdir
-    done = subprocess.run(["kubectl", "kustomize", str(root / "k8s" / "overlays" / overlay)], capture_output=True, text=True)
+    done = subprocess.run(
+        ["kubectl", "kustomize", str(root / "k8s" / "overlays" / overlay)], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     return [o for o in yaml.safe_load_all(done.stdout) if o]
 
@@ -71,7 +86,11 @@ def crd_schema(kind: str) -> dict:
 def closed(schema: dict) -> dict:
     """The API server prunes fields its schema does not declare; here they are errors instead."""
     if isinstance(schema, dict):
-        if schema.get("type") == "object" and "properties" in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        if (
+            schema.get("type") == "object"
+            and "properties" in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
             schema.setdefault("additionalProperties", False)
         for value in schema.values():
             if isinstance(value, dict):
@@ -129,7 +148,9 @@ def check_pod(where: str, pod: dict) -> None:
                 assert "value" not in env, f"{name}: {env['name']} is a literal; use valueFrom.secretKeyRef"
     if any(c["name"].startswith("ray-") and c["name"] != "ray-job-submitter" for c in pod["containers"]):
         shm = [v for v in pod.get("volumes", []) if v.get("emptyDir", {}).get("medium") == "Memory"]
-        assert shm and any(m["mountPath"] == "/dev/shm" for m in pod["containers"][0]["volumeMounts"]), f"{where}: /dev/shm"
+        assert shm and any(m["mountPath"] == "/dev/shm" for m in pod["containers"][0]["volumeMounts"]), (
+            f"{where}: /dev/shm"
+        )
 
 
 def check_all(objects: list[dict]) -> None:
@@ -141,7 +162,9 @@ def check_all(objects: list[dict]) -> None:
         for where, pod in pod_templates(obj.get("spec", {})):
             check_pod(f"{obj['kind']} {obj['metadata']['name']}{where}", pod)
             # the nested templates against the core PodTemplate schema too
-            check_core({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": {"spec": pod}})
+            check_core(
+                {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": {"spec": pod}}
+            )
         assert obj["kind"] != "Secret", "no Secret objects (and so no literal keys) in the manifests"
 
 
@@ -166,7 +189,9 @@ def test_overlay_renders_and_validates(overlay, mode, tmp_path):
     check_all(objects)
     namespace = by_kind(objects, "Namespace")[0]
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
-    assert all(o["metadata"].get("namespace") == namespace["metadata"]["name"] for o in objects if o["kind"] != "Namespace")
+    assert all(
+        o["metadata"].get("namespace") == namespace["metadata"]["name"] for o in objects if o["kind"] != "Namespace"
+    )
     assert by_kind(objects, "NetworkPolicy") and by_kind(objects, "ServiceAccount")
 
     rayjobs = by_kind(objects, "RayJob")
@@ -174,7 +199,8 @@ def test_overlay_renders_and_validates(overlay, mode, tmp_path):
         (job,) = rayjobs
         spec = job["spec"]
         assert spec["submissionMode"] == "K8sJobMode" and spec["shutdownAfterJobFinishes"] is True
-        assert spec["ttlSecondsAfterFinished"] > 0 and spec["activeDeadlineSeconds"] > 0 and spec["backoffLimit"] >= 0
+        assert spec["ttlSecondsAfterFinished"] == k8s.CLUSTER_TTL_SECONDS and spec["backoffLimit"] >= 0
+        assert 0 < spec["preRunningDeadlineSeconds"] < spec["activeDeadlineSeconds"]
         assert spec["rayClusterSpec"]["authOptions"] == {"mode": "token"}
         assert spec["entrypoint"].startswith("tlray tune job.yaml")
         config_map = by_kind(objects, "ConfigMap")[0]
@@ -182,7 +208,8 @@ def test_overlay_renders_and_validates(overlay, mode, tmp_path):
         assert {"name": "job-spec", "configMap": {"name": config_map["metadata"]["name"]}} in volumes
         assert config_map["data"]["job.yaml"] == (ROOT / "jobs" / "pets-s3.yaml").read_text()
     elif mode == "cronjob":
-        (template,) = rayjobs
+        assert not rayjobs, "the template is a suspended RayCronJob, which Kueue does not manage"
+        (template,) = by_kind(objects, "RayCronJob")
         assert template["spec"]["suspend"] is True and template["metadata"]["name"] == "pets-template"
         (cron,) = by_kind(objects, "CronJob")
         assert cron["spec"]["concurrencyPolicy"] == "Forbid" and cron["spec"]["startingDeadlineSeconds"] > 0
@@ -190,10 +217,21 @@ def test_overlay_renders_and_validates(overlay, mode, tmp_path):
         pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
         assert pod["containers"][0]["command"] == ["tlray", "launch", "pets-template"]
         (role,) = by_kind(objects, "Role")
-        assert role["rules"] == [{"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["get", "list", "create", "delete"]}]
+        assert role["rules"] == [
+            {
+                "apiGroups": ["ray.io"],
+                "resources": ["raycronjobs"],
+                "resourceNames": ["pets-template"],
+                "verbs": ["get"],
+            },
+            {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["get", "list", "create", "delete"]},
+        ]
         (binding,) = by_kind(objects, "RoleBinding")
-        assert binding["subjects"][0] == {"kind": "ServiceAccount", "name": pod["serviceAccountName"],
-                                          "namespace": cron["metadata"]["namespace"]}
+        assert binding["subjects"][0] == {
+            "kind": "ServiceAccount",
+            "name": pod["serviceAccountName"],
+            "namespace": cron["metadata"]["namespace"],
+        }
     else:
         assert not rayjobs, "a mode replaces the one-off RayJob"
     if mode == "raycluster":
@@ -215,19 +253,175 @@ def test_overlay_renders_and_validates(overlay, mode, tmp_path):
                 assert "--set scaling.use_gpu=false" in entrypoint
 
 
-def test_network_policy_keeps_the_job_api_inside(tmp_path):
+def egress_ports(policy: dict) -> dict[str, set[tuple[str, int]]]:
+    """(protocol, port) pairs each egress rule opens, keyed by where to: "anywhere", "own pods" or CIDRs."""
+    out: dict[str, set[tuple[str, int]]] = {}
+    for rule in policy["spec"]["egress"]:
+        peers = rule.get("to") or []
+        if not peers:
+            where = "anywhere"
+        elif "podSelector" in peers[0]:
+            where = "own pods"
+        else:
+            where = ",".join(peer["ipBlock"]["cidr"] for peer in peers)
+        out.setdefault(where, set()).update((p["protocol"], p["port"]) for p in rule.get("ports", []))
+    return out
+
+
+def test_network_policy_keeps_the_job_api_inside():
     policy = k8s.network_policy("pets")
     own = {"podSelector": {"matchLabels": k8s.labels("pets")}}
-    assert policy["spec"]["podSelector"] == own["podSelector"] and set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    assert policy["spec"]["podSelector"] == own["podSelector"]
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    opened = {}
     for rule in policy["spec"]["ingress"]:
-        sources = rule["from"]
-        if sources == [own]:
+        if rule["from"] == [own]:
             continue  # Ray's ports among the job's own pods
-        # the only other way in: the KubeRay operator's pods, to the job API
-        assert sources[0]["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}
-        assert rule["ports"] == [{"protocol": "TCP", "port": 8265}]
-    egress_ports = [p["port"] for rule in policy["spec"]["egress"] for p in rule.get("ports", [])]
-    assert 53 in egress_ports and 443 in egress_ports
+        for port in rule["ports"]:
+            opened[port["port"]] = rule["from"]
+    # The job API only to the KubeRay operator, by the label both its Helm chart and its kustomize install set
+    # (app.kubernetes.io/name is "kuberay-operator" only for a default Helm install).
+    assert opened[8265] == [
+        {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/component": "kuberay-operator"}}}
+    ]
+    # Prometheus, from any namespace, to the metrics ports only
+    assert set(opened) == {8265, 8080, 44217, 44227} and opened[8080] == [{"namespaceSelector": {}}]
+
+
+def test_network_policy_egress_fits_real_clusters():
+    egress = egress_ports(k8s.network_policy("pets"))
+    anywhere = egress["anywhere"]
+    # DNS to any resolver: kube-dns/CoreDNS under any label, NodeLocal DNSCache's link-local address
+    assert {("UDP", 53), ("TCP", 53)} <= anywhere
+    # policies see the endpoint's port: 443 on EKS/GKE/AKS, 6443 on kind, kubeadm, k3s
+    assert {("TCP", 443), ("TCP", 6443)} <= anywhere
+    assert egress["169.254.170.23/32,fd00:ec2::23/128"] == {("TCP", 80)}  # EKS Pod Identity's agent
+    minikube_openshift = egress_ports(k8s.network_policy("pets", k8s.ClusterOptions((8443,), (5353,))))
+    assert {("TCP", 8443), ("UDP", 5353), ("TCP", 5353)} <= minikube_openshift["anywhere"]
+
+
+def test_pod_identity_by_default_irsa_by_choice():
+    assert "annotations" not in k8s.service_account("pets")["metadata"], "an IRSA annotation shadows Pod Identity"
+    irsa = k8s.service_account("pets", "arn:aws:iam::1:role/r")
+    assert irsa["metadata"]["annotations"] == {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/r"}
+
+
+@needs_kubectl
+@pytest.mark.parametrize("mode", [None, "cronjob"], ids=lambda m: m or "rayjob")
+@pytest.mark.parametrize("component", CLUSTER_COMPONENTS)
+def test_cluster_components_do_what_the_render_flags_do(component, mode, tmp_path, capsys):
+    """Each k8s/components/<choice> is one line in an overlay and makes the same change as its render flag."""
+    objects = kustomize("gpu-prod", mode, tmp_path, component)
+    check_all(objects)
+    flags = ("--kind", mode or "rayjob", *CLUSTER_COMPONENTS[component])
+    expected = rendered(capsys, ROOT / "jobs" / "pets-s3.yaml", *flags)
+    for kind in ("NetworkPolicy", "ServiceAccount"):
+        ours = [o for o in by_kind(objects, kind) if o["metadata"]["name"] == "pets-ray"]
+        assert ours[0].get("spec") == by_kind(expected, kind)[0].get("spec")
+        annotations = by_kind(expected, kind)[0]["metadata"].get("annotations")
+        assert ours[0]["metadata"].get("annotations") == annotations
+    for got, want in zip(scheduling(objects), scheduling(expected), strict=True):
+        assert got == want
+    if component == "priority-class":
+        assert {"tlray-training"} == {p for _, _, classes in scheduling(objects) for p in classes}
+    if component == "kueue":
+        assert {"tlray"} == {queue for _, queue, _ in scheduling(objects)}
+
+
+def scheduling(objects: list[dict]) -> list[tuple[str, str | None, set]]:
+    """(kind, Kueue queue, PriorityClasses of the Ray pods) of each Ray object."""
+    return [
+        (
+            o["kind"],
+            o["metadata"]["labels"].get(k8s.KUEUE_QUEUE_LABEL),
+            {p.get("priorityClassName") for p in k8s.pod_specs(o)},
+        )
+        for o in objects
+        if o["kind"] in CRD_FILES
+    ]
+
+
+def test_runs_release_their_gpus_and_give_up_when_unschedulable():
+    job = k8s.ray_job("pets", "img:1", k8s.Sizing(4, 9, 1, 48), "tlray tune job.yaml")["spec"]
+    # the whole cluster goes a minute after the run (the submitter Job, with the logs, stays with the RayJob)
+    assert job["shutdownAfterJobFinishes"] is True and job["ttlSecondsAfterFinished"] <= 60
+    # deletionRules need shutdownAfterJobFinishes: false, which KubeRay refuses on a suspended (Kueue) RayJob
+    assert "deletionStrategy" not in job
+    # workers that cannot all be placed fail the run in 30 minutes, not after the 24 h active deadline
+    assert job["preRunningDeadlineSeconds"] == 1800 and job["activeDeadlineSeconds"] == 86400
+    cron = k8s.ray_cron_job("pets", "img:1", k8s.Sizing(4, 9, 1, 48), "tlray tune job.yaml", "0 3 * * 1")
+    assert cron["spec"]["jobTemplate"] == job
+
+
+def test_ray_pods_are_protected_from_consolidation_and_can_be_prioritised(tmp_path, capsys):
+    objects = rendered(capsys, ROOT / "jobs" / "pets-s3.yaml", "--priority-class", "batch-high", "--queue", "gpu")
+    (job,) = by_kind(objects, "RayJob")
+    cluster = job["spec"]["rayClusterSpec"]
+    for template in (cluster["headGroupSpec"]["template"], cluster["workerGroupSpecs"][0]["template"]):
+        assert template["metadata"]["annotations"] == {
+            "cluster-autoscaler.kubernetes.io/safe-to-evict": "false",
+            "karpenter.sh/do-not-disrupt": "true",
+        }
+    assert {p.get("priorityClassName") for p in k8s.pod_specs(job)} == {"batch-high"}  # head, workers, submitter
+    assert job["metadata"]["labels"][k8s.KUEUE_QUEUE_LABEL] == "gpu"
+    cron = rendered(capsys, ROOT / "jobs" / "pets-s3.yaml", "--kind", "cronjob", "--priority-class", "batch-high")
+    (launcher,) = by_kind(cron, "CronJob")
+    assert "priorityClassName" not in launcher["spec"]["jobTemplate"]["spec"]["template"]["spec"]  # a 10 s pod
+
+
+def test_render_refuses_a_queue_a_raycronjob_cannot_pass_on(capsys):
+    pets = str(ROOT / "jobs" / "pets-s3.yaml")
+    assert main(["render", pets, "--image", "t:1", "--kind", "raycronjob", "--queue", "q"]) == 2
+    assert "cannot label the RayJobs it creates" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------
+# Names: every name derived from a job name fits KubeRay's and Kubernetes' limits
+# ---------------------------------------------------------------------------------------
+def named(tmp_path: Path, name: str) -> Path:
+    path = tmp_path / f"{name[:8]}.yaml"
+    path.write_text((ROOT / "jobs" / "pets-s3.yaml").read_text().replace("name: pets", f"name: {name}"))
+    return path
+
+
+def test_the_name_limit_leaves_room_for_every_derived_name(tmp_path, capsys):
+    from tlray import names
+
+    assert names.MAX_NAME_LENGTH == 41  # RayJob limit 47 = 53 (RayCluster) - 6, minus "-" + 5 of generateName
+    name = "a" * names.MAX_NAME_LENGTH
+    for kind in ("rayjob", "raycluster", "cronjob"):
+        for obj in rendered(capsys, named(tmp_path, name), "--kind", kind):
+            check_all([obj])
+            limit = {"RayJob": 47, "RayCluster": 53, "CronJob": 52}.get(obj["kind"], 253)
+            assert len(obj["metadata"]["name"]) <= limit, obj["metadata"]["name"]
+            assert len(obj["metadata"]["labels"]["app.kubernetes.io/instance"]) <= 63
+    from tlray.launch import run_from_template
+
+    (template,) = [o for o in rendered(capsys, named(tmp_path, name), "--kind", "cronjob") if o["kind"] == "RayCronJob"]
+    assert len(run_from_template(template)["metadata"]["generateName"]) + 5 == 47  # each scheduled run
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("a" * 42, "has 42 characters; at most 41"),
+        ("9lives", "not a DNS-1035 label"),  # RayJob names must start with a letter
+        ("pets-", "not a DNS-1035 label"),
+        ("Pets", "not a DNS-1035 label"),
+    ],
+)
+def test_the_spec_refuses_names_kuberay_would_refuse(name, problem, tmp_path, capsys):
+    assert main(["validate", str(named(tmp_path, name))]) == 2
+    assert problem in capsys.readouterr().err
+
+
+def test_raycronjob_refuses_a_name_over_kuberays_limit_naming_it(tmp_path, capsys):
+    assert main(["render", str(named(tmp_path, "a" * 37)), "--image", "t:1", "--kind", "raycronjob"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "KubeRay v1.7 refuses RayCronJob names over 36 (MaxRayCronJobNameLength)" in err
+    assert "'" + "a" * 37 + "' has 37 characters" in err and "--kind cronjob" in err
+    assert rendered(capsys, named(tmp_path, "a" * 36), "--kind", "raycronjob")
+    assert rendered(capsys, named(tmp_path, "a" * 41), "--kind", "cronjob")
 
 
 def test_generated_manifests_are_in_sync_with_tlray_k8s():
@@ -252,8 +446,12 @@ def test_crd_check_rejects_a_field_the_schema_lacks():
 # ---------------------------------------------------------------------------------------
 def cpu_spec(tmp_path: Path) -> Path:
     path = tmp_path / "cpu.yaml"
-    path.write_text((ROOT / "jobs" / "digits.yaml").read_text().replace("uri: data/digits", "uri: s3://bucket/digits")
-                    .replace("uri: outputs", "uri: s3://bucket/runs"))
+    path.write_text(
+        (ROOT / "jobs" / "digits.yaml")
+        .read_text()
+        .replace("uri: data/digits", "uri: s3://bucket/digits")
+        .replace("uri: outputs", "uri: s3://bucket/runs")
+    )
     return path
 
 
@@ -275,8 +473,14 @@ def test_render_cpu_only_spec(kind, tmp_path, capsys):
 
 def test_render_multi_gpu_tune_spec(capsys):
     objects = rendered(
-        capsys, ROOT / "jobs" / "pets-s3.yaml",
-        "--set", "scaling.num_workers=4", "--set", "scaling.gpus_per_worker=2", "--set", "tune.max_concurrent_trials=3",
+        capsys,
+        ROOT / "jobs" / "pets-s3.yaml",
+        "--set",
+        "scaling.num_workers=4",
+        "--set",
+        "scaling.gpus_per_worker=2",
+        "--set",
+        "tune.max_concurrent_trials=3",
     )
     check_all(objects)
     (job,) = by_kind(objects, "RayJob")
@@ -310,13 +514,22 @@ def test_render_warns_about_local_paths_and_refuses_a_bad_spec(tmp_path, capsys)
     assert out == "" and "train.epochs" in err
 
 
-# ---------------------------------------------------------------------------------------
-# The image
-# ---------------------------------------------------------------------------------------
-def test_dockerfile_lints_clean():
-    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
-    done = subprocess.run([hadolint, "--failure-threshold", "warning", str(ROOT / "Dockerfile")], capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout + done.stderr
-    text = (ROOT / "Dockerfile").read_text()
-    assert "FROM ${RAY_IMAGE}" in text and "rayproject/ray:2.60.0-py311-" in text
-    assert "\nUSER 1000:100\n" in text, "runs as the image's non-root ray user"
+@pytest.mark.parametrize("overlay", ["cpu-dev", "gpu-prod"])
+def test_scheduled_runs_retrain_only_when_the_data_changed(overlay, tmp_path, capsys):
+    pets = ROOT / "jobs" / "pets-s3.yaml"
+    entrypoints = {
+        kind: [
+            o["spec"].get("entrypoint") or o["spec"]["jobTemplate"]["entrypoint"]
+            for o in rendered(capsys, pets, "--kind", kind)
+            if o["kind"] in ("RayJob", "RayCronJob")
+        ]
+        for kind in ("rayjob", "raycronjob", "cronjob")
+    }
+    assert entrypoints == {
+        "rayjob": ["tlray tune job.yaml"],  # one run on demand: it always trains
+        "raycronjob": ["tlray tune job.yaml --if-data-changed"],
+        "cronjob": ["tlray tune job.yaml --if-data-changed"],  # the template that `tlray launch` copies
+    }
+    for mode in ("raycronjob", "cronjob"):
+        (scheduled,) = by_kind(kustomize(overlay, mode, tmp_path / mode), "RayCronJob")
+        assert scheduled["spec"]["jobTemplate"]["entrypoint"].startswith("tlray tune job.yaml --if-data-changed")

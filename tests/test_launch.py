@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
@@ -14,6 +15,7 @@ from tlray.cli import main
 
 NAMESPACE = "ml"
 RAYJOBS = f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayjobs"
+RAYCRONJOBS = f"/apis/ray.io/v1/namespaces/{NAMESPACE}/raycronjobs"
 
 
 class FakeApi(ThreadingHTTPServer):
@@ -22,8 +24,10 @@ class FakeApi(ThreadingHTTPServer):
     def __init__(self):
         super().__init__(("127.0.0.1", 0), Handler)
         self.rayjobs: dict[str, dict] = {}
+        self.raycronjobs: dict[str, dict] = {}
         self.requests: list[tuple[str, str, dict | None]] = []
         self.created = 0
+        self.stall_reads = False  # answer the headers, then not the body: a read timeout
 
     @property
     def url(self) -> str:
@@ -42,6 +46,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
+        if self.server.stall_reads:
+            time.sleep(2)
         self.wfile.write(data)
 
     def do_GET(self):
@@ -55,23 +61,30 @@ class Handler(BaseHTTPRequestHandler):
         name = url.path.rsplit("/", 1)[-1]
         if url.path.startswith(RAYJOBS + "/") and name in self.server.rayjobs:
             return self.reply(200, self.server.rayjobs[name])
-        self.reply(404, {"kind": "Status", "message": f'rayjobs.ray.io "{name}" not found'})
+        if url.path.startswith(RAYCRONJOBS + "/") and name in self.server.raycronjobs:
+            return self.reply(200, self.server.raycronjobs[name])
+        self.reply(404, {"kind": "Status", "message": f'{url.path.split("/")[-2]}.ray.io "{name}" not found'})
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.requests.append(("POST", self.path, body))
+        self.server.requests.append(("POST", self.path, json.loads(json.dumps(body))))  # as sent
         metadata = body["metadata"]
         if "resourceVersion" in metadata or "uid" in metadata:
             return self.reply(422, {"message": "resourceVersion should not be set on objects to be created"})
         self.server.created += 1
         metadata["name"] = metadata.pop("generateName") + f"x{self.server.created:04d}"
-        metadata.update(uid=f"uid-{self.server.created}", resourceVersion="1", creationTimestamp=f"2026-11-2{self.server.created}T03:00:00Z")
+        metadata.update(
+            uid=f"uid-{self.server.created}",
+            resourceVersion="1",
+            creationTimestamp=f"2026-11-2{self.server.created}T03:00:00Z",
+        )
         self.server.rayjobs[metadata["name"]] = body
         self.reply(201, body)
 
     def do_DELETE(self):
         self.server.requests.append(("DELETE", self.path, None))
-        self.server.rayjobs.pop(self.path.rsplit("/", 1)[-1])
+        if self.server.rayjobs.pop(self.path.rsplit("/", 1)[-1], None) is None:
+            return self.reply(404, {"kind": "Status", "message": "not found"})
         self.reply(200, {"kind": "Status", "status": "Success"})
 
 
@@ -80,12 +93,21 @@ def api():
     server = FakeApi()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    job = k8s.ray_job("pets-template", "tlray:1", k8s.Sizing(2, 5, 1, 32), "tlray tune job.yaml", instance="pets")
-    job["spec"]["suspend"] = True
-    job["metadata"].update(uid="u-template", resourceVersion="77", creationTimestamp="2026-01-01T00:00:00Z",
-                           managedFields=[{"manager": "kubectl"}],
-                           annotations={"kubectl.kubernetes.io/last-applied-configuration": "{}"})
-    server.rayjobs["pets-template"] = job
+    template = k8s.ray_cron_job(
+        "pets-template", "tlray:1", k8s.Sizing(2, 5, 1, 32), "tlray tune job.yaml", "0 3 * * 1", instance="pets"
+    )
+    template["spec"]["suspend"] = True
+    template["metadata"].update(
+        uid="u-template",
+        resourceVersion="77",
+        creationTimestamp="2026-01-01T00:00:00Z",
+        generation=3,
+        managedFields=[{"manager": "kubectl"}],
+        finalizers=["example.com/keep"],
+        ownerReferences=[{"apiVersion": "v1", "kind": "ConfigMap", "name": "x", "uid": "u-x"}],
+        annotations={"kubectl.kubernetes.io/last-applied-configuration": "{}"},
+    )
+    server.raycronjobs["pets-template"] = template
     yield server
     server.shutdown()
 
@@ -96,17 +118,26 @@ def launch_cli(api: FakeApi, *extra: str) -> int:
 
 def test_launch_copies_the_suspended_template_into_a_new_rayjob(api, capsys):
     assert launch_cli(api) == 0
-    (created,) = [j for n, j in api.rayjobs.items() if n != "pets-template"]
-    template = api.rayjobs["pets-template"]
-    assert created["metadata"]["name"].startswith("pets-")
+    (created,) = api.rayjobs.values()
+    template = api.raycronjobs["pets-template"]
+    assert created["kind"] == "RayJob" and created["metadata"]["name"].startswith("pets-")
     assert created["metadata"]["labels"][k8s.TEMPLATE_LABEL] == "pets-template"
     assert created["metadata"]["labels"]["app.kubernetes.io/instance"] == "pets"
-    assert "annotations" not in created["metadata"] and "managedFields" not in created["metadata"]
-    assert created["spec"]["suspend"] is False
-    assert {k: v for k, v in created["spec"].items() if k != "suspend"} == {
-        k: v for k, v in template["spec"].items() if k != "suspend"
-    }
+    assert created["spec"] == template["spec"]["jobTemplate"] and "suspend" not in created["spec"]
     assert "created RayJob ml/pets-x0001 from pets-template" in capsys.readouterr().out
+
+
+def test_launch_copies_no_finalizers_owners_or_server_fields(api):
+    assert launch_cli(api) == 0
+    (_, _, body), *_ = [r for r in api.requests if r[0] == "POST"]
+    assert set(body["metadata"]) == {"generateName", "labels"}, "no finalizers, ownerReferences, uid, annotations..."
+
+
+def test_launch_passes_the_kueue_queue_on_to_each_run(api):
+    api.raycronjobs["pets-template"]["metadata"]["labels"][k8s.KUEUE_QUEUE_LABEL] = "gpu"
+    assert launch_cli(api) == 0
+    (created,) = api.rayjobs.values()
+    assert created["metadata"]["labels"][k8s.KUEUE_QUEUE_LABEL] == "gpu"
 
 
 def test_launch_skips_while_the_last_run_is_still_going(api, capsys):
@@ -114,7 +145,7 @@ def test_launch_skips_while_the_last_run_is_still_going(api, capsys):
     api.rayjobs["pets-x0001"]["status"] = {"jobDeploymentStatus": "Running"}
     assert launch_cli(api) == 0
     assert "pets-x0001 from pets-template still running; skipping" in capsys.readouterr().out
-    assert sorted(api.rayjobs) == ["pets-template", "pets-x0001"]
+    assert sorted(api.rayjobs) == ["pets-x0001"]
     api.rayjobs["pets-x0001"]["status"] = {"jobDeploymentStatus": "Complete"}
     assert launch_cli(api) == 0
     assert "pets-x0002" in api.rayjobs
@@ -124,19 +155,59 @@ def test_launch_prunes_finished_runs_beyond_keep(api):
     for _ in range(4):
         assert launch_cli(api, "--keep", "2") == 0
         for job in api.rayjobs.values():
-            if job["metadata"]["name"] != "pets-template":
-                job["status"] = {"jobDeploymentStatus": "Failed"}
-    runs = sorted(n for n in api.rayjobs if n != "pets-template")
+            job["status"] = {"jobDeploymentStatus": "Failed"}
+    runs = sorted(api.rayjobs)
     assert runs == ["pets-x0003", "pets-x0004"], "the newest two are kept"
     deletes = [path for method, path, _ in api.requests if method == "DELETE"]
     assert deletes == [f"{RAYJOBS}/pets-x0001", f"{RAYJOBS}/pets-x0002"]
 
 
+def test_a_suspended_run_does_not_block_the_schedule(api, capsys):
+    assert launch_cli(api) == 0
+    api.rayjobs["pets-x0001"]["status"] = {"jobDeploymentStatus": "Suspended"}  # queued by Kueue, or paused
+    assert launch_cli(api) == 0
+    assert sorted(api.rayjobs) == ["pets-x0002"], "the new run replaces the suspended one"
+    assert "deleted suspended RayJob pets-x0001: pets-x0002 replaces it" in capsys.readouterr().out
+    api.rayjobs["pets-x0002"]["status"] = {"jobDeploymentStatus": "Initializing"}  # still going: wait
+    assert launch_cli(api) == 0 and sorted(api.rayjobs) == ["pets-x0002"]
+
+
 def test_launch_errors_name_the_problem(api, capsys):
     assert main(["launch", "nope", "--namespace", NAMESPACE, "--api-server", api.url]) == 2
-    assert 'Kubernetes API: GET /apis/ray.io/v1/namespaces/ml/rayjobs/nope: 404 rayjobs.ray.io "nope" not found' in capsys.readouterr().err
+    assert (
+        'GET /apis/ray.io/v1/namespaces/ml/raycronjobs/nope: 404 raycronjobs.ray.io "nope" not found'
+        in capsys.readouterr().err
+    )
     assert main(["launch", "pets-template"]) == 2  # not in a pod, no --api-server
     assert "tlray launch runs inside a pod" in capsys.readouterr().err
+
+
+def test_a_read_timeout_is_a_clear_error(api, capsys):
+    api.stall_reads = True  # headers arrive, the body does not: urlopen returns, read() times out
+    slow = launch.KubernetesApi(api.url, timeout=0.5)
+    with pytest.raises(
+        launch.UserError, match=r"GET /apis/ray.io/v1/namespaces/ml/raycronjobs/pets-template: no complete answer"
+    ):
+        launch.launch(slow, NAMESPACE, "pets-template")
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        ("10.96.0.1", "https://10.96.0.1:443"),
+        ("fd00:10:96::1", "https://[fd00:10:96::1]:443"),
+        ("[fd00::1]", "https://[fd00::1]:443"),
+    ],
+)
+def test_the_in_cluster_api_server_url_handles_ipv6(host, url, tmp_path, monkeypatch):
+    assert launch.api_server_url(host, "443") == url
+    (tmp_path / "token").write_text("t0ken\n")
+    monkeypatch.setattr(launch, "SERVICE_ACCOUNT", tmp_path)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", host)
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    monkeypatch.setattr(launch.ssl, "create_default_context", lambda cafile=None: None)  # no CA file here
+    api = launch.KubernetesApi.in_cluster()
+    assert api.server == url and api.token == "t0ken"
 
 
 def test_the_rendered_cronjob_launches_its_own_template(capsys):
@@ -145,7 +216,7 @@ def test_the_rendered_cronjob_launches_its_own_template(capsys):
     from conftest import ROOT
 
     objects = k8s.render(load_spec(ROOT / "jobs" / "pets-s3.yaml"), "x: 1\n", "tlray:1", "cronjob")
-    (template,) = [o for o in objects if o["kind"] == "RayJob"]
+    (template,) = [o for o in objects if o["kind"] == "RayCronJob"]
     (cron,) = [o for o in objects if o["kind"] == "CronJob"]
     command = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"]
     assert command == ["tlray", "launch", template["metadata"]["name"]] and template["spec"]["suspend"] is True

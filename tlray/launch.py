@@ -1,16 +1,18 @@
-"""`tlray launch TEMPLATE`: start one scheduled run by copying a suspended RayJob.
+"""`tlray launch TEMPLATE`: start one scheduled run by copying a suspended RayCronJob's jobTemplate.
 
-The scheduled-retraining fallback for clusters without KubeRay's RayCronJob: a plain
-`batch/v1` CronJob runs this command in the tlray image. It copies the RayJob named
-TEMPLATE (kept `suspend: true`, so KubeRay creates nothing for it) into a new RayJob with a
-generated name, unless a run made from the same template is still going (a CronJob's
-`concurrencyPolicy: Forbid` only covers this short pod, not the RayJob it creates). It then
-deletes the oldest finished runs beyond `keep`. Only the standard library: the Kubernetes API
-over HTTPS with the pod's ServiceAccount token.
+The scheduled-retraining fallback for clusters where KubeRay's RayCronJob is off (or too loose): a
+plain `batch/v1` CronJob runs this command in the tlray image. It copies the jobTemplate of the
+RayCronJob named TEMPLATE (kept `suspend: true`, so KubeRay creates nothing for it, and a kind Kueue
+does not manage) into a new RayJob with a generated name, unless a run made from the same template
+is still going (a CronJob's `concurrencyPolicy: Forbid` only covers this short pod, not the RayJob it
+creates). A run left suspended (Kueue still queueing it, or paused by hand) does not block: the new
+run replaces it. It then deletes the oldest finished runs beyond `keep`. Only the standard library:
+the Kubernetes API over HTTPS with the pod's ServiceAccount token, in a pod of 0.5 GiB.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import ssl
@@ -20,28 +22,40 @@ import urllib.request
 from pathlib import Path
 
 from tlray.errors import UserError
-from tlray.k8s import FINISHED_STATES, TEMPLATE_LABEL
+from tlray.k8s import FINISHED_STATES, SUSPENDED_STATES, TEMPLATE_LABEL
 
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-# Set by the API server on objects it stores; a new object must not carry them.
-SERVER_FIELDS = ("uid", "resourceVersion", "creationTimestamp", "generation", "managedFields", "selfLink", "deletionTimestamp")
+TIMEOUT_SECONDS = 30
+
+
+def api_server_url(host: str, port: str) -> str:
+    """https://HOST:PORT, with an IPv6 address in brackets (KUBERNETES_SERVICE_HOST is a bare address)."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"https://{host}:{port}"
 
 
 class KubernetesApi:
     """The few calls `launch` makes, against `server` (in a pod: the API server, with the pod's token)."""
 
-    def __init__(self, server: str, token: str | None = None, ca_file: str | None = None):
+    def __init__(
+        self, server: str, token: str | None = None, ca_file: str | None = None, timeout: float = TIMEOUT_SECONDS
+    ):
         self.server = server.rstrip("/")
         self.token = token
+        self.timeout = timeout
         self.context = ssl.create_default_context(cafile=ca_file) if server.startswith("https") else None
 
     @classmethod
     def in_cluster(cls) -> KubernetesApi:
         host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT", "443")
         if not host or not (SERVICE_ACCOUNT / "token").exists():
-            raise UserError("tlray launch runs inside a pod (no KUBERNETES_SERVICE_HOST or ServiceAccount token here); "
-                            "pass --api-server to use another API server")
-        return cls(f"https://{host}:{port}", (SERVICE_ACCOUNT / "token").read_text().strip(), str(SERVICE_ACCOUNT / "ca.crt"))
+            raise UserError(
+                "tlray launch runs inside a pod (no KUBERNETES_SERVICE_HOST or ServiceAccount token here); "
+                "pass --api-server to use another API server"
+            )
+        token = (SERVICE_ACCOUNT / "token").read_text().strip()
+        return cls(api_server_url(host, port), token, str(SERVICE_ACCOUNT / "ca.crt"))
 
     def call(self, method: str, path: str, body: dict | None = None, query: dict | None = None) -> dict:
         url = self.server + path + (f"?{urllib.parse.urlencode(query)}" if query else "")
@@ -52,61 +66,102 @@ class KubernetesApi:
         if self.token:
             request.add_header("Authorization", f"Bearer {self.token}")
         try:
-            with urllib.request.urlopen(request, context=self.context, timeout=30) as response:
+            with urllib.request.urlopen(request, context=self.context, timeout=self.timeout) as response:
                 return json.loads(response.read() or b"{}")
         except urllib.error.HTTPError as exc:
-            detail = exc.read().decode(errors="replace")
-            try:
-                detail = json.loads(detail).get("message", detail)
-            except ValueError:
-                pass
-            raise UserError(f"Kubernetes API: {method} {path}: {exc.code} {detail}") from None
+            raise KubernetesApiError(method, path, exc.code, _message(exc.read())) from None
         except urllib.error.URLError as exc:
             raise UserError(f"Kubernetes API at {self.server} unreachable: {exc.reason}") from None
+        # A timeout or a dropped connection while reading the answer is not wrapped in a URLError.
+        except (OSError, http.client.HTTPException) as exc:  # timeouts, resets, TLS errors, short reads
+            reason = str(exc) or type(exc).__name__
+            raise UserError(
+                f"Kubernetes API at {self.server}: {method} {path}: no complete answer ({reason})"
+            ) from None
+        except ValueError:
+            raise UserError(f"Kubernetes API at {self.server}: {method} {path}: the answer is not JSON") from None
+
+
+class KubernetesApiError(UserError):
+    def __init__(self, method: str, path: str, code: int, message: str):
+        self.code = code
+        super().__init__(f"Kubernetes API: {method} {path}: {code} {message}")
+
+
+def _message(body: bytes) -> str:
+    """The `message` of a Kubernetes Status answer, else the body as text."""
+    text = body.decode(errors="replace")
+    try:
+        return json.loads(text).get("message", text)
+    except (ValueError, AttributeError):
+        return text
 
 
 def launch(api: KubernetesApi, namespace: str, template: str, keep: int = 5) -> str | None:
-    """Create a RayJob from `template`; None when a run from it is still going."""
+    """Create a RayJob from the RayCronJob `template`; None when a run from it is still going."""
     rayjobs = f"/apis/ray.io/v1/namespaces/{namespace}/rayjobs"
-    source = api.call("GET", f"{rayjobs}/{template}")
+    source = api.call("GET", f"/apis/ray.io/v1/namespaces/{namespace}/raycronjobs/{template}")
     runs = api.call("GET", rayjobs, query={"labelSelector": f"{TEMPLATE_LABEL}={template}"}).get("items", [])
-    running = [r["metadata"]["name"] for r in runs if not finished(r)]
-    if running:
-        print(f"[tlray] {', '.join(running)} from {template} still running; skipping this run")
+    going = [r["metadata"]["name"] for r in runs if run_state(r) == "going"]
+    if going:
+        print(f"[tlray] {', '.join(going)} from {template} still running; skipping this run")
         return None
     created = api.call("POST", rayjobs, body=run_from_template(source))
     name = created["metadata"]["name"]
     print(f"[tlray] created RayJob {namespace}/{name} from {template}")
+    for old in (r["metadata"]["name"] for r in runs if run_state(r) == "suspended"):
+        delete(api, f"{rayjobs}/{old}")
+        print(f"[tlray] deleted suspended RayJob {old}: {name} replaces it")
     for old in stale_runs(runs, keep):
-        api.call("DELETE", f"{rayjobs}/{old}")
+        delete(api, f"{rayjobs}/{old}")
         print(f"[tlray] deleted finished RayJob {old} (keeping the last {keep})")
     return name
 
 
+def delete(api: KubernetesApi, path: str) -> None:
+    try:
+        api.call("DELETE", path)
+    except KubernetesApiError as exc:
+        if exc.code != 404:  # already gone (deleted by hand, or by a concurrent launch) is what we wanted
+            raise
+
+
 def run_from_template(template: dict) -> dict:
-    """The template's spec, unsuspended, under a generated name and labelled with its template."""
+    """A RayJob of the template's jobTemplate, under a generated name, labelled with its template.
+
+    Only the labels (and annotations that are not kubectl's) are carried over: a new object must not
+    inherit the template's finalizers, owner references or the fields the API server sets."""
     metadata = template["metadata"]
-    labels = {**metadata.get("labels", {}), TEMPLATE_LABEL: metadata["name"]}
-    clean = {k: v for k, v in metadata.items() if k not in (*SERVER_FIELDS, "name", "labels", "annotations", "ownerReferences")}
-    annotations = {k: v for k, v in metadata.get("annotations", {}).items() if not k.startswith("kubectl.kubernetes.io/")}
+    annotations = {
+        k: v for k, v in metadata.get("annotations", {}).items() if not k.startswith("kubectl.kubernetes.io/")
+    }
     job = {
         "apiVersion": template["apiVersion"],
-        "kind": template["kind"],
-        "metadata": {**clean, "generateName": f"{metadata['name'].removesuffix('-template')}-", "labels": labels},
-        "spec": {**template["spec"], "suspend": False},
+        "kind": "RayJob",
+        "metadata": {
+            "generateName": f"{metadata['name'].removesuffix('-template')}-",
+            "labels": {**metadata.get("labels", {}), TEMPLATE_LABEL: metadata["name"]},
+        },
+        "spec": template["spec"]["jobTemplate"],
     }
     if annotations:
         job["metadata"]["annotations"] = annotations
     return job
 
 
-def finished(rayjob: dict) -> bool:
-    return rayjob.get("status", {}).get("jobDeploymentStatus") in FINISHED_STATES
+def run_state(rayjob: dict) -> str:
+    """One of "finished", "suspended" or "going" (which includes a RayJob KubeRay has not looked at yet)."""
+    state = rayjob.get("status", {}).get("jobDeploymentStatus")
+    if state in FINISHED_STATES:
+        return "finished"
+    return "suspended" if state in SUSPENDED_STATES else "going"
 
 
 def stale_runs(runs: list[dict], keep: int) -> list[str]:
     """Finished runs beyond the newest `keep` (the one just created is not among `runs`)."""
-    done = sorted((r for r in runs if finished(r)), key=lambda r: r["metadata"].get("creationTimestamp", ""))
+    done = sorted(
+        (r for r in runs if run_state(r) == "finished"), key=lambda r: r["metadata"].get("creationTimestamp", "")
+    )
     return [r["metadata"]["name"] for r in done[: max(0, len(done) - (keep - 1))]]
 
 
