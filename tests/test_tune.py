@@ -67,7 +67,7 @@ def test_four_trial_asha_search_finishes_on_two_cpus_and_publishes_the_best(tmp_
     results = json.loads((run / "tune_results.json").read_text())
     trials = results["trials"]
     assert len(trials) == 4 and len(table) >= 5
-    assert [t["metric"] for t in trials] == sorted((t["metric"] for t in trials), reverse=True)
+    assert [t["best_metric"] for t in trials] == sorted((t["best_metric"] for t in trials), reverse=True)
     assert {str(t["freeze_depth"]) for t in trials} == {"1", "all"}
     for t in trials:
         assert 1 <= t["epochs"] <= 3
@@ -84,7 +84,8 @@ def test_four_trial_asha_search_finishes_on_two_cpus_and_publishes_the_best(tmp_
     assert metadata["hyperparameters"]["lr"] == pytest.approx(best["lr"])
     assert metadata["freeze_depth"] == (5 if best["freeze_depth"] == "all" else best["freeze_depth"])
     assert metadata["spec"]["train"]["lr"] == pytest.approx(best["lr"])
-    assert metadata["metrics"]["val_accuracy"] == pytest.approx(best["metric"])
+    # the trial's best epoch (train.select_metric: val_accuracy) is what is published
+    assert metadata["metrics"]["val_accuracy"] == pytest.approx(best["best_metric"])
 
     # ... and its exported program reproduces the reported metric on the validation split
     spec = load_spec(spec_path)
@@ -95,7 +96,7 @@ def test_four_trial_asha_search_finishes_on_two_cpus_and_publishes_the_best(tmp_
     labels = torch.tensor([label for _, label in index.val])
     program = torch.export.load(str(run / "model" / "model.pt2")).module()
     accuracy = (program(images).argmax(1) == labels).float().mean().item()
-    assert accuracy == pytest.approx(best["metric"], abs=1e-6)
+    assert accuracy == pytest.approx(best["best_metric"], abs=1e-6)
 
     # the report: real PNGs of a sensible size, referenced by index.html
     report = run / "report"
@@ -114,17 +115,42 @@ def test_report_is_rebuilt_from_stored_results(tmp_path, capsys):
     run = tmp_path / "run"
     (run).mkdir()
     trials = [
-        {"trial": "a_00000", "lr": 0.01, "freeze_depth": 2, "epochs": 3, "metric": 0.9, "best_metric": 0.9,
-         "stopped_early": False, "status": "done", "history": [{"epoch": e, "val_accuracy": 0.3 * e} for e in (1, 2, 3)]},
-        {"trial": "a_00001", "lr": 0.1, "freeze_depth": "all", "epochs": 1, "metric": 0.2, "best_metric": 0.2,
-         "stopped_early": True, "status": "done", "history": [{"epoch": 1, "val_accuracy": 0.2}]},
+        {
+            "trial": "a_00000",
+            "lr": 0.01,
+            "freeze_depth": 2,
+            "epochs": 3,
+            "metric": 0.9,
+            "best_metric": 0.9,
+            "stopped_early": False,
+            "status": "done",
+            "history": [{"epoch": e, "val_accuracy": 0.3 * e} for e in (1, 2, 3)],
+        },
+        {
+            "trial": "a_00001",
+            "lr": 0.1,
+            "freeze_depth": "all",
+            "epochs": 1,
+            "metric": 0.2,
+            "best_metric": 0.2,
+            "stopped_early": True,
+            "status": "done",
+            "history": [{"epoch": 1, "val_accuracy": 0.2}],
+        },
     ]
-    (run / "tune_results.json").write_text(json.dumps({"metric": "val_accuracy", "mode": "max", "epochs": 3, "trials": trials}))
-    (run / "confusion_matrix.json").write_text(json.dumps({"classes": ["x", "y"], "matrix": [[3, 1], [0, 4]], "trial": "a_00000"}))
+    (run / "tune_results.json").write_text(
+        json.dumps({"metric": "val_accuracy", "mode": "max", "epochs": 3, "trials": trials})
+    )
+    (run / "confusion_matrix.json").write_text(
+        json.dumps({"classes": ["x", "y"], "matrix": [[3, 1], [0, 4]], "trial": "a_00000"})
+    )
     assert main(["report", str(run)]) == 0
     assert "report:" in capsys.readouterr().out
     assert {p.name for p in (run / "report").iterdir()} == {
-        "index.html", "learning_curves.png", "search_space.png", "confusion_matrix.png"
+        "index.html",
+        "learning_curves.png",
+        "search_space.png",
+        "confusion_matrix.png",
     }
     assert main(["report", str(tmp_path / "nothing-here")]) == 2
     assert "tune_results.json" in capsys.readouterr().err
@@ -135,8 +161,13 @@ def test_stopped_search_resumes_instead_of_starting_over(tmp_path):
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     trials_dir = run_dir(spec_path) / "trials"
 
-    first = subprocess.Popen([sys.executable, "-m", "tlray", "tune", str(spec_path)], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "tlray", "tune", str(spec_path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 300
     while not list(trials_dir.glob("*/epoch_0001")):
         assert first.poll() is None, first.stdout.read()[-3000:]
@@ -148,8 +179,9 @@ def test_stopped_search_resumes_instead_of_starting_over(tmp_path):
     assert not (run_dir(spec_path) / "metadata.json").exists()
     started_trials = {p.name for p in trials_dir.iterdir()}
 
-    second = subprocess.run([sys.executable, "-m", "tlray", "tune", str(spec_path)], env=env,
-                            capture_output=True, text=True, timeout=900)
+    second = subprocess.run(
+        [sys.executable, "-m", "tlray", "tune", str(spec_path)], env=env, capture_output=True, text=True, timeout=900
+    )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resuming the search" in second.stdout
     results = json.loads((run_dir(spec_path) / "tune_results.json").read_text())
@@ -168,7 +200,14 @@ def test_stopped_search_resumes_instead_of_starting_over(tmp_path):
         ({"metric": "f1_score"}, "tune.metric"),
         ({"metric": "val_top5"}, "tune.metric: val_top5 is only reported with 5 or more classes"),
     ],
-    ids=["depth-outside-block-map", "no-samples", "lr-reversed", "lr-not-positive", "unreported-metric", "top5-with-3-classes"],
+    ids=[
+        "depth-outside-block-map",
+        "no-samples",
+        "lr-reversed",
+        "lr-not-positive",
+        "unreported-metric",
+        "top5-with-3-classes",
+    ],
 )
 def test_bad_search_input_is_exit_2_before_ray_starts(tmp_path, capsys, tune, expected):
     import ray

@@ -3,14 +3,20 @@
 Layout of a run (`<output.uri>/<name>/runs/<run_id>/`):
     model/model.pt2        torch.export program: `torch.export.load(p).module()(images)`, no tlray needed
     model/state_dict.pt    weights for `torchvision.models.get_model(arch, num_classes=…)`
-    metrics.json           per-epoch history
-    metadata.json          classes, arch, weights, freeze depth, preprocessing, metrics, spec, versions
-    train/                 Ray Train's checkpoints (resume state)
-metadata.json is written last: its presence means the run is complete.
+    metrics.json           per-epoch history, the last and the selected epoch
+    metadata.json          classes, arch, weights, freeze depth, preprocessing, selected epoch, spec, versions
+    MANIFEST.json          every file above with its size and sha256: written last
+    train/                 Ray Train's checkpoints (resume state; not in the manifest, Ray prunes it)
+
+A run folder without a MANIFEST.json is incomplete (killed mid-publish, or still training): nothing
+loads it and the champion pointer never names it. Loaders check each file against the manifest.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import platform
 import tempfile
 from dataclasses import dataclass
@@ -22,15 +28,74 @@ import torch
 import tlray
 from tlray import models, storage
 from tlray.data import DatasetIndex
+from tlray.errors import UserError
 from tlray.spec import JobSpec
 
 EXPORT_BATCH = 2  # example batch for torch.export; the batch dimension is exported as dynamic
+MANIFEST = "MANIFEST.json"
+FORMAT_VERSION = 1  # of metadata.json and MANIFEST.json; loaders refuse versions they do not know
+# Not part of the published artifact: Ray's resume state (pruned and rewritten by Ray) and the search
+# report (redrawn at any time by `tlray report`).
+UNSEALED_PREFIXES = ("train/", "search/", "trials/", "report/")
+LOWER_IS_BETTER = ("train_loss", "val_loss")
+
+
+class ManifestError(UserError):
+    """A run that is incomplete, altered, or from a tlray that wrote another format: exit 2."""
 
 
 @dataclass(frozen=True)
 class PublishedRun:
     uri: str
-    metrics: dict
+    metrics: dict  # the selected epoch's metrics: those of the exported model
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which epoch a run publishes, and why."""
+
+    epoch: int  # 1-based, as in metrics.json
+    metric: str  # a reported metric, or "last"
+    mode: str  # "max" | "min" | "last"
+    value: float | None
+
+    def reason(self, epochs_run: int) -> str:
+        if self.metric == "last":
+            return f"last epoch ({self.epoch} of {epochs_run}), train.select_metric is `last`"
+        return f"best {self.metric} ({self.mode}) {self.value:.4g} at epoch {self.epoch} of {epochs_run}"
+
+    def to_dict(self, epochs_run: int) -> dict:
+        return {
+            "epoch": self.epoch,
+            "metric": self.metric,
+            "mode": self.mode,
+            "value": self.value,
+            "reason": self.reason(epochs_run),
+        }
+
+
+def metric_mode(metric: str) -> str:
+    return "min" if metric in LOWER_IS_BETTER else "max"
+
+
+def select_epoch(history: list[dict], metric: str) -> Selection:
+    """The best epoch of `history` by `metric`; among equals the latest, as Ray's checkpoint manager keeps.
+
+    NaN (or a missing value) ranks below every number, as in Ray, so it is chosen only if every epoch has it.
+    """
+    if not history:
+        raise ValueError("select_epoch: no epochs in the history")
+    if metric == "last":
+        return Selection(history[-1]["epoch"], "last", "last", None)
+    sign = -1.0 if metric_mode(metric) == "min" else 1.0
+
+    def rank(entry: dict) -> tuple:
+        value = entry.get(metric)
+        usable = value is not None and not math.isnan(value)
+        return (usable, sign * value if usable else 0.0, entry["epoch"])
+
+    best = max(history, key=rank)
+    return Selection(best["epoch"], metric, metric_mode(metric), best.get(metric))
 
 
 def run_uri(spec: JobSpec, index: DatasetIndex, command: str = "train") -> str:
@@ -39,7 +104,12 @@ def run_uri(spec: JobSpec, index: DatasetIndex, command: str = "train") -> str:
 
 
 def runs_uri(spec: JobSpec) -> str:
-    return storage.join(storage.absolute_uri(spec.output.uri), spec.name, "runs")
+    return storage.join(job_uri(spec), "runs")
+
+
+def job_uri(spec: JobSpec) -> str:
+    """`<output.uri>/<name>`: the job's runs, its champion pointer and its decision history."""
+    return storage.join(storage.absolute_uri(spec.output.uri), spec.name)
 
 
 def publish(
@@ -49,15 +119,29 @@ def publish(
     state: dict,
     destination: str,
     hyperparameters: dict | None = None,
+    history: list[dict] | None = None,
+    seal: bool = True,
 ) -> PublishedRun:
-    """Export the trained weights in `state` (a training checkpoint) and describe the run."""
+    """Export the weights in `state` (the selected epoch's training checkpoint) and describe the run.
+
+    `history`: every epoch's metrics (the latest checkpoint's); default: the history in `state`.
+    With `seal`, MANIFEST.json is written last; otherwise the caller adds files and calls `write_manifest`.
+    A run that is already sealed is left as it is: re-running a finished job never rewrites a model that
+    `latest.json` may point at.
+    """
     endpoint = spec.dataset.endpoint_url
+    if is_sealed(destination, endpoint):
+        return published_run(destination, endpoint)
+    storage.delete_file(storage.join(destination, MANIFEST), endpoint)  # a stale one would vouch for new files
     model = models.build_model(spec.model.arch, None, len(index.classes))
     model.load_state_dict(state["model"])
     model.eval()
     preprocessing = models.preprocessing(spec.model.arch, spec.dataset.image_size)
-    history = state["history"]
-    final = history[-1]
+    history = history or state["history"]
+    selection = select_epoch(history, spec.train.select_metric)
+    selected, final = history[selection.epoch - 1], history[-1]
+    if state["epoch"] + 1 != selection.epoch:
+        raise AssertionError(f"publish: state is epoch {state['epoch'] + 1}, the selection is epoch {selection.epoch}")
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp, "model")
@@ -67,12 +151,12 @@ def publish(
         storage.upload_dir(model_dir, storage.join(destination, "model"), endpoint)
 
     bad_images = {"count": final.get("bad_images", 0), "examples": state.get("bad_image_examples", [])}
-    storage.write_json(
-        storage.join(destination, "metrics.json"), {"history": history, "final": final, "bad_images": bad_images}, endpoint
-    )
+    metrics = {"history": history, "final": final, "selected": selected, "bad_images": bad_images}
+    storage.write_json(storage.join(destination, "metrics.json"), metrics, endpoint)
     metadata = {
+        "format_version": FORMAT_VERSION,
         "run_id": destination.rstrip("/").rsplit("/", 1)[-1],
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": now(),
         "classes": index.classes,
         "arch": spec.model.arch,
         "weights": spec.model.weights,
@@ -82,7 +166,8 @@ def publish(
         "trainable_parameters": summary.trainable_params,
         "frozen_parameters": summary.frozen_params,
         "preprocessing": preprocessing.to_dict(),
-        "metrics": final,
+        "metrics": selected,
+        "selection": selection.to_dict(len(history)),
         "epochs_run": len(history),
         "dataset": {
             "uri": index.root,
@@ -97,9 +182,91 @@ def publish(
         "versions": versions(),
     }
     storage.write_json(storage.join(destination, "metadata.json"), metadata, endpoint)
-    return PublishedRun(destination, final)
+    if seal:
+        write_manifest(destination, endpoint)
+    return PublishedRun(destination, selected)
 
 
+def published_run(run: str, endpoint_url: str | None) -> PublishedRun:
+    metadata = storage.read_json(storage.join(run, "metadata.json"), endpoint_url)
+    return PublishedRun(run, metadata["metrics"])
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------------------
+# The manifest: what a complete run holds, byte for byte
+# ---------------------------------------------------------------------------------------
+def write_manifest(run: str, endpoint_url: str | None = None) -> dict:
+    """List every published file of `run` with its size and sha256 (of the stored bytes, so an upload
+    that went wrong shows), as MANIFEST.json, written last."""
+    files = {
+        path: {"size": size, "sha256": storage.sha256_of(storage.join(run, path), endpoint_url)}
+        for path, size in sorted(storage.list_tree(run, endpoint_url).items())
+        if path != MANIFEST and not path.startswith(UNSEALED_PREFIXES)
+    }
+    manifest = {"format_version": FORMAT_VERSION, "created_at": now(), "files": files}
+    storage.write_json(storage.join(run, MANIFEST), manifest, endpoint_url)
+    return manifest
+
+
+def read_manifest(run: str, endpoint_url: str | None = None) -> dict:
+    """The run's manifest, or ManifestError when it has none (an incomplete run) or one of another format."""
+    try:
+        manifest = json.loads(storage.read_bytes(storage.join(run, MANIFEST), endpoint_url))
+    except FileNotFoundError:
+        raise ManifestError(
+            f"{run} has no {MANIFEST}: the run is incomplete (still training, or stopped before it was published); "
+            "give a finished run, or its job's latest.json"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise ManifestError(f"{run}: cannot read {MANIFEST}: {exc}") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ManifestError(
+            f"{run}: {MANIFEST} has format version {manifest.get('format_version')!r}; this tlray "
+            f"({tlray.__version__}) reads version {FORMAT_VERSION}: use the tlray that wrote it"
+        )
+    return manifest
+
+
+def read_verified(run: str, path: str, manifest: dict, endpoint_url: str | None = None) -> bytes:
+    """One file of a sealed run, checked against the manifest before anyone uses it."""
+    entry = manifest["files"].get(path)
+    if entry is None:
+        raise ManifestError(f"{run}: {path} is not in its {MANIFEST}; the run is not one tlray published")
+    try:
+        data = storage.read_bytes(storage.join(run, path), endpoint_url)
+    except FileNotFoundError:
+        raise ManifestError(f"{run}: {path} is listed in {MANIFEST} but missing; the run was altered") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if len(data) != entry["size"] or digest != entry["sha256"]:
+        raise ManifestError(
+            f"{run}: {path} does not match its {MANIFEST} (sha256 {digest[:12]}…, expected {entry['sha256'][:12]}…); "
+            "the file was changed or damaged after publishing"
+        )
+    return data
+
+
+def is_sealed(run: str, endpoint_url: str | None = None) -> bool:
+    """A manifest is there and every file it lists has the size it says (sizes: cheap, no download)."""
+    try:
+        manifest = read_manifest(run, endpoint_url)
+    except ManifestError:
+        return False
+    sizes = storage.list_tree(run, endpoint_url)
+    return all(sizes.get(path) == entry["size"] for path, entry in manifest["files"].items())
+
+
+def manifest_digest(run: str, endpoint_url: str | None = None) -> str:
+    """sha256 of the MANIFEST.json bytes: names one exact published artifact (latest.json records it)."""
+    return hashlib.sha256(storage.read_bytes(storage.join(run, MANIFEST), endpoint_url)).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------
+# Export and checks
+# ---------------------------------------------------------------------------------------
 def freeze_summary(spec: JobSpec, num_classes: int) -> models.FreezeSummary:
     """What the spec freezes, counted on a freshly built model (for metadata.json)."""
     model = models.build_model(spec.model.arch, None, num_classes)
@@ -111,7 +278,18 @@ def check_output(spec: JobSpec) -> None:
     if storage.is_s3(spec.output.uri):
         from tlray import s3
 
-        s3.check_writable(spec.output.uri, spec.dataset.endpoint_url, key="output.uri", max_attempts=storage.s3_max_attempts())
+        s3.check_writable(
+            spec.output.uri, spec.dataset.endpoint_url, key="output.uri", max_attempts=storage.s3_max_attempts()
+        )
+
+
+def check_selectable(spec: JobSpec, index: DatasetIndex) -> None:
+    """Top-5 is only reported with 5 or more classes: a metric that never comes cannot pick an epoch."""
+    for key, metric in (("train.select_metric", spec.train.select_metric), ("publish.metric", spec.publish.metric)):
+        if metric == "val_top5" and len(index.classes) < 5:
+            raise UserError(
+                f"{key}: val_top5 is only reported with 5 or more classes; this dataset has {len(index.classes)}"
+            )
 
 
 def export_program(model: torch.nn.Module, crop_size: int, path: Path) -> None:

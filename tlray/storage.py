@@ -90,3 +90,83 @@ def read_json(uri: str, endpoint_url: str | None = None) -> object:
 def exists(uri: str, endpoint_url: str | None = None) -> bool:
     fs, path = filesystem(uri, endpoint_url)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def list_tree(uri: str, endpoint_url: str | None = None) -> dict[str, int]:
+    """Every file under a folder or prefix: {path relative to it: size}; empty when there is none."""
+    fs, path = filesystem(uri, endpoint_url)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return {}
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return {i.path[len(path) :].lstrip("/"): i.size for i in infos if i.type == pafs.FileType.File}
+
+
+def sha256_of(uri: str, endpoint_url: str | None = None) -> str:
+    """Streamed, so a large model never sits in memory twice."""
+    import hashlib
+
+    fs, path = filesystem(uri, endpoint_url)
+    digest = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while chunk := f.read(8 * 1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def delete_file(uri: str, endpoint_url: str | None = None) -> None:
+    fs, path = filesystem(uri, endpoint_url)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+# ---------------------------------------------------------------------------------------
+# Compare-and-swap on one small file (latest.json, history.jsonl): S3 conditional writes,
+# or on a local folder an exclusive lock around check-and-replace
+# ---------------------------------------------------------------------------------------
+def read_versioned(uri: str, endpoint_url: str | None = None) -> tuple[bytes, str] | None:
+    """(content, version) or None when absent; pass the version to `write_if` to replace exactly this content."""
+    if is_s3(uri):
+        from tlray import s3
+
+        return s3.read_versioned(uri, endpoint_url, key="output.uri", max_attempts=s3_max_attempts())
+    path = Path(absolute_uri(uri))
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    return data, _local_version(data)
+
+
+def write_if(uri: str, data: bytes, version: str | None, endpoint_url: str | None = None) -> str:
+    """Write only if the file is still at `version` (None: still absent); returns the new version.
+
+    Raises s3.WriteConflict when someone else wrote first, s3.ConditionalWritesUnsupported when an
+    S3-compatible store rejects the conditional headers.
+    """
+    if is_s3(uri):
+        from tlray import s3
+
+        return s3.write_if(uri, data, version, endpoint_url, key="output.uri", max_attempts=s3_max_attempts())
+    import fcntl
+
+    from tlray.s3 import WriteConflict
+
+    path = Path(absolute_uri(uri))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # flock serialises writers on this machine (threads and processes alike); os.replace makes each
+    # write atomic for readers, who never take the lock.
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        current = _local_version(path.read_bytes()) if path.exists() else None
+        if current != version:
+            raise WriteConflict(f"{uri} changed since it was read")
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+    return _local_version(data)
+
+
+def _local_version(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
