@@ -66,7 +66,12 @@ def pretrain_on_first_five_digits(workdir: Path) -> Path:
         return weights
     spec = {
         "name": "bench-pretrain",
-        "dataset": {"uri": str(images), "layout": "manifest", "manifest": str(workdir / "source.csv"), "image_size": 32},
+        "dataset": {
+            "uri": str(images),
+            "layout": "manifest",
+            "manifest": str(workdir / "source.csv"),
+            "image_size": 32,
+        },
         "model": {"arch": "resnet18", "weights": "none", "mode": "architecture"},
         "train": {"epochs": 4, "batch_size": 64, "lr": 0.003},
         "scaling": {"num_workers": 1, "cpus_per_worker": 1},
@@ -83,7 +88,12 @@ def pretrain_on_first_five_digits(workdir: Path) -> Path:
 def search_spec(workdir: Path, weights: Path, scheduler: str, args: argparse.Namespace) -> Path:
     spec = {
         "name": f"bench-{scheduler}",
-        "dataset": {"uri": str(workdir / "digits"), "layout": "manifest", "manifest": str(workdir / "target.csv"), "image_size": 32},
+        "dataset": {
+            "uri": str(workdir / "digits"),
+            "layout": "manifest",
+            "manifest": str(workdir / "target.csv"),
+            "image_size": 32,
+        },
         "model": {"arch": "resnet18", "weights": str(weights), "mode": "partial", "freeze_depth": 1},
         "train": {"epochs": args.epochs, "batch_size": 64, "optimizer": "adamw", "lr": 0.001, "scheduler": "cosine"},
         "scaling": {"num_workers": 1, "cpus_per_worker": 0.5},
@@ -127,8 +137,13 @@ def run_search(spec_path: Path) -> dict:
 
 def print_table(results: dict, args: argparse.Namespace) -> None:
     full, asha = results["none"], results["asha"]
-    print(f"\n{args.samples} trials x up to {args.epochs} epochs, ASHA grace 1, reduction factor {args.reduction_factor}\n")
-    print("| search | trials | stopped early | trial-epochs | wall time | best val_accuracy (final epoch) | best trial |")
+    print(
+        f"\n{args.samples} trials x up to {args.epochs} epochs, ASHA grace 1, "
+        f"reduction factor {args.reduction_factor}\n"
+    )
+    print(
+        "| search | trials | stopped early | trial-epochs | wall time | best val_accuracy (final epoch) | best trial |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, r in (("no scheduler", full), ("ASHA", asha)):
         print(
@@ -137,7 +152,9 @@ def print_table(results: dict, args: argparse.Namespace) -> None:
         )
     share = asha["trial_epochs"] / full["trial_epochs"]
     gap = full["best_final"] - asha["best_final"]
-    print(f"\nASHA trial-epochs: {share:.0%} of the full search (target <= 40%): {'met' if share <= 0.40 else 'NOT met'}")
+    print(
+        f"\nASHA trial-epochs: {share:.0%} of the full search (target <= 40%): {'met' if share <= 0.40 else 'NOT met'}"
+    )
     print(f"best metric gap: {gap * 100:+.2f} points (target within 1): {'met' if gap <= 0.01 else 'NOT met'}")
     print(f"wall time: ASHA {asha['wall_s'] / full['wall_s']:.0%} of the full search")
 

@@ -29,9 +29,7 @@ def write_image_folder(root: Path, classes: int = 3, per_class: int = 12, size: 
         folder.mkdir(parents=True, exist_ok=True)
         for n in range(per_class):
             base = COLOURS[k % len(COLOURS)]
-            pixels = bytes(
-                max(0, min(255, c + rng.randint(-40, 40))) for _ in range(size * size) for c in base
-            )
+            pixels = bytes(max(0, min(255, c + rng.randint(-40, 40))) for _ in range(size * size) for c in base)
             Image.frombytes("RGB", (size, size), pixels).save(folder / f"{n:03d}.png")
     return root
 

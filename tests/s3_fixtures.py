@@ -13,6 +13,7 @@ import logging
 import random
 import socket
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -166,10 +167,20 @@ def put_many(endpoint: str, bucket: str, prefix: str, n: int) -> list[str]:
 # A throttling reverse proxy
 # ---------------------------------------------------------------------------------------
 HOP_BY_HOP = {
-    "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
-    "te", "trailer", "trailers", "transfer-encoding", "upgrade", "expect",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+    "expect",
 }
 SLOW_DOWN = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+INTERNAL_ERROR = b"<Error><Code>InternalError</Code><Message>We encountered an internal error.</Message></Error>"
 ACCESS_DENIED = b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
 
 
@@ -179,40 +190,95 @@ class FlakyProxy:
     503 SlowDown) and forwards the others verbatim. The decisions come from a seeded
     random.Random, so a single-threaded client sees the same sequence every run.
 
-    Use as a context manager; `requests` and `failures` count what happened.
+    Use as a context manager; `requests` and `failures` count what happened, and `log` holds
+    every request as (method, path). Two scripted faults:
+    - `broken_paths`: requests whose path ends with one of these always get HTTP 500;
+    - `outage_after(n, unavailable_s, refused_s, scope)`: after n forwarded GETs, every request gets 503
+      SlowDown for `unavailable_s` seconds, then the proxy stops listening and drops open
+      connections for `refused_s` seconds (connections refused), then it serves again.
     With fail_ratio=1.0, status 403 and ACCESS_DENIED it is a stub store that denies everything.
     """
 
-    def __init__(self, upstream: str, fail_ratio: float = 0.1, seed: int = 0,
-                 fail_status: int = 503, fail_body: bytes = SLOW_DOWN):
+    def __init__(
+        self,
+        upstream: str,
+        fail_ratio: float = 0.1,
+        seed: int = 0,
+        fail_status: int = 503,
+        fail_body: bytes = SLOW_DOWN,
+        broken_paths: tuple[str, ...] = (),
+    ):
         host, _, port = upstream.removeprefix("http://").rstrip("/").partition(":")
         self.upstream = (host, int(port or 80))
         self.fail_ratio, self.fail_status, self.fail_body = fail_ratio, fail_status, fail_body
+        self.broken_paths = broken_paths
         self.requests = self.failures = 0
+        self.log: list[tuple[str, str]] = []
+        self.outage_started = self.outage_ended = None  # time.monotonic() stamps
+        self._outage: tuple[int, float, float] | None = None
+        self._outage_scope = "/"
+        self._gets_forwarded = 0
+        self._refusing = False
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._server.daemon_threads = True
-        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._server = self._listen(0)
+        self.port = self._server.server_address[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    def _listen(self, port: int) -> ThreadingHTTPServer:
+        server = ThreadingHTTPServer(("127.0.0.1", port), self._handler_class())
+        server.daemon_threads = True
+        return server
 
     def __str__(self) -> str:
         return self.endpoint
 
-    def __enter__(self) -> "FlakyProxy":
-        self._thread.start()
+    def __enter__(self) -> FlakyProxy:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._server.shutdown()
         self._server.server_close()
 
-    def _should_fail(self) -> bool:
+    def outage_after(self, gets: int, unavailable_s: float, refused_s: float, scope: str = "/") -> None:
+        """Counts only GETs whose path contains `scope` (e.g. "/images/": reads, not listings)."""
+        self._outage, self._outage_scope = (gets, unavailable_s, refused_s), scope
+
+    def _run_outage(self, unavailable_s: float, refused_s: float) -> None:
+        self.outage_started = time.monotonic()
+        time.sleep(unavailable_s)
+        with self._lock:
+            self._refusing = True
+        self._server.shutdown()
+        self._server.server_close()  # new connections are refused from here on
+        time.sleep(refused_s)
+        self._server = self._listen(self.port)
+        with self._lock:
+            self._refusing = False
+            self.outage_ended = time.monotonic()
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def _decide(self, method: str, path: str) -> str:
+        """ "forward", "fail" (with fail_status), "broken" (HTTP 500), "slowdown" (503) or "drop"."""
         with self._lock:
             self.requests += 1
-            fail = self._rng.random() < self.fail_ratio
-            self.failures += fail
-            return fail
+            self.log.append((method, path))
+            if self._refusing:
+                return "drop"
+            if self.outage_started is not None and self.outage_ended is None:
+                return "slowdown"
+            if any(path.split("?")[0].endswith(p) for p in self.broken_paths):
+                return "broken"
+            if self._rng.random() < self.fail_ratio:
+                self.failures += 1
+                return "fail"
+            if method == "GET" and self._outage is not None and self._outage_scope in path.split("?")[0]:
+                self._gets_forwarded += 1
+                if self._gets_forwarded == self._outage[0]:
+                    self.outage_started = time.monotonic()  # from this request on, until it ends
+                    threading.Thread(target=self._run_outage, args=self._outage[1:], daemon=True).start()
+            return "forward"
 
     def _handler_class(self):
         proxy = self
@@ -242,17 +308,27 @@ class FlakyProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 return self.rfile.read(length) if length else b""
 
+            def _answer(self, status: int, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
             def _handle(self) -> None:
                 body = self._read_body()
-                if proxy._should_fail():
-                    self.send_response(proxy.fail_status)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(proxy.fail_body)))
-                    self.end_headers()
-                    if self.command != "HEAD":
-                        self.wfile.write(proxy.fail_body)
-                    return
-                self._forward(body)
+                decision = proxy._decide(self.command, self.path)
+                if decision == "drop":
+                    self.close_connection = True  # no response at all: the client sees a dropped connection
+                elif decision == "fail":
+                    self._answer(proxy.fail_status, proxy.fail_body)
+                elif decision == "slowdown":
+                    self._answer(503, SLOW_DOWN)
+                elif decision == "broken":
+                    self._answer(500, INTERNAL_ERROR)
+                else:
+                    self._forward(body)
 
             def _forward(self, body: bytes) -> None:
                 upstream = http.client.HTTPConnection(*proxy.upstream, timeout=60)

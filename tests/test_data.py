@@ -114,8 +114,10 @@ def manifest_index(root: Path, name: str, body: str) -> DatasetIndex:
 
 def test_manifest_csv_and_jsonl_give_the_same_index(image_folder):
     rows = [(f"class_{k}/{n:03d}.png", f"c{k}", "val" if n < 3 else "train") for k in range(3) for n in range(12)]
-    csv_index = manifest_index(image_folder, "index.csv", "path,label,split\n" + "".join(f"{p},{l},{s}\n" for p, l, s in rows))
-    jsonl = "".join(f'{{"path": "{image_folder}/{p}", "label": "{l}", "split": "{s}"}}\n' for p, l, s in rows)
+    csv_index = manifest_index(
+        image_folder, "index.csv", "path,label,split\n" + "".join(f"{p},{label},{s}\n" for p, label, s in rows)
+    )
+    jsonl = "".join(f'{{"path": "{image_folder}/{p}", "label": "{label}", "split": "{s}"}}\n' for p, label, s in rows)
     jsonl_index = manifest_index(image_folder, "index.jsonl", jsonl)
     assert csv_index.classes == jsonl_index.classes == ["c0", "c1", "c2"]
     assert csv_index.train == jsonl_index.train and len(csv_index.val) == 9

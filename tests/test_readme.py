@@ -31,7 +31,12 @@ def test_every_readme_command_runs():
         for block in bash_blocks():
             script = "\n".join(line for line in block.splitlines() if line.strip() != RUNS_THIS_SUITE)
             done = subprocess.run(
-                ["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+                ["bash", "-euo", "pipefail", "-c", script],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=900,
             )
             assert done.returncode == 0, f"README block failed:\n{block}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
             if "make demo" in block:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-import conftest
-from s3_fixtures import ACCESS_DENIED, FlakyProxy, free_port, put_many, raw_client, upload_tree
 from tlray import s3
 from tlray.errors import UserError
 from tlray.s3 import S3Error, StoredObject
+
+import conftest
+from s3_fixtures import ACCESS_DENIED, FlakyProxy, free_port, put_many, raw_client, upload_tree
 
 if not hasattr(conftest, "s3_server"):  # until conftest.py does `from s3_fixtures import *`
     from s3_fixtures import flaky_s3, s3_bucket, s3_env, s3_server  # noqa: F401
@@ -31,7 +32,9 @@ def test_split_uri(uri, expected):
     assert s3.split_uri(uri) == expected
 
 
-@pytest.mark.parametrize("uri", ["bucket/a", "/data/x", "S3://bucket/a", "s3://", "s3:///a", "s3://b/a", "s3://my bucket/a"])
+@pytest.mark.parametrize(
+    "uri", ["bucket/a", "/data/x", "S3://bucket/a", "s3://", "s3:///a", "s3://b/a", "s3://my bucket/a"]
+)
 def test_split_uri_rejects_malformed_uris_under_the_given_key(uri):
     with pytest.raises(S3Error, match=r"^output\.uri: .*s3://bucket/prefix"):
         s3.split_uri(uri, key="output.uri")
@@ -101,13 +104,18 @@ def test_check_writable_passes_for_an_existing_bucket_and_writes_nothing(s3_env,
 # Errors: S3Error, message starting with the key, and a hint
 # ---------------------------------------------------------------------------------------
 def test_missing_bucket(s3_env):
-    expected = r"^dataset\.uri: bucket 'no-such-bucket' does not exist at http://127\.0\.0\.1:\d+; check the bucket name"
+    expected = (
+        r"^dataset\.uri: bucket 'no-such-bucket' does not exist at http://127\.0\.0\.1:\d+; check the bucket name"
+    )
     with pytest.raises(S3Error, match=expected):
         s3.list_files("s3://no-such-bucket/data", s3_env)
 
 
 def test_check_writable_on_a_missing_bucket(s3_env):
-    expected = r"^output\.uri: bucket 'no-such-bucket' does not exist.*create the bucket first \(tlray does not create buckets\)"
+    expected = (
+        r"^output\.uri: bucket 'no-such-bucket' does not exist.*create the bucket first "
+        r"\(tlray does not create buckets\)"
+    )
     with pytest.raises(S3Error, match=expected):
         s3.check_writable("s3://no-such-bucket/runs", s3_env)
 
@@ -146,7 +154,10 @@ def test_access_denied(s3_env):
     # whole process (INITIAL_NO_AUTH_ACTION_COUNT), which would break every other test: a
     # stub store that answers 403 AccessDenied to everything stands in for it.
     with FlakyProxy(s3_env, fail_ratio=1.0, fail_status=403, fail_body=ACCESS_DENIED) as denied:
-        expected = r"^dataset\.uri: access denied to s3://bucket/data at http://127\.0\.0\.1:\d+ \(AccessDenied\).*s3:ListBucket"
+        expected = (
+            r"^dataset\.uri: access denied to s3://bucket/data at http://127\.0\.0\.1:\d+ \(AccessDenied\)"
+            r".*s3:ListBucket"
+        )
         with pytest.raises(S3Error, match=expected):
             s3.list_files("s3://bucket/data", denied.endpoint)
         with pytest.raises(S3Error, match=r"^output\.uri: access denied .*\(403\)"):  # HEAD: no body
@@ -168,12 +179,16 @@ def test_unreachable_endpoint_names_it_and_the_spec_key(s3_env):
 def test_unreachable_endpoint_from_the_environment_names_the_variable(s3_env, monkeypatch):
     endpoint = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-    with pytest.raises(S3Error, match=rf"^output\.uri: cannot reach the S3 endpoint {endpoint} \(from AWS_ENDPOINT_URL\)"):
+    with pytest.raises(
+        S3Error, match=rf"^output\.uri: cannot reach the S3 endpoint {endpoint} \(from AWS_ENDPOINT_URL\)"
+    ):
         s3.check_writable("s3://bucket/runs", None, max_attempts=1)
 
 
 def test_missing_object(s3_env, s3_bucket):
-    with pytest.raises(S3Error, match=rf"^dataset\.manifest: s3://{s3_bucket}/index\.csv does not exist.*case-sensitive"):
+    with pytest.raises(
+        S3Error, match=rf"^dataset\.manifest: s3://{s3_bucket}/index\.csv does not exist.*case-sensitive"
+    ):
         s3.read_bytes(f"s3://{s3_bucket}/index.csv", s3_env, key="dataset.manifest")
 
 

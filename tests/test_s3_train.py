@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import time
+from collections import Counter
 from pathlib import Path
 
 import boto3
@@ -11,6 +13,8 @@ import pytest
 from PIL import Image
 
 from tlray.cli import main
+from tlray.data import build_index, train_batches, train_rows
+from tlray.spec import DatasetSpec
 
 from conftest import spec_dict, write_image_folder, write_spec
 from s3_fixtures import ACCESS_DENIED, FlakyProxy, upload_tree
@@ -59,9 +63,26 @@ def test_s3_dataset_trains_and_publishes_to_s3(tmp_path, s3_env, s3_bucket, caps
     (data / ".DS_Store").write_bytes(b"junk")
     upload_tree(s3_env, s3_bucket, "images/", data)
 
-    assert main(["train", str(s3_spec(tmp_path, s3_env, s3_bucket))]) == 0
+    with FlakyProxy(s3_env, fail_ratio=0.0) as counting:  # forwards everything, logs every request
+        assert main(["train", str(s3_spec(tmp_path, counting.endpoint, s3_bucket))]) == 0
     out = capsys.readouterr().out
     assert "model published to s3://" in out
+    # One GET per image read, no HEAD. A training image (the corrupt one too) is read once in each of the
+    # 2 epochs whose permutation has it among the epoch's whole batches; a validation image once per pass
+    # over the split (2 epochs, plus the champion gate's).
+    reads = Counter((method, path) for method, path in counting.log if "/images/" in path.split("?")[0])
+    assert {method for method, _ in reads} == {"GET"}
+    index = build_index(DatasetSpec(uri=f"s3://{s3_bucket}/images", endpoint_url=s3_env, val_fraction=0.25))
+    batch, steps = train_batches(len(index.train), 1, 8)
+    expected = Counter(
+        f"/{s3_bucket}/images/{index.train[row][0]}"
+        for epoch in range(2)
+        for row in train_rows(len(index.train), 0, epoch, 0, 1)[: batch * steps]
+    )
+    assert {path: n for (_, path), n in reads.items() if path in expected} == dict(expected)
+    val_reads = {path: n for (_, path), n in reads.items() if path not in expected}
+    assert set(val_reads) == {f"/{s3_bucket}/images/{key}" for key, _ in index.val}
+    assert len(set(val_reads.values())) == 1 and min(val_reads.values()) >= 2, val_reads
 
     published = keys_under(s3_env, s3_bucket, "runs/")
     for name in ("metadata.json", "metrics.json", "model/model.pt2", "model/state_dict.pt"):
@@ -72,9 +93,7 @@ def test_s3_dataset_trains_and_publishes_to_s3(tmp_path, s3_env, s3_bucket, caps
     assert metadata["classes"] == ["blue", "green", "red"]
     assert len(metadata["dataset"]["fingerprint"]) == 64
     assert metadata["dataset"]["bad_images"]["count"] == 1
-    assert metadata["dataset"]["bad_images"]["examples"] == [f"s3://{s3_bucket}/images/red/corrupt.png"] or (
-        metadata["dataset"]["bad_images"]["examples"] == []  # the corrupt file fell in another worker's shard
-    )
+    assert metadata["dataset"]["bad_images"]["examples"] == [f"s3://{s3_bucket}/images/red/corrupt.png"]
 
 
 def test_bad_image_with_on_bad_image_fail_is_exit_2_naming_the_key(tmp_path, s3_env, s3_bucket, capsys):
@@ -103,9 +122,13 @@ def test_manifest_layout(tmp_path, s3_env, s3_bucket, fmt, capsys):
     data = write_image_folder(tmp_path / "images" / "all", classes=2, per_class=10)
     upload_tree(s3_env, s3_bucket, "images/", tmp_path / "images")
     rows = [
-        {"path": f"all/{p.parent.name}/{p.name}" if i % 2 else f"s3://{s3_bucket}/images/all/{p.parent.name}/{p.name}",
-         "label": "cat" if p.parent.name == "class_0" else "dog",
-         "split": "val" if i % 4 == 0 else "train"}
+        {
+            "path": f"all/{p.parent.name}/{p.name}"
+            if i % 2
+            else f"s3://{s3_bucket}/images/all/{p.parent.name}/{p.name}",
+            "label": "cat" if p.parent.name == "class_0" else "dog",
+            "split": "val" if i % 4 == 0 else "train",
+        }
         for i, p in enumerate(sorted(data.glob("*/*.png")))
     ]
     if fmt == "csv":
@@ -113,7 +136,9 @@ def test_manifest_layout(tmp_path, s3_env, s3_bucket, fmt, capsys):
     else:
         body = "".join(json.dumps(r) + "\n" for r in rows)
     s3(s3_env).put_object(Bucket=s3_bucket, Key=f"images/index.{fmt}", Body=body.encode())
-    spec = s3_spec(tmp_path, s3_env, s3_bucket, dataset={"layout": "manifest", "manifest": f"index.{fmt}"}, train={"epochs": 1})
+    spec = s3_spec(
+        tmp_path, s3_env, s3_bucket, dataset={"layout": "manifest", "manifest": f"index.{fmt}"}, train={"epochs": 1}
+    )
     assert main(["validate", str(spec)]) == 0
     assert main(["train", str(spec)]) == 0
     assert "2 classes, 15 train / 5 val images" in capsys.readouterr().out
@@ -148,11 +173,36 @@ def bad_dataset_cases(bucket: str):
         ("bucket-missing", None, {"dataset": {"uri": "s3://no-such-bucket/images"}}, ["dataset.uri", "no-such-bucket"]),
         ("prefix-empty", put("other/x.png"), {}, ["dataset.uri", "empty"]),
         ("one-class", images(1), {}, ["at least 2"]),
-        ("class-without-training-images", _then(images(2, prefix="images/train/"), images(3, prefix="images/val/")), {}, ["class_2", "no training images"]),
-        ("manifest-missing-columns", manifest("file,class\nclass_0/000.png,a\n"), manifest_spec, ["dataset.manifest", "path", "label"]),
-        ("manifest-path-missing", manifest("path,label\nclass_0/000.png,a\nclass_1/999.png,b\n"), manifest_spec, ["dataset.manifest", "999.png", "does not exist"]),
-        ("manifest-label-empty", manifest("path,label\nclass_0/000.png,a\nclass_1/000.png,\n"), manifest_spec, ["dataset.manifest", "empty label"]),
-        ("output-bucket-missing", images(2), {"output": {"uri": "s3://no-such-output/runs"}}, ["output.uri", "no-such-output"]),
+        (
+            "class-without-training-images",
+            _then(images(2, prefix="images/train/"), images(3, prefix="images/val/")),
+            {},
+            ["class_2", "no training images"],
+        ),
+        (
+            "manifest-missing-columns",
+            manifest("file,class\nclass_0/000.png,a\n"),
+            manifest_spec,
+            ["dataset.manifest", "path", "label"],
+        ),
+        (
+            "manifest-path-missing",
+            manifest("path,label\nclass_0/000.png,a\nclass_1/999.png,b\n"),
+            manifest_spec,
+            ["dataset.manifest", "999.png", "does not exist"],
+        ),
+        (
+            "manifest-label-empty",
+            manifest("path,label\nclass_0/000.png,a\nclass_1/000.png,\n"),
+            manifest_spec,
+            ["dataset.manifest", "empty label"],
+        ),
+        (
+            "output-bucket-missing",
+            images(2),
+            {"output": {"uri": "s3://no-such-output/runs"}},
+            ["output.uri", "no-such-output"],
+        ),
     ]
 
 
@@ -185,7 +235,9 @@ def test_every_bad_s3_dataset_is_exit_2_and_writes_nothing(tmp_path, s3_env, s3_
         assert set(keys_under(s3_env, s3_bucket, "")) == before, f"{name}: something was written"
 
 
-def test_unreachable_endpoint_denied_access_and_missing_credentials_are_exit_2(tmp_path, s3_env, s3_bucket, monkeypatch, capsys):
+def test_unreachable_endpoint_denied_access_and_missing_credentials_are_exit_2(
+    tmp_path, s3_env, s3_bucket, monkeypatch, capsys
+):
     import socket
 
     with socket.socket() as sock:
@@ -224,3 +276,46 @@ def test_training_through_flaky_s3_completes_and_publishes(tmp_path, s3_env, s3_
     assert "model published to s3://" in capsys.readouterr().out
     assert any(k.endswith("metadata.json") for k in keys_under(s3_env, s3_bucket, "runs/"))
     assert proxy.failures > 0, "the proxy must really have answered 503 SlowDown"
+
+
+def test_a_30_second_outage_mid_epoch_loses_no_image(tmp_path, s3_env, s3_bucket, capsys):
+    data = write_image_folder(tmp_path / "images", classes=3, per_class=20)
+    upload_tree(s3_env, s3_bucket, "images/", data)
+    spec = s3_spec(tmp_path, "http://placeholder", s3_bucket, train={"epochs": 1, "batch_size": 8})
+    with FlakyProxy(s3_env, fail_ratio=0.0) as proxy:
+        # 15 s of 503 SlowDown, then 15 s of refused connections, starting at the 20th image read
+        proxy.outage_after(20, unavailable_s=15, refused_s=15, scope="/images/")
+        spec.write_text(spec.read_text().replace("http://placeholder", proxy.endpoint))
+        started = time.monotonic()
+        assert main(["train", str(spec)]) == 0, capsys.readouterr().err
+    assert proxy.outage_started is not None and proxy.outage_ended - proxy.outage_started >= 30
+    assert time.monotonic() - started > 30
+    metadata = json.loads(
+        s3(s3_env)
+        .get_object(
+            Bucket=s3_bucket, Key=next(k for k in keys_under(s3_env, s3_bucket, "runs/") if k.endswith("metadata.json"))
+        )["Body"]
+        .read()
+    )
+    final, train_images = metadata["metrics"], metadata["dataset"]["train_images"]
+    assert final["bad_images"] == 0
+    assert final["train_images"] == train_images // 8 * 8  # every full batch of the epoch trained
+    assert 0 <= final["val_loss"] and final["val_accuracy"] >= 0
+    outage_answers = [p for m, p in proxy.log if m == "GET" and "/images/" in p]
+    assert len(outage_answers) > 60, "the reads failed during the outage and were retried"
+
+
+def test_an_image_that_never_reads_stops_the_run_naming_it_and_publishes_nothing(tmp_path, s3_env, s3_bucket, capsys):
+    data = write_image_folder(tmp_path / "images", classes=2, per_class=10)
+    upload_tree(s3_env, s3_bucket, "images/", data)
+    broken = "images/class_1/003.png"
+    with FlakyProxy(s3_env, fail_ratio=0.0, broken_paths=(broken,)) as proxy:
+        spec = s3_spec(tmp_path, proxy.endpoint, s3_bucket, dataset={"read_retry_seconds": 1, "val_fraction": 0.5})
+        assert main(["train", str(spec)]) == 3
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"tlray: error: I/O failure: cannot read s3://{s3_bucket}/{broken} after ")
+    assert "HTTP 500 InternalError" in last and "resume" in last
+    assert "decode" not in last  # an I/O failure is never reported as a bad image
+    assert not any(k.endswith(("metadata.json", "metrics.json")) for k in keys_under(s3_env, s3_bucket, "runs/"))
+    attempts = [p for m, p in proxy.log if p.endswith(broken)]
+    assert len(attempts) >= 3  # retried within the task, and the task itself retried by Ray Data

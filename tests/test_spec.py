@@ -6,6 +6,7 @@ import copy
 from pathlib import Path
 
 import pytest
+
 from tlray.cli import main
 from tlray.spec import JobSpec, load_spec
 
@@ -30,28 +31,48 @@ def pretrained(base: dict, **model) -> dict:
 
 # (id, how to break the spec, text the message must contain — the offending key first)
 BAD_SPECS = [
-    ("name-uppercase", lambda s: s.update(name="Tiny"), ["name:", "DNS-1123"]),
-    ("name-too-long", lambda s: s.update(name="a" * 41), ["name:"]),
+    ("name-uppercase", lambda s: s.update(name="Tiny"), ["name:", "DNS-1035"]),
+    ("name-too-long", lambda s: s.update(name="a" * 42), ["name:", "at most 41"]),
     ("dataset-missing", lambda s: s.pop("dataset"), ["dataset: required"]),
     ("dataset-uri-missing", lambda s: s["dataset"].pop("uri"), ["dataset.uri: required"]),
     ("layout-unknown", lambda s: s["dataset"].update(layout="folders"), ["dataset.layout:"]),
-    ("manifest-layout-without-manifest", lambda s: s["dataset"].update(layout="manifest"), ["dataset.manifest: required"]),
+    (
+        "manifest-layout-without-manifest",
+        lambda s: s["dataset"].update(layout="manifest"),
+        ["dataset.manifest: required"],
+    ),
     ("manifest-with-imagefolder", lambda s: s["dataset"].update(manifest="index.csv"), ["dataset.manifest:"]),
     ("val-fraction-above-1", lambda s: s["dataset"].update(val_fraction=1.5), ["dataset.val_fraction:"]),
     ("image-size-tiny", lambda s: s["dataset"].update(image_size=4), ["dataset.image_size:"]),
     ("on-bad-image-unknown", lambda s: s["dataset"].update(on_bad_image="ignore"), ["dataset.on_bad_image:"]),
     ("endpoint-not-url", lambda s: s["dataset"].update(endpoint_url="minio:9000"), ["dataset.endpoint_url:"]),
-    ("endpoint-on-local-data", lambda s: s["dataset"].update(endpoint_url="http://127.0.0.1:9000"), ["dataset.endpoint_url:", "s3://"]),
+    (
+        "endpoint-on-local-data",
+        lambda s: s["dataset"].update(endpoint_url="http://127.0.0.1:9000"),
+        ["dataset.endpoint_url:", "s3://"],
+    ),
     ("arch-typo", lambda s: s["model"].update(arch="resnet19"), ["model.arch:", "resnet18"]),
     ("mode-unknown", lambda s: s["model"].update(mode="finetune"), ["model.mode:"]),
     ("architecture-with-pretrained", lambda s: s["model"].update(weights="DEFAULT"), ["model.weights:", "random init"]),
-    ("feature-extractor-without-weights", lambda s: s["model"].update(mode="feature_extractor"), ["model.weights:", "pretrained"]),
+    (
+        "feature-extractor-without-weights",
+        lambda s: s["model"].update(mode="feature_extractor"),
+        ["model.weights:", "pretrained"],
+    ),
     ("partial-without-depth", lambda s: pretrained(s, mode="partial"), ["model.freeze_depth: required"]),
-    ("depth-beyond-block-map", lambda s: pretrained(s, mode="partial", freeze_depth=9), ["model.freeze_depth:", "0..5"]),
+    (
+        "depth-beyond-block-map",
+        lambda s: pretrained(s, mode="partial", freeze_depth=9),
+        ["model.freeze_depth:", "0..5"],
+    ),
     ("depth-negative", lambda s: pretrained(s, mode="partial", freeze_depth=-1), ["model.freeze_depth:"]),
     ("depth-word", lambda s: pretrained(s, mode="partial", freeze_depth="half"), ["model.freeze_depth:"]),
     ("architecture-with-depth", lambda s: s["model"].update(freeze_depth=2), ["model.freeze_depth:"]),
-    ("weights-name-unknown", lambda s: pretrained(s, mode="feature_extractor", weights="IMAGENET9K_V9"), ["model.weights:", "IMAGENET1K_V1"]),
+    (
+        "weights-name-unknown",
+        lambda s: pretrained(s, mode="feature_extractor", weights="IMAGENET9K_V9"),
+        ["model.weights:", "IMAGENET1K_V1"],
+    ),
     ("batchnorm-unknown", lambda s: s["model"].update(batchnorm="fixed"), ["model.batchnorm:"]),
     ("epochs-zero", lambda s: s["train"].update(epochs=0), ["train.epochs:"]),
     ("warmup-not-shorter", lambda s: s["train"].update(warmup_epochs=2), ["train.warmup_epochs:", "train.epochs"]),
@@ -64,13 +85,21 @@ BAD_SPECS = [
     ("tune-samples-zero", lambda s: s.update(tune={"num_samples": 0}), ["tune.num_samples:"]),
     ("tune-lr-reversed", lambda s: s.update(tune={"lr": {"min": 0.1, "max": 0.001}}), ["tune.lr:", "below"]),
     ("tune-lr-negative", lambda s: s.update(tune={"lr": {"min": -1, "max": 0.1}}), ["tune.lr.min:"]),
-    ("tune-depth-outside", lambda s: pretrained(s, mode="partial", freeze_depth=1) and s.update(tune={"freeze_depth": [1, 7]}), ["tune.freeze_depth[1]:", "0..5"]),
+    (
+        "tune-depth-outside",
+        lambda s: pretrained(s, mode="partial", freeze_depth=1) and s.update(tune={"freeze_depth": [1, 7]}),
+        ["tune.freeze_depth[1]:", "0..5"],
+    ),
     ("tune-depth-needs-partial", lambda s: s.update(tune={"freeze_depth": [1, 2]}), ["tune.freeze_depth:", "partial"]),
     ("tune-metric-unreported", lambda s: s.update(tune={"metric": "f1"}), ["tune.metric:", "val_accuracy"]),
     ("tune-grace-beyond-epochs", lambda s: s.update(tune={"grace_period": 5}), ["tune.grace_period:"]),
     ("unknown-top-key", lambda s: s.update(trian={"epochs": 3}), ["trian: unknown key", "did you mean 'train'"]),
     ("unknown-nested-key", lambda s: s["train"].update(learning_rate=0.1), ["train.learning_rate: unknown key"]),
-    ("credential-in-dataset", lambda s: s["dataset"].update(aws_secret_access_key="abc"), ["dataset.aws_secret_access_key:", "credential chain"]),
+    (
+        "credential-in-dataset",
+        lambda s: s["dataset"].update(aws_secret_access_key="abc"),
+        ["dataset.aws_secret_access_key:", "credential chain"],
+    ),
     ("token-anywhere", lambda s: s["output"].update(auth_token="abc"), ["output.auth_token:", "IRSA"]),
     ("output-missing", lambda s: s.pop("output"), ["output: required"]),
     ("section-not-mapping", lambda s: s.update(train=[1, 2]), ["train:"]),
@@ -180,7 +209,9 @@ def test_readme_spec_reference_is_generated_from_the_fields():
     begin, end = "<!-- spec-reference:begin -->\n", "<!-- spec-reference:end -->"
     assert begin in readme and end in readme
     embedded = readme.split(begin, 1)[1].split(end, 1)[0]
-    assert embedded == reference_markdown(), "README spec reference is stale: paste `tlray reference` between the markers"
+    assert embedded == reference_markdown(), (
+        "README spec reference is stale: paste `tlray reference` between the markers"
+    )
 
 
 def test_every_field_is_described():
@@ -194,4 +225,3 @@ def test_every_field_is_described():
                     walk(t)
 
     walk(JobSpec)
-

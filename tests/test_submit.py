@@ -37,8 +37,13 @@ def test_ray_job_submit_runs_the_rayjob_entrypoint_and_publishes(tmp_path):
     data = write_image_folder(tmp_path / "images", classes=3, per_class=10)
     spec_path = write_spec(
         tmp_path / "spec.yaml",
-        spec_dict(str(data), str(tmp_path / "out"), name="submitted", train={"epochs": 1, "batch_size": 8},
-                  scaling={"num_workers": 1, "cpus_per_worker": 0.5}),
+        spec_dict(
+            str(data),
+            str(tmp_path / "out"),
+            name="submitted",
+            train={"epochs": 1, "batch_size": 8},
+            scaling={"num_workers": 1, "cpus_per_worker": 0.5},
+        ),
     )
     spec = load_spec(spec_path)
     (rayjob,) = [o for o in k8s.render(spec, spec_path.read_text(), "tlray:test") if o["kind"] == "RayJob"]
@@ -50,19 +55,41 @@ def test_ray_job_submit_runs_the_rayjob_entrypoint_and_publishes(tmp_path):
     (working_dir / k8s.SPEC_FILE).write_text(spec_path.read_text())  # what the ConfigMap mount holds
 
     gcs, dashboard = free_port(), free_port()
-    env = {**os.environ, "PATH": f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}",
-           "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env = {
+        **os.environ,
+        "PATH": f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    }
     client_env = {**env, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}", "RAY_AUTH_MODE": "token"}
     started = subprocess.run(
-        ["ray", "start", "--head", "--num-cpus", "2", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
-         "--dashboard-port", str(dashboard), "--disable-usage-stats"],
-        env=env, capture_output=True, text=True, timeout=180,
+        [
+            "ray",
+            "start",
+            "--head",
+            "--num-cpus",
+            "2",
+            "--port",
+            str(gcs),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dashboard),
+            "--disable-usage-stats",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     try:
         assert started.returncode == 0, started.stdout + started.stderr
         submitted = subprocess.run(
             ["ray", "job", "submit", "--working-dir", str(working_dir), "--", *shlex.split(entrypoint)],
-            env=client_env, capture_output=True, text=True, timeout=900,
+            env=client_env,
+            capture_output=True,
+            text=True,
+            timeout=900,
         )
         output = submitted.stdout + submitted.stderr
         assert submitted.returncode == 0 and "succeeded" in output, output[-4000:]

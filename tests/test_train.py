@@ -37,7 +37,12 @@ def test_two_worker_run_exports_a_model_plain_pytorch_loads(tmp_path, capsys):
     data = write_image_folder(tmp_path / "images", classes=3, per_class=12)
     spec_path = write_spec(
         tmp_path / "job.yaml",
-        spec_dict(str(data), str(tmp_path / "out"), scaling={"num_workers": 2, "cpus_per_worker": 0.5}, train={"epochs": 2, "batch_size": 4}),
+        spec_dict(
+            str(data),
+            str(tmp_path / "out"),
+            scaling={"num_workers": 2, "cpus_per_worker": 0.5},
+            train={"epochs": 2, "batch_size": 4},
+        ),
     )
     assert main(["train", str(spec_path)]) == 0
     out = capsys.readouterr().out
@@ -90,7 +95,9 @@ def test_run_stopped_after_first_epoch_resumes_from_its_checkpoint(tmp_path):
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
 
     # 1. Start training; Ctrl-C it as soon as the first epoch's checkpoint is registered.
-    first = subprocess.Popen([*TLRAY, "train", str(spec_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        [*TLRAY, "train", str(spec_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.monotonic() + 300
     while latest_checkpoint_epoch(snapshot) < 1:
         assert first.poll() is None, first.stdout.read()
@@ -124,7 +131,11 @@ def latest_checkpoint_epoch(snapshot: Path) -> int:
 def test_data_problems_stop_before_ray_with_exit_2(tmp_path, capsys):
     one_class = write_image_folder(tmp_path / "one", classes=1)
     (tmp_path / "empty").mkdir()
-    cases = {str(tmp_path / "missing"): "does not exist", str(one_class): "at least 2", str(tmp_path / "empty"): "no images"}
+    cases = {
+        str(tmp_path / "missing"): "does not exist",
+        str(one_class): "at least 2",
+        str(tmp_path / "empty"): "no images",
+    }
     for uri, expected in cases.items():
         path = write_spec(tmp_path / "job.yaml", spec_dict(uri, str(tmp_path / "out")))
         assert main(["train", str(path)]) == 2
@@ -132,7 +143,9 @@ def test_data_problems_stop_before_ray_with_exit_2(tmp_path, capsys):
         assert "dataset.uri" in err and expected in err and "Traceback" not in err
     path = write_spec(
         tmp_path / "job.yaml",
-        spec_dict(str(one_class), str(tmp_path / "out"), model={"weights": "/nonexistent/r18.pt", "mode": "feature_extractor"}),
+        spec_dict(
+            str(one_class), str(tmp_path / "out"), model={"weights": "/nonexistent/r18.pt", "mode": "feature_extractor"}
+        ),
     )
     write_image_folder(one_class, classes=2)
     assert main(["train", str(path)]) == 2

@@ -1,7 +1,8 @@
 """The `tlray` command line. Each command reads like a table of contents of what it does.
 
 Exit codes: 0 success, 2 bad input (spec, data, paths: one clear message, no
-traceback), 1 internal error.
+traceback), 3 an image that could not be read after retries (the run stopped, nothing
+published; running it again resumes), 1 internal error.
 """
 
 from __future__ import annotations
@@ -12,36 +13,43 @@ import sys
 import traceback
 from pathlib import Path
 
-from tlray.errors import UserError, user_error_inside
+from tlray.errors import ReadFailure, UserError, error_inside, user_error_inside
 
 log = logging.getLogger("tlray")
 
-EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_IO_FAILURE = 0, 1, 2, 3
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from tlray import models
-    from tlray.publish import runs_uri
+    from tlray import archs  # the block table, not torchvision: validate stays under a second
     from tlray.spec import load_spec
 
     spec = load_spec(args.spec, args.set)
-    blocks = models.backbone_block_names(spec.model.arch)
-    depth = spec.freeze_depth
+    model, depth = spec.model, spec.freeze_depth
+    blocks = archs.backbone_block_names(model.arch)
     print(f"{args.spec}: valid job spec '{spec.name}'")
-    print(f"  model: {spec.model.arch} ({models.family_of(spec.model.arch)}), weights {spec.model.weights}, mode {spec.model.mode}")
+    print(f"  model: {model.arch} ({archs.family_of(model.arch)}), weights {model.weights}, mode {model.mode}")
     print(f"  frozen blocks: {depth} of {len(blocks)}")
     for i, block in enumerate(blocks):
         print(f"    {i + 1:>3} {block:<24} {'frozen' if i < depth else 'trained'}")
     print(f"  workers: {spec.scaling.num_workers} x {'GPU' if spec.scaling.use_gpu else 'CPU'}")
-    print(f"  output: {runs_uri(spec)}/{spec.name}-<hash of spec and data>")
+    print(f"  output: {validated_runs_uri(spec)}/{spec.name}-<hash of spec and data>")
     return EXIT_OK
+
+
+def validated_runs_uri(spec) -> str:
+    """publish.runs_uri without importing it (it needs torch and pyarrow); a test keeps the two equal."""
+    output = spec.output.uri if "://" in spec.output.uri else str(Path(spec.output.uri).expanduser().resolve())
+    return f"{output.rstrip('/')}/{spec.name}/runs"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from tlray.spec import load_spec
 
     spec = load_spec(args.spec, args.set)  # 1. parse and validate the whole spec
-    published = train_and_publish(spec)
+    published = train_and_publish(spec, args.if_data_changed)
+    if published is None:  # --if-data-changed, and the champion was trained on exactly this data
+        return EXIT_OK
     print(f"[tlray] model published to {published.uri}/model")
     print(f"[tlray] val_accuracy {published.metrics['val_accuracy']:.4f} after {published.metrics['epoch']} epochs")
     return EXIT_OK
@@ -56,12 +64,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"[tlray] scikit-learn digits: {count} images as an image folder in {spec.dataset.uri}")
     published = train_and_publish(spec)
     print(f"[tlray] model published to {published.uri}/model")
-    print(f"[tlray] digits val_accuracy {published.metrics['val_accuracy']:.4f} after {published.metrics['epoch']} epochs")
+    print(
+        f"[tlray] digits val_accuracy {published.metrics['val_accuracy']:.4f} after {published.metrics['epoch']} epochs"
+    )
     if args.save_weights:  # a local copy that later specs (jobs/digits-tune.yaml) start from
         from tlray import storage
 
         Path(args.save_weights).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.save_weights).write_bytes(storage.read_bytes(f"{published.uri}/model/state_dict.pt", spec.dataset.endpoint_url))
+        Path(args.save_weights).write_bytes(
+            storage.read_bytes(f"{published.uri}/model/state_dict.pt", spec.dataset.endpoint_url)
+        )
         print(f"[tlray] weights saved to {args.save_weights}")
     return EXIT_OK
 
@@ -74,38 +86,52 @@ def cmd_reference(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from tlray import report, storage, tune
-    from tlray.publish import freeze_summary, publish, run_uri
+    import ray.train
+
+    from tlray import champion, report, storage, tune
+    from tlray.publish import freeze_summary, is_sealed, publish, published_run, run_uri, write_manifest
     from tlray.spec import load_spec
-    from tlray.train import load_checkpoint_at
+    from tlray.train import load_selected_checkpoint
 
     spec = load_spec(args.spec, args.set)  # 1. parse and validate the whole spec
     if spec.tune is None:
         raise UserError("tune: the spec has no tune section; add one (see jobs/digits-tune.yaml) or use `tlray train`")
-    index = prepare(spec)  # 2-4. data, output, weights
+    prepared = prepare(spec, args.if_data_changed)  # 2-4. data, output, weights
+    if prepared is None:  # --if-data-changed, and the champion was trained on exactly this data
+        return EXIT_OK
+    spec, index = prepared
     tune.check_searchable(spec, index)
     start_ray()  # 5. join the cluster (RAY_ADDRESS / inside a job) or start a local one
     run = run_uri(spec, index, "tune")
     print(f"[tlray] search {run.rsplit('/', 1)[-1]}: trials, results, report and best model under {run}")
-    grid = tune.search(spec, index, run)  # 6. one TorchTrainer per trial, ASHA stops weak ones
+    source = data_source(spec, index)
+    grid = tune.search(spec, source, run)  # 6. one TorchTrainer per trial, ASHA stops weak ones
     tune.raise_if_no_trial_finished(grid)
     rows = tune.result_rows(grid, spec)
     print(tune.results_table(rows, spec))
-    tune.write_results(rows, run, spec)
-
-    best = tune.best_trial(rows)  # 7. publish the best trial exactly as `tlray train` would
+    best = tune.best_trial(rows)
     best_spec = tune.best_trial_spec(spec, best)
-    filesystem, _ = storage.filesystem(run, spec.dataset.endpoint_url)
-    state = load_checkpoint_at(best["checkpoint"], filesystem)
-    summary = freeze_summary(best_spec, len(index.classes))
-    hyperparameters = {"lr": best["lr"], "freeze_depth": summary.depth, "trial": best["trial"]}
-    published = publish(best_spec, index, summary, state, run, hyperparameters)
-
-    confusion = report.confusion_matrix_of(best_spec, index, state)  # 8. the report
-    storage.write_json(storage.join(run, "confusion_matrix.json"), {**confusion, "trial": best["trial"]}, spec.dataset.endpoint_url)
-    page = report.write_report(run, spec.dataset.endpoint_url)
-    print(f"[tlray] best trial {best['trial']}: lr {best['lr']:.3g}, freeze_depth {best['freeze_depth']}, "
-          f"{spec.tune.metric} {best['metric']:.4f}")
+    endpoint = spec.dataset.endpoint_url
+    if is_sealed(run, endpoint):  # a finished search, run again: its published files stay as they are
+        published = published_run(run, endpoint)
+    else:
+        tune.write_results(rows, run, spec)
+        # 7. publish the best trial's selected epoch exactly as `tlray train` would
+        filesystem, _ = storage.filesystem(run, endpoint)
+        checkpoint = ray.train.Checkpoint(best["checkpoint"], filesystem=filesystem)
+        state, history = load_selected_checkpoint(checkpoint, spec.train.select_metric)
+        confusion = report.confusion_matrix_of(best_spec, source, state)  # 8. the report
+        storage.write_json(storage.join(run, "confusion_matrix.json"), {**confusion, "trial": best["trial"]}, endpoint)
+        summary = freeze_summary(best_spec, len(index.classes))
+        hyperparameters = {"lr": best["lr"], "freeze_depth": summary.depth, "trial": best["trial"]}
+        published = publish(best_spec, index, summary, state, run, hyperparameters, history, seal=False)
+        write_manifest(run, endpoint)  # last: from now on the run is complete
+    page = report.write_report(run, endpoint)  # report/ is not in the manifest: `tlray report` redraws it
+    champion.decide(best_spec, run, source)  # 9. the champion gate
+    print(
+        f"[tlray] best trial {best['trial']}: lr {best['lr']:.3g}, freeze_depth {best['freeze_depth']}, "
+        f"{spec.tune.metric} {best['metric']:.4f}"
+    )
     print(f"[tlray] model published to {published.uri}/model")
     print(f"[tlray] report: {page}")
     return EXIT_OK
@@ -124,7 +150,16 @@ def cmd_render(args: argparse.Namespace) -> int:
     spec_yaml = f"# rendered by tlray render from {args.spec}\n" + yaml.safe_dump(
         spec.model_dump(mode="json", exclude_unset=True), sort_keys=False
     )
-    objects = k8s.render(spec, spec_yaml, args.image, args.kind, args.namespace, args.schedule)
+    options = k8s.ClusterOptions(
+        api_server_ports=tuple(args.api_server_port),
+        dns_ports=tuple(args.dns_port),
+        irsa_role_arn=args.irsa_role_arn,
+        priority_class=args.priority_class,
+        queue=args.queue,
+    )
+    objects = k8s.render(spec, spec_yaml, args.image, args.kind, args.namespace, args.schedule, options)
+    for warning in k8s.kind_warnings(args.kind):
+        print(f"tlray: warning: {warning}", file=sys.stderr)
     print(k8s.to_yaml(objects), end="")
     return EXIT_OK
 
@@ -144,33 +179,76 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def prepare(spec):
-    """Every check before cluster work, shared by train and tune: data index, output, weights."""
-    from tlray import models
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from tlray.evaluate import evaluate
+    from tlray.spec import DatasetSpec
+
+    layout = "manifest" if args.manifest else "imagefolder"
+    dataset = DatasetSpec(uri=args.data_uri, layout=layout, manifest=args.manifest, endpoint_url=args.endpoint_url)
+    evaluate(args.model, dataset, args.out, args.batch_size)
+    return EXIT_OK
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tlray.predict import predict
+
+    predict(args.model, args.data_uri, args.out, args.endpoint_url, args.batch_size, args.top_k)
+    return EXIT_OK
+
+
+def prepare(spec, if_data_changed: bool = False):
+    """Every check before cluster work, shared by train and tune: data index, output, weights.
+
+    Returns (spec, index), the spec's warm-start weights (`latest`, a run) resolved to a checkpoint;
+    or None with `if_data_changed` when the champion was trained on exactly this data.
+    """
+    from tlray import champion, models, warmstart
     from tlray.data import build_index
-    from tlray.publish import check_output
+    from tlray.publish import check_output, check_selectable, job_uri
     from tlray.train import fetch_weights
 
     index = build_index(spec.dataset)  # list and split the data; every data problem is exit 2 here
     print(f"[tlray] dataset: {index.summary()}")
+    if if_data_changed:
+        unchanged = champion.unchanged_data_message(job_uri(spec), index.fingerprint, spec.dataset.endpoint_url)
+        if unchanged:
+            print(unchanged)
+            return None
     check_output(spec)  # the output location is reachable, before anything is written
+    check_selectable(spec, index)
+    spec = warmstart.resolve(spec, index)  # model.weights: latest -> the champion's checkpoint
     weights = fetch_weights(spec.model.builder_weights, spec.dataset.endpoint_url)
     models.build_model(spec.model.arch, weights, len(index.classes))  # the weights load
-    return index
+    return spec, index
 
 
-def train_and_publish(spec):
-    """Shared by `train` and `demo`."""
+def train_and_publish(spec, if_data_changed: bool = False):
+    """Shared by `train` and `demo`; None when `if_data_changed` finds the champion's data unchanged."""
+    from tlray import champion
     from tlray.publish import freeze_summary, publish, run_uri
-    from tlray.train import fit, load_checkpoint_state
+    from tlray.train import fit, load_selected_checkpoint
 
-    index = prepare(spec)  # 2-4. data, output, weights
+    prepared = prepare(spec, if_data_changed)  # 2-4. data, output, weights
+    if prepared is None:
+        return None
+    spec, index = prepared
     start_ray()  # 5. join the cluster (RAY_ADDRESS / inside a job) or start a local one
     run = run_uri(spec, index)
     print(f"[tlray] run {run.rsplit('/', 1)[-1]}: checkpoints and model under {run}")
-    result = fit(spec, index, run)  # 6. fine-tune on Ray Train workers, data streamed by Ray Data
-    state = load_checkpoint_state(result.checkpoint)
-    return publish(spec, index, freeze_summary(spec, len(index.classes)), state, run)  # 7. export and describe
+    source = data_source(spec, index)
+    result = fit(spec, source, run)  # 6. fine-tune on Ray Train workers, data streamed by Ray Data
+    state, history = load_selected_checkpoint(result.checkpoint, spec.train.select_metric)  # the best epoch
+    summary = freeze_summary(spec, len(index.classes))
+    published = publish(spec, index, summary, state, run, history=history)  # 7. export, describe, MANIFEST last
+    champion.decide(spec, run, source)  # 8. the champion gate: move latest.json only for a better model
+    return published
+
+
+def data_source(spec, index):
+    """The index's keys into Ray's object store: what workers and trials read the data through."""
+    from tlray import data, models
+
+    return data.data_source(index, spec.dataset, models.preprocessing(spec.model.arch, spec.dataset.image_size))
 
 
 def start_ray() -> None:
@@ -181,7 +259,7 @@ def start_ray() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tlray import k8s
+    from tlray import k8s  # light: neither torch nor pyarrow (tests/test_light_cli.py)
 
     parser = argparse.ArgumentParser(
         prog="tlray",
@@ -205,19 +283,22 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     add("validate", cmd_validate, "Check a job spec and report every problem at once; list the model's blocks.")
-    add("train", cmd_train, "Fine-tune the spec's model on Ray Train and publish it to output.uri.")
+    train = add("train", cmd_train, "Fine-tune the spec's model on Ray Train and publish it to output.uri.")
+    train.add_argument("--if-data-changed", action="store_true", help=IF_DATA_CHANGED_HELP)
     demo = add(
         "demo",
         cmd_demo,
         "Write scikit-learn's handwritten digits to the spec's dataset.uri as an image folder, then train.",
     )
     demo.add_argument("--save-weights", metavar="PATH", help="also copy the trained state_dict to PATH")
-    add(
+    tune = add(
         "tune",
         cmd_tune,
         "Search learning rate and freeze depth (the spec's tune section) with Ray Tune; "
         "publish the best trial's model and write a report.",
     )
+    tune.add_argument("--if-data-changed", action="store_true", help=IF_DATA_CHANGED_HELP)
+    add_model_commands(add)
     render = add(
         "render",
         cmd_render,
@@ -230,27 +311,122 @@ def build_parser() -> argparse.ArgumentParser:
         choices=k8s.KINDS,
         default="rayjob",
         help="rayjob: one run; raycluster: a long-lived autoscaling cluster for `ray job submit`; "
-        "raycronjob: scheduled runs (KubeRay >= 1.6, feature gate RayCronJob); "
-        "cronjob: scheduled runs on any cluster (a CronJob running `tlray launch`)",
+        "raycronjob: scheduled runs (KubeRay >= 1.6, feature gate RayCronJob; names up to 36 characters); "
+        "cronjob: scheduled runs with a concurrency policy and starting deadline (a CronJob running `tlray launch`)",
     )
     render.add_argument(
-        "--schedule", default=k8s.DEFAULT_SCHEDULE, help=f"cron schedule of raycronjob/cronjob (default: '{k8s.DEFAULT_SCHEDULE}')"
+        "--schedule",
+        default=k8s.DEFAULT_SCHEDULE,
+        help=f"cron schedule of raycronjob/cronjob (default: '{k8s.DEFAULT_SCHEDULE}')",
+    )
+    cluster = render.add_argument_group("cluster-dependent settings (see the README, 'Run on Kubernetes')")
+    cluster.add_argument(
+        "--api-server-port",
+        type=int,
+        action="append",
+        default=[],
+        metavar="PORT",
+        help="also let the pods reach the API server's endpoint on PORT (minikube: 8443); 443 and 6443 are open",
+    )
+    cluster.add_argument(
+        "--dns-port",
+        type=int,
+        action="append",
+        default=[],
+        metavar="PORT",
+        help="also allow DNS on PORT (OpenShift: 5353); 53 is open to any resolver, NodeLocal DNSCache included",
+    )
+    cluster.add_argument(
+        "--irsa-role-arn",
+        metavar="ARN",
+        help="S3 through EKS IRSA: annotate the Ray ServiceAccount with this role (default: EKS Pod Identity, "
+        "or the optional tlray-s3-credentials Secret)",
+    )
+    cluster.add_argument("--priority-class", metavar="NAME", help="PriorityClass of the Ray pods (it must exist)")
+    cluster.add_argument(
+        "--queue",
+        metavar="NAME",
+        help="Kueue LocalQueue: the kueue.x-k8s.io/queue-name label of the RayJob (the RayCluster, or each run of "
+        "--kind cronjob)",
     )
     launch = add(
         "launch",
         cmd_launch,
-        "Create a RayJob from a suspended template RayJob (what the scheduled CronJob runs in its pod).",
+        "Create a RayJob from a suspended template RayCronJob (what the scheduled CronJob runs in its pod).",
         with_spec=False,
     )
-    launch.add_argument("template", metavar="TEMPLATE", help="name of the RayJob template (`<name>-template`)")
+    launch.add_argument("template", metavar="TEMPLATE", help="name of the template RayCronJob (`<name>-template`)")
     launch.add_argument("--namespace", help="default: the pod's own namespace")
     launch.add_argument("--keep", type=int, default=5, help="finished runs kept; older ones are deleted (default 5)")
     launch.add_argument("--api-server", help="API server URL (default: in-cluster, with the pod's ServiceAccount)")
-    sub = add("report", cmd_report, "Rebuild a search's report (PNG plots + index.html) from its stored results.", with_spec=False)
-    sub.add_argument("run_uri", metavar="RUN_URI", help="the search's run folder or s3:// URI, as `tlray tune` printed it")
+    sub = add(
+        "report",
+        cmd_report,
+        "Rebuild a search's report (PNG plots + index.html) from its stored results.",
+        with_spec=False,
+    )
+    sub.add_argument(
+        "run_uri", metavar="RUN_URI", help="the search's run folder or s3:// URI, as `tlray tune` printed it"
+    )
     sub.add_argument("--endpoint-url", help="S3-compatible endpoint, when RUN_URI is in such a store")
-    add("reference", cmd_reference, "Print the job spec reference (Markdown) from the spec's field descriptions.", with_spec=False)
+    add(
+        "reference",
+        cmd_reference,
+        "Print the job spec reference (Markdown) from the spec's field descriptions.",
+        with_spec=False,
+    )
     return parser
+
+
+IF_DATA_CHANGED_HELP = (
+    "exit 0 without training when the dataset's fingerprint equals the champion's (<output.uri>/<name>/latest.json)"
+)
+MODEL_HELP = "a published run (folder or s3:// URI), or a job's latest.json (its champion)"
+PREDICT_EPILOG = """\
+As a Ray job on a cluster whose nodes have tlray installed (GPUs are used when the cluster has them):
+
+  ray job submit -- tlray predict s3://bucket/tlray/pets/latest.json s3://bucket/new-images \\
+      --out s3://bucket/predictions/pets.parquet
+"""
+
+
+def add_model_commands(add) -> None:
+    """`evaluate` and `predict`: they take a published model, not a spec."""
+    evaluate = add(
+        "evaluate",
+        cmd_evaluate,
+        "Score a published model on labelled images: accuracy, top-5, per-class precision/recall/F1, "
+        "confusion matrix (JSON and PNG).",
+        with_spec=False,
+    )
+    evaluate.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    evaluate.add_argument(
+        "data_uri", metavar="DATA_URI", help="labelled images, in a training layout: <uri>/<class>/<image>"
+    )
+    evaluate.add_argument(
+        "--manifest", help="a CSV/JSONL index (path, label) instead of class folders, as dataset.manifest"
+    )
+    evaluate.add_argument(
+        "--out", metavar="URI", help="folder or s3:// prefix for evaluation.json and confusion_matrix.json/.png"
+    )
+    predict = add(
+        "predict",
+        cmd_predict,
+        "Classify every image under a folder or S3 prefix with a published model (Ray Data); "
+        "writes Parquet, or CSV when --out ends in .csv.",
+        with_spec=False,
+    )
+    predict.formatter_class = argparse.RawDescriptionHelpFormatter
+    predict.epilog = PREDICT_EPILOG
+    predict.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    predict.add_argument("data_uri", metavar="DATA_URI", help="a folder or s3:// prefix of images (any depth)")
+    predict.add_argument(
+        "--out", metavar="URI", required=True, help="the output file: .parquet or .csv, local or s3://"
+    )
+    predict.add_argument("--top-k", type=int, default=5, help="classes and probabilities kept per image (default 5)")
+    for sub in (evaluate, predict):
+        sub.add_argument("--endpoint-url", help="S3-compatible endpoint for every s3:// URI of the command")
+        sub.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,12 +440,20 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # noqa: BLE001 — the last line of defence: say whose fault it is
         user_error = user_error_inside(exc)  # also finds one raised on a Ray worker
-        if user_error is None:
+        read_failure = error_inside(exc, ReadFailure)  # or in a Ray Data task under a worker
+        if user_error is None and read_failure is None:
             traceback.print_exc()
         stop_ray()  # so Ray's forwarded worker logs end before tlray's last word
         if user_error is not None:
             print(f"tlray: error: {user_error}", file=sys.stderr)
             return EXIT_BAD_INPUT
+        if read_failure is not None:
+            print(
+                f"tlray: error: {str(read_failure).splitlines()[0]}. The run stopped and published nothing; "
+                "once the store is reachable, run the same command again to resume from the last checkpoint",
+                file=sys.stderr,
+            )
+            return EXIT_IO_FAILURE
         print(f"tlray: internal error ({type(exc).__name__}); please report it with the output above", file=sys.stderr)
         return EXIT_INTERNAL
 

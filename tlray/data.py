@@ -1,10 +1,13 @@
-"""The dataset: an index built once on the driver, then a Ray Data pipeline per split.
+"""The dataset: an index built once on the driver, then a Ray Data pipeline per worker and epoch.
 
 The index (which image is which class, train or val) is built before any cluster
 work: listing is cheap, and every data problem surfaces as one clear error (exit 2)
 instead of a worker crash hours later. Local folders and S3 prefixes go through the
-same code; only the listing differs. Decoding and preprocessing run in Ray Data
-tasks, which stream each worker its shard.
+same code; only the listing differs.
+
+Workers never get the index: the keys go into Ray's object store as flat arrays
+(`DataSource`), and each epoch every worker reads its share of a global permutation
+(`train_rows`) through Ray Data tasks that fetch, decode and resize to uint8.
 """
 
 from __future__ import annotations
@@ -12,18 +15,20 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image
 
 from tlray import storage
-from tlray.errors import UserError
+from tlray.errors import READ_FAILURE_PREFIX, UserError
+from tlray.fetch import read_as_completed
+from tlray.models import Preprocessing
 from tlray.s3 import S3Error, StoredObject
 from tlray.spec import DatasetSpec
 
@@ -33,6 +38,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 SPLIT_FOLDERS = ("train", "val")
 MAX_BAD_FRACTION = 0.05  # more undecodable images than this stops a run, whatever on_bad_image says
 BAD_LABEL = -1  # rows whose image could not be decoded (skipped by the loss and the metrics)
+MAX_STREAM_ROWS = 4_000_000  # rows (8 bytes each) one training pipeline holds across epochs
 
 
 class DataError(UserError):
@@ -56,13 +62,6 @@ class DatasetIndex:
             f"{len(self.classes)} classes, {len(self.train)} train / {len(self.val)} val images "
             f"from {self.root} (fingerprint {self.fingerprint[:12]})"
         )
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DatasetIndex":
-        return cls(**{**d, "train": [tuple(s) for s in d["train"]], "val": [tuple(s) for s in d["val"]]})
 
 
 # ---------------------------------------------------------------------------------------
@@ -90,7 +89,9 @@ def build_index(dataset: DatasetSpec) -> DatasetIndex:
     if empty:
         raise DataError(f"{key}: class(es) {', '.join(empty)} have no training images in {where}")
     if not val:
-        raise DataError(f"dataset.val_fraction: the validation split of {where} is empty; add images or raise val_fraction")
+        raise DataError(
+            f"dataset.val_fraction: the validation split of {where} is empty; add images or raise val_fraction"
+        )
     used = {k for k, _, _ in labelled}
     return DatasetIndex(
         root=storage.absolute_uri(dataset.uri).rstrip("/"),
@@ -128,7 +129,7 @@ def is_hidden(name: str) -> bool:
 
 
 def is_image_key(key: str) -> bool:
-    return not any(is_hidden(p) for p in key.split("/")) and key.lower().endswith(IMAGE_EXTENSIONS)
+    return key.lower().endswith(IMAGE_EXTENSIONS) and not any(is_hidden(p) for p in key.split("/"))
 
 
 def imagefolder_labels(images: list[StoredObject], dataset: DatasetSpec) -> list[tuple[str, str, str]]:
@@ -152,7 +153,11 @@ def manifest_labels(dataset: DatasetSpec, images: dict[str, StoredObject]) -> li
     root = dataset.uri.rstrip("/") + "/"
     out, problems = [], []
     for line, row in rows:
-        path, label, split = str(row.get("path") or ""), str(row.get("label") or "").strip(), str(row.get("split") or "")
+        path, label, split = (
+            str(row.get("path") or ""),
+            str(row.get("label") or "").strip(),
+            str(row.get("split") or ""),
+        )
         key = path[len(root) :] if path.startswith(root) else path
         if "://" in key:
             problems.append(f"line {line}: '{path}' is outside dataset.uri ({dataset.uri})")
@@ -173,7 +178,7 @@ def manifest_labels(dataset: DatasetSpec, images: dict[str, StoredObject]) -> li
 def read_manifest(dataset: DatasetSpec) -> list[tuple[int, dict]]:
     """(line number, row) pairs; the manifest is a path/URI, or a key relative to dataset.uri."""
     name = dataset.manifest
-    uri = name if "://" in name or os.path.isabs(name) or not storage.is_s3(dataset.uri) else storage.join(dataset.uri, name)
+    uri = manifest_location(dataset)
     try:
         text = storage.read_bytes(uri, dataset.endpoint_url).decode("utf-8-sig")
     except (OSError, S3Error) as exc:
@@ -200,6 +205,18 @@ def read_manifest(dataset: DatasetSpec) -> list[tuple[int, dict]]:
     return rows
 
 
+def manifest_location(dataset: DatasetSpec) -> str:
+    """A URI or absolute path as given; a relative name is a key under dataset.uri (for a local
+    dataset, a path relative to the working directory also works when nothing of that name is there)."""
+    name = dataset.manifest
+    if "://" in name or os.path.isabs(name):
+        return name
+    under_root = storage.join(storage.absolute_uri(dataset.uri), name)
+    if storage.is_s3(dataset.uri) or os.path.exists(under_root) or not os.path.exists(name):
+        return under_root
+    return storage.absolute_uri(name)
+
+
 def hash_split(key: str, dataset: DatasetSpec) -> str:
     return "val" if in_val_split(key, dataset.split_seed, dataset.val_fraction) else "train"
 
@@ -218,47 +235,201 @@ def fingerprint(files: list[StoredObject]) -> str:
 
 
 # ---------------------------------------------------------------------------------------
-# The Ray Data pipeline: keys in, decoded and preprocessed images out
+# What workers get: a split's keys as three flat arrays in the object store, not the index
 # ---------------------------------------------------------------------------------------
-def image_dataset(index: DatasetIndex, split: str, transform: Callable, on_bad_image: str):
-    """A lazy Ray Dataset of {"image": float32 3xHxW, "label": int64, "row": int64} for one split.
+@dataclass(frozen=True)
+class KeyTable:
+    """One split's keys and labels: compact to ship, and read zero-copy from Ray's object store."""
 
-    "row" is the sample's position in the index, so a worker can name an undecodable file.
+    blob: np.ndarray  # uint8: every key's UTF-8 bytes, back to back
+    offsets: np.ndarray  # int64, len(keys) + 1
+    labels: np.ndarray  # int64
+
+    @classmethod
+    def of(cls, samples: list[tuple[str, int]]) -> KeyTable:
+        encoded = [key.encode() for key, _ in samples]
+        offsets = np.zeros(len(encoded) + 1, np.int64)
+        np.cumsum([len(k) for k in encoded], out=offsets[1:])
+        blob = np.frombuffer(b"".join(encoded), np.uint8)
+        return cls(blob, offsets, np.array([label for _, label in samples], np.int64))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def key(self, row: int) -> str:
+        return self.blob[self.offsets[row] : self.offsets[row + 1]].tobytes().decode()
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Everything a worker or a Ray Data task needs to read one dataset: built once on the driver."""
+
+    root: str
+    endpoint_url: str | None
+    classes: tuple[str, ...]
+    counts: dict[str, int]  # split -> images
+    fingerprint: str
+    tables: object  # ObjectRef of {split: KeyTable}
+    preprocessing: Preprocessing
+    augment: bool
+    on_bad_image: str
+    read_concurrency: int
+    read_retry_seconds: float
+
+    def key(self, split: str, row: int) -> str:
+        return _tables(self.tables)[split].key(row)
+
+    def location(self, split: str, row: int) -> str:
+        return storage.join(self.root, self.key(split, row))
+
+
+def data_source(index: DatasetIndex, dataset: DatasetSpec, preprocessing: Preprocessing) -> DataSource:
+    """Put the index's keys into Ray's object store (needs a connected Ray) and describe how to read them."""
+    import ray
+
+    tables = {split: KeyTable.of(getattr(index, split)) for split in SPLIT_FOLDERS}
+    return DataSource(
+        root=index.root,
+        endpoint_url=index.endpoint_url,
+        classes=tuple(index.classes),
+        counts={split: len(table) for split, table in tables.items()},
+        fingerprint=index.fingerprint,
+        tables=ray.put(tables),
+        preprocessing=preprocessing,
+        augment=dataset.augment,
+        on_bad_image=dataset.on_bad_image,
+        read_concurrency=dataset.read_concurrency,
+        read_retry_seconds=dataset.read_retry_seconds,
+    )
+
+
+_TABLES: dict[str, dict[str, KeyTable]] = {}  # per process: the object store maps them, no copy
+
+
+def _tables(ref) -> dict[str, KeyTable]:
+    import ray
+
+    if ref.hex() not in _TABLES:
+        _TABLES[ref.hex()] = ray.get(ref)
+    return _TABLES[ref.hex()]
+
+
+# ---------------------------------------------------------------------------------------
+# Which rows, in which order: pure functions of (seed, epoch, rank, world size)
+# ---------------------------------------------------------------------------------------
+def epoch_order(rows: int, seed: int, epoch: int) -> np.ndarray:
+    """A global permutation of the training rows, new every epoch and the same on every re-run."""
+    return np.random.default_rng([seed, epoch]).permutation(rows)
+
+
+def train_rows(rows: int, seed: int, epoch: int, rank: int, world_size: int) -> np.ndarray:
+    """This worker's share of the epoch's permutation: every worker gets the same count, so DDP
+    steps stay in lock-step (at most world_size - 1 rows sit out, different ones each epoch)."""
+    return epoch_order(rows, seed, epoch)[rank::world_size][: rows // world_size]
+
+
+def train_batches(rows: int, world_size: int, batch_size: int) -> tuple[int, int]:
+    """(batch size, steps per epoch) of every worker: whole batches only, at least one step."""
+    batch = max(1, min(batch_size, rows // world_size))
+    return batch, (rows // world_size) // batch
+
+
+def train_epochs(source: DataSource, seed: int, epochs: range, rank: int, world_size: int, batch_size: int, device):
+    """(epoch, that epoch's batches) for each epoch, each epoch exactly `train_batches` steps long.
+
+    Consecutive epochs read through one pipeline (up to MAX_STREAM_ROWS rows of them), so the next
+    epoch's first batches are decoded while this one ends and validates: no start-up per epoch.
+    """
+    steps = train_batches(source.counts["train"], world_size, batch_size)[1]
+    per_epoch = steps * batch_size
+    chunk = max(1, MAX_STREAM_ROWS // max(1, per_epoch))
+    epochs = list(epochs)
+    for first in range(0, len(epochs), chunk):
+        group = epochs[first : first + chunk]
+        rows = [train_rows(source.counts["train"], seed, epoch, rank, world_size)[:per_epoch] for epoch in group]
+        stream = iter(iter_batches(source, "train", np.concatenate(rows), batch_size, device))
+        for epoch in group:
+            yield epoch, itertools.islice(stream, steps)
+
+
+def val_rows(rows: int, rank: int, world_size: int) -> np.ndarray:
+    """Fixed order; across workers every validation image exactly once."""
+    return np.arange(rank, rows, world_size)
+
+
+# ---------------------------------------------------------------------------------------
+# The Ray Data pipeline: row numbers in, uint8 images out
+# ---------------------------------------------------------------------------------------
+def image_dataset(source: DataSource, split: str, rows: np.ndarray, batch_size: int, cluster_cpus: float):
+    """A lazy Ray Dataset of {"image": uint8 N x 3 x H x W, "label": int64, "row": int64}, in `rows`' order.
+
+    Blocks hold a whole number of batches, so no batch straddles two blocks, and there are
+    at least 4 blocks per CPU of the cluster (when the rows allow), so every CPU has work.
+    "row" is the image's row in the split, so the consumer can name an undecodable file.
     """
     import ray.data
 
-    items = [{"key": key, "row": i, "label": label} for i, (key, label) in enumerate(getattr(index, split))]
-    blocks = max(1, min(200, len(items) // 64))
-    decode = DecodeBatch(index.root, index.endpoint_url, transform, on_bad_image)
-    return ray.data.from_items(items, override_num_blocks=blocks).map_batches(decode, batch_size=32)
+    batches_per_block = max(1, len(rows) // (batch_size * 4 * max(1, int(cluster_cpus))))
+    block_rows = batch_size * batches_per_block
+    blocks = [rows[i : i + block_rows].astype(np.int64) for i in range(0, len(rows), block_rows)] or [rows[:0]]
+    decode = DecodeBatch(source, split)
+    return ray.data.from_numpy(blocks).map_batches(decode, batch_size=batch_size)
+
+
+def iter_batches(source: DataSource, split: str, rows: np.ndarray, batch_size: int, device):
+    """Batches of `image_dataset` as tensors on `device`, images still uint8 (normalise on the device)."""
+    import ray
+    import torch
+
+    configure_ray_data()
+    dataset = image_dataset(source, split, rows, batch_size, ray.cluster_resources().get("CPU", 1))
+    dtypes = {"image": torch.uint8, "label": torch.int64, "row": torch.int64}
+    return dataset.iter_torch_batches(batch_size=batch_size, dtypes=dtypes, device=device, prefetch_batches=2)
+
+
+def configure_ray_data() -> None:
+    """This process's Ray Data settings (each worker runs its own pipelines)."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # the epoch lines are the progress
+    context.raise_original_map_exception = True  # keep DataError / ReadFailure recognisable
+    context.execution_options.preserve_order = True  # the epoch's order is the permutation's
+    # a task whose read failed after its own retries (fetch.ReadFailure) is run again, twice, then the run stops
+    context.retried_map_errors = [READ_FAILURE_PREFIX]
+    context.max_map_retries = 2
 
 
 class DecodeBatch:
-    """The Ray Data batch function: read, decode, convert to RGB, preprocess (runs in Ray Data tasks)."""
+    """The Ray Data batch function: fetch a batch concurrently, decode, resize/crop to uint8 (in CPU tasks)."""
 
-    def __init__(self, root: str, endpoint_url: str | None, transform: Callable, on_bad_image: str):
-        self.root, self.endpoint_url, self.transform, self.on_bad_image = root, endpoint_url, transform, on_bad_image
+    def __init__(self, source: DataSource, split: str):
+        self.source, self.split = source, split
+        self.transform = source.preprocessing.uint8_transform(source.augment and split == "train")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images, labels = [], batch["label"].astype(np.int64).copy()
-        for i, key in enumerate(batch["key"]):
-            location = storage.join(self.root, str(key))
+        source, rows = self.source, batch["data"].astype(np.int64)
+        table = _tables(source.tables)[self.split]
+        keys = [table.key(r) for r in rows]
+        crop = source.preprocessing.crop_size
+        images = np.zeros((len(rows), 3, crop, crop), np.uint8)
+        labels = table.labels[rows].copy()
+        # each image is decoded as soon as it arrives, while the batch's other reads are in flight; a read
+        # that still fails after retries raises ReadFailure (never a bad image)
+        reads = read_as_completed(
+            source.root, keys, source.endpoint_url, source.read_concurrency, source.read_retry_seconds
+        )
+        for i, blob in reads:
             try:
-                image = open_rgb(storage.read_bytes(location, self.endpoint_url))
+                images[i] = self.transform(open_rgb(blob)).numpy()
             except (OSError, ValueError, Image.DecompressionBombError) as exc:
-                if self.on_bad_image == "fail":
+                if source.on_bad_image == "fail":
                     raise DataError(
-                        f"dataset.on_bad_image: cannot decode {location} ({exc}); "
+                        f"dataset.on_bad_image: cannot decode {storage.join(source.root, keys[i])} ({exc}); "
                         "set dataset.on_bad_image: skip to skip such files"
                     ) from None
-                image, labels[i] = None, BAD_LABEL
-            images.append(image)
-        tensors = [self.transform(img) if img is not None else None for img in images]
-        shape = next((t.shape for t in tensors if t is not None), None)
-        if shape is None:  # every image in the batch was bad: take the shape from a blank one
-            shape = self.transform(Image.new("RGB", (8, 8))).shape
-        out = np.stack([t.numpy() if t is not None else np.zeros(shape, np.float32) for t in tensors])
-        return {"image": out.astype(np.float32), "label": labels, "row": batch["row"].astype(np.int64)}
+                labels[i] = BAD_LABEL
+        return {"image": images, "label": labels, "row": rows}
 
 
 def open_rgb(source: bytes | str) -> Image.Image:

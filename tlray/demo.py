@@ -22,7 +22,7 @@ def write_digits(folder: str) -> int:
     root = Path(folder)
     if len(list(root.glob("*/*.png"))) == len(digits.target):
         return len(digits.target)
-    for n, (pixels, label) in enumerate(zip(digits.images, digits.target)):
+    for n, (pixels, label) in enumerate(zip(digits.images, digits.target, strict=True)):
         path = root / str(label) / f"{n:04d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         # 0..16 grey levels -> 0..255, 8-bit greyscale (the pipeline converts to RGB)

@@ -11,10 +11,8 @@ Nothing here downloads unless `build_model` is given a torchvision weights name.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import logging
-import operator
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,53 +23,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torchvision.transforms import v2
 
-from tlray.errors import UserError
+# The arch table, and the rules that need no model, live in tlray.archs (importable without torch).
+from tlray.archs import SUPPORTED_FAMILIES, ModelError, family_of, resolve_freeze_depth, supported_archs  # noqa: F401
 
 log = logging.getLogger("tlray")
-
-
-class ModelError(UserError, ValueError):
-    """Bad model settings. The message starts with the spec key it concerns ("model.arch: ...").
-
-    A ValueError so pydantic validators turn it into a validation error; a UserError so
-    the CLI reports it without a traceback.
-    """
-
-
-SUPPORTED_FAMILIES: dict[str, tuple[str, ...]] = {
-    "resnet": (
-        "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-        "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
-        "wide_resnet50_2", "wide_resnet101_2",
-    ),
-    "efficientnet": (
-        "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3",
-        "efficientnet_b4", "efficientnet_b5", "efficientnet_b6", "efficientnet_b7",
-        "efficientnet_v2_s", "efficientnet_v2_m", "efficientnet_v2_l",
-    ),
-    "mobilenet": ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large"),
-    "convnext": ("convnext_tiny", "convnext_small", "convnext_base", "convnext_large"),
-    "regnet": (
-        "regnet_x_400mf", "regnet_x_800mf", "regnet_x_1_6gf", "regnet_x_3_2gf",
-        "regnet_x_8gf", "regnet_x_16gf", "regnet_x_32gf",
-        "regnet_y_400mf", "regnet_y_800mf", "regnet_y_1_6gf", "regnet_y_3_2gf",
-        "regnet_y_8gf", "regnet_y_16gf", "regnet_y_32gf", "regnet_y_128gf",
-    ),
-    "vit": ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14"),
-}
-
-
-def supported_archs() -> list[str]:
-    return [arch for archs in SUPPORTED_FAMILIES.values() for arch in archs]
-
-
-def family_of(arch: str) -> str:
-    for family, archs in SUPPORTED_FAMILIES.items():
-        if arch in archs:
-            return family
-    close = difflib.get_close_matches(str(arch), supported_archs(), n=1)
-    hint = f"did you mean '{close[0]}'?" if close else f"supported: {', '.join(supported_archs())}"
-    raise ModelError(f"model.arch: unknown arch '{arch}'; {hint}")
 
 
 def weights_enum(arch: str):
@@ -146,27 +101,6 @@ def backbone_block_names(arch: str) -> list[str]:
     return [name for name, _ in _layout(arch).blocks]
 
 
-def resolve_freeze_depth(arch: str, depth: int | str) -> int:
-    names = backbone_block_names(arch)
-    total = len(names)
-    valid = f"valid: 0..{total} or 'all' (blocks of {arch}: {', '.join(names)})"
-    if isinstance(depth, str):
-        if depth == "all":
-            return total
-        if not depth.strip().isdigit():  # "3" from a command line is fine, "most" is not
-            raise ModelError(f"model.freeze_depth: '{depth}' is not a depth; {valid}")
-        depth = int(depth)
-    if isinstance(depth, bool):
-        raise ModelError(f"model.freeze_depth: {depth} is not a depth; {valid}")
-    try:
-        value = operator.index(depth)  # ints and numpy ints (Tune samples), not floats
-    except TypeError:
-        raise ModelError(f"model.freeze_depth: {depth!r} is not a whole number; {valid}") from None
-    if not 0 <= value <= total:
-        raise ModelError(f"model.freeze_depth: {value} is out of range; {valid}")
-    return value
-
-
 def _params_at(model: nn.Module, path: str) -> list[nn.Parameter]:
     try:
         return list(model.get_submodule(path).parameters())
@@ -204,7 +138,7 @@ def torchvision_weights(arch: str, name: str):
     """The enum member for a weights name ("DEFAULT", "IMAGENET1K_V2", "ResNet18_Weights.DEFAULT"), else None."""
     enum = weights_enum(arch)
     prefix = enum.__name__ + "."
-    member = name[len(prefix):] if name.startswith(prefix) else name
+    member = name[len(prefix) :] if name.startswith(prefix) else name
     return enum[member] if member in enum.__members__ else None  # __members__ includes the DEFAULT alias
 
 
@@ -249,7 +183,11 @@ def _load_checkpoint(model: nn.Module, arch: str, path: str) -> None:
     if missing or unexpected or mismatched:
         parts = [
             f"{label} {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''} ({len(keys)})"
-            for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
+            for label, keys in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("shape mismatches", mismatched),
+            )
             if keys
         ]
         raise ModelError(f"model.weights: checkpoint '{path}' does not fit arch '{arch}': {'; '.join(parts)}")
@@ -349,7 +287,11 @@ def freeze(model: nn.Module, arch: str, depth: int | str, batchnorm: str = "froz
     frozen_names = [name for name, _ in blocks[:depth]]
     log.info(
         "trainable %d / frozen %d parameters (freeze_depth %d of %d: blocks %s)",
-        trainable, frozen, depth, len(blocks), ", ".join(frozen_names) or "none",
+        trainable,
+        frozen,
+        depth,
+        len(blocks),
+        ", ".join(frozen_names) or "none",
     )
     return FreezeSummary(depth, len(blocks), frozen_names, trainable, frozen)
 
@@ -370,24 +312,29 @@ class Preprocessing:
     std: tuple[float, ...]
     interpolation: str  # torchvision InterpolationMode value, e.g. "bilinear"
 
-    def _to_normalised_tensor(self) -> list:
-        return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(self.mean), list(self.std))]
+    def _geometry(self, augment: bool) -> list:
+        """Resize and crop (random with `augment`): the part that runs in Ray Data's CPU tasks."""
+        mode = v2.InterpolationMode(self.interpolation)
+        if augment:
+            return [v2.RandomResizedCrop(self.crop_size, interpolation=mode, antialias=True), v2.RandomHorizontalFlip()]
+        return [v2.Resize(self.resize_size, interpolation=mode, antialias=True), v2.CenterCrop(self.crop_size)]
+
+    def uint8_transform(self, augment: bool = False):
+        """PIL image -> uint8 tensor C x crop x crop. Shipped as uint8 (a quarter of float32's bytes);
+        `normalise` finishes it on the training device. Deterministic without `augment`."""
+        return v2.Compose(self._geometry(augment) + [v2.PILToTensor()])
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 N x C x H x W (on any device) -> the float32 input the model expects."""
+        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
+        return (images.float() / 255 - mean) / std
 
     def eval_transform(self):
-        """PIL image (or HWC uint8 array) -> normalised float tensor C x crop x crop."""
-        mode = v2.InterpolationMode(self.interpolation)
+        """PIL image -> normalised float tensor C x crop x crop, in one process (the reference path)."""
         return v2.Compose(
-            [v2.Resize(self.resize_size, interpolation=mode, antialias=True), v2.CenterCrop(self.crop_size)]
-            + self._to_normalised_tensor()
-        )
-
-    def train_transform(self, augment: bool):
-        if not augment:  # deterministic: the frozen-prefix cache depends on it
-            return self.eval_transform()
-        mode = v2.InterpolationMode(self.interpolation)
-        return v2.Compose(
-            [v2.RandomResizedCrop(self.crop_size, interpolation=mode, antialias=True), v2.RandomHorizontalFlip()]
-            + self._to_normalised_tensor()
+            self._geometry(False)
+            + [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(self.mean), list(self.std))]
         )
 
     def to_dict(self) -> dict:

@@ -17,35 +17,36 @@ from tlray import storage
 from tlray.errors import UserError
 
 PLOTS = {
-    "learning_curves.png": "Validation metric per epoch, one line per trial (a line that ends early was stopped by ASHA).",
+    "learning_curves.png": (
+        "Validation metric per epoch, one line per trial (a line that ends early was stopped by ASHA)."
+    ),
     "search_space.png": "Final metric of every trial over learning rate and freeze depth.",
     "confusion_matrix.png": "Confusion matrix of the published (best) model on the validation split.",
 }
 
 
-def confusion_matrix_of(spec, index, state: dict) -> dict:
+def confusion_matrix_of(spec, source, state: dict) -> dict:
     """The trained weights in `state` over the validation split (decoded by Ray Data, as in training)."""
     from tlray import models
-    from tlray.data import image_dataset
 
-    model = models.build_model(spec.model.arch, None, len(index.classes))
+    model = models.build_model(spec.model.arch, None, len(source.classes))
     model.load_state_dict(state["model"])
-    transform = models.preprocessing(spec.model.arch, spec.dataset.image_size).eval_transform()
-    dataset = image_dataset(index, "val", transform, "skip")
-    return {"classes": index.classes, "matrix": confusion_matrix(model, dataset, len(index.classes))}
+    return {"classes": list(source.classes), "matrix": confusion_matrix(model, source)}
 
 
-def confusion_matrix(model, dataset, num_classes: int) -> list[list[int]]:
-    """Counts[true][predicted] of `model` over a Ray Dataset of preprocessed images."""
+def confusion_matrix(model, source) -> list[list[int]]:
+    """Counts[true][predicted] of `model` over the validation split of a data.DataSource."""
     import torch
 
+    from tlray.data import iter_batches, val_rows
+
+    num_classes = len(source.classes)
     counts = np.zeros((num_classes, num_classes), dtype=np.int64)
     model.eval()
     with torch.no_grad():
-        dtypes = {"image": torch.float32, "label": torch.int64, "row": torch.int64}
-        for batch in dataset.iter_torch_batches(batch_size=64, dtypes=dtypes):
+        for batch in iter_batches(source, "val", val_rows(source.counts["val"], 0, 1), 64, torch.device("cpu")):
             good = batch["label"] >= 0  # undecodable images carry a negative label
-            predicted = model(batch["image"][good]).argmax(1)
+            predicted = model(source.preprocessing.normalise(batch["image"][good])).argmax(1)
             np.add.at(counts, (batch["label"][good].numpy(), predicted.numpy()), 1)
     return counts.tolist()
 
@@ -55,7 +56,9 @@ def write_report(run: str, endpoint_url: str | None = None) -> str:
     try:
         results = storage.read_json(storage.join(run, "tune_results.json"), endpoint_url)
     except (FileNotFoundError, OSError) as exc:
-        raise UserError(f"RUN_URI: no tune_results.json in {run} ({exc}); give the folder `tlray tune` printed") from None
+        raise UserError(
+            f"RUN_URI: no tune_results.json in {run} ({exc}); give the folder `tlray tune` printed"
+        ) from None
     try:
         confusion = storage.read_json(storage.join(run, "confusion_matrix.json"), endpoint_url)
     except (FileNotFoundError, OSError):
@@ -89,7 +92,7 @@ def plot_learning_curves(results: dict, path: Path) -> None:
         points = [(h["epoch"], h[metric]) for h in trial["history"] if h.get(metric) is not None]
         if not points:
             continue
-        x, y = zip(*points)
+        x, y = zip(*points, strict=True)
         label = f"{trial['trial']}  lr={trial['lr']:.2g} depth={trial['freeze_depth']}"
         (line,) = ax.plot(x, y, marker="o", markersize=3, label=label)
         if trial["stopped_early"]:
@@ -139,7 +142,15 @@ def plot_confusion(confusion: dict, path: Path) -> None:
     ax.set_yticks(ticks, classes)
     for (i, j), value in np.ndenumerate(counts):
         if value:
-            ax.text(j, i, str(value), ha="center", va="center", fontsize=8, color="white" if value > counts.max() / 2 else "black")
+            ax.text(
+                j,
+                i,
+                str(value),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if value > counts.max() / 2 else "black",
+            )
     ax.set(xlabel="predicted", ylabel="true", title=f"best trial {confusion.get('trial', '')} on the validation split")
     fig.tight_layout()
     fig.savefig(path)
@@ -166,13 +177,17 @@ def index_html(results: dict, confusion: dict | None, images: list[str]) -> str:
         for t in results["trials"]
     )
     figures = "\n".join(
-        f'<figure><img src="{name}" alt="{html.escape(PLOTS.get(name, name))}"><figcaption>{html.escape(PLOTS.get(name, name))}</figcaption></figure>'
+        f'<figure><img src="{name}" alt="{html.escape(PLOTS.get(name, name))}">'
+        f"<figcaption>{html.escape(PLOTS.get(name, name))}</figcaption></figure>"
         for name in images
     )
     best = results["trials"][0] if results["trials"] else None
     summary = (
-        f"Best trial <b>{html.escape(str(best['trial']))}</b>: lr {best['lr']:.3g}, freeze depth {html.escape(str(best['freeze_depth']))}, "
-        f"{metric} {best['metric']:.4f}." if best and best["metric"] is not None else "No trial finished."
+        f"Best trial <b>{html.escape(str(best['trial']))}</b>: lr {best['lr']:.3g}, "
+        f"freeze depth {html.escape(str(best['freeze_depth']))}, "
+        f"{metric} {best['metric']:.4f}."
+        if best and best["metric"] is not None
+        else "No trial finished."
     )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>tlray search report</title>
@@ -180,8 +195,9 @@ def index_html(results: dict, confusion: dict | None, images: list[str]) -> str:
 td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}figure{{margin:1.5em 0}}img{{max-width:100%}}</style>
 </head><body>
 <h1>tlray search report</h1>
-<p>{summary} Trials are sorted by their last {metric} ({html.escape(results['mode'])} is better).</p>
-<table><thead><tr><th>trial</th><th>lr</th><th>freeze depth</th><th>epochs</th><th>{metric} (last)</th><th>best</th><th>stopped early</th></tr></thead>
+<p>{summary} Trials are sorted by their last {metric} ({html.escape(results["mode"])} is better).</p>
+<table><thead><tr><th>trial</th><th>lr</th><th>freeze depth</th><th>epochs</th><th>{metric} (last)</th>
+<th>best</th><th>stopped early</th></tr></thead>
 <tbody>
 {rows}
 </tbody></table>

@@ -14,11 +14,15 @@ from __future__ import annotations
 import functools
 import os
 import re
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 from tlray.errors import UserError
+
+MAX_POOL_CONNECTIONS = 64
+LISTING_THREADS = 16  # top-level folders listed at once
 
 # Bucket names: AWS's current rules are stricter (3-63 chars, lowercase), but legacy
 # us-east-1 buckets and S3-compatible stores allow uppercase and '_'; this only catches typos
@@ -36,7 +40,7 @@ class S3Error(UserError):
     """An S3 problem the user can fix; the message starts with the spec key concerned."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StoredObject:
     key: str  # path relative to the listed prefix, '/'-separated
     version: str  # f"{size}:{etag}": changes whenever the object is rewritten
@@ -46,7 +50,7 @@ class StoredObject:
 # URIs and clients
 # ---------------------------------------------------------------------------------------
 def split_uri(uri: str, key: str = "dataset.uri") -> tuple[str, str]:
-    """"s3://bucket/a/b" -> ("bucket", "a/b/"): a prefix always ends with '/' (or is empty),
+    """ "s3://bucket/a/b" -> ("bucket", "a/b/"): a prefix always ends with '/' (or is empty),
     so that listing "a/b" never also picks up "a/bc/..."."""
     bucket, path = _parse(uri, key)
     return bucket, (path if not path or path.endswith("/") else path + "/")
@@ -56,7 +60,7 @@ def _parse(uri: str, key: str) -> tuple[str, str]:
     """(bucket, path) without any normalisation of the path: read_bytes needs it as given."""
     if not isinstance(uri, str) or not uri.startswith("s3://"):
         raise S3Error(f"{key}: '{uri}' is not an S3 URI; write it as s3://bucket/prefix")
-    bucket, _, path = uri[len("s3://"):].partition("/")
+    bucket, _, path = uri[len("s3://") :].partition("/")
     if not BUCKET_NAME.fullmatch(bucket):
         raise S3Error(
             f"{key}: '{uri}' does not start with a valid bucket name; write it as s3://bucket/prefix "
@@ -85,7 +89,7 @@ def client(endpoint_url: str | None, max_attempts: int = 10):
     return _client(endpoint, max_attempts)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _client(endpoint: str | None, max_attempts: int):
     import boto3
     from botocore.config import Config
@@ -94,6 +98,7 @@ def _client(endpoint: str | None, max_attempts: int):
         retries={"mode": "standard", "max_attempts": max_attempts},
         connect_timeout=5,
         read_timeout=60,
+        max_pool_connections=MAX_POOL_CONNECTIONS,  # concurrent GETs of a batch (tlray.fetch) share one client
         # MinIO, Ceph and moto serve buckets under the endpoint's path, not as subdomains.
         s3={"addressing_style": "path"} if endpoint else None,
     )
@@ -112,24 +117,43 @@ def clear_client_cache() -> None:
 def list_files(
     uri: str, endpoint_url: str | None, key: str = "dataset.uri", max_attempts: int = 10
 ) -> list[StoredObject]:
-    """Every object under the prefix, keys relative to it; "directory markers" (empty
-    objects named 'folder/' that consoles create) are not files and are skipped."""
+    """Every object under the prefix, keys relative to it, sorted; "directory markers" (empty
+    objects named 'folder/' that consoles create) are not files and are skipped.
+
+    Listing is 1,000 keys a request, so a million images is a thousand round trips: the
+    top-level folders (classes, or train/val) are listed first and then side by side.
+    """
     bucket, prefix = split_uri(uri, key)
-    out: list[StoredObject] = []
     with _s3_errors(key, uri, endpoint_url, bucket, max_attempts):
-        pages = client(endpoint_url, max_attempts).get_paginator("list_objects_v2")
-        for page in pages.paginate(Bucket=bucket, Prefix=prefix):  # 1,000 keys a page
-            for obj in page.get("Contents", []):
-                if obj["Key"].endswith("/"):
-                    continue
-                etag = obj.get("ETag", "").strip('"')
-                out.append(StoredObject(obj["Key"][len(prefix):], f"{obj['Size']}:{etag}"))
+        s3 = client(endpoint_url, max_attempts)
+        top = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
+        out, folders = [], []
+        for page in top:
+            out += _stored_objects(page, prefix)
+            folders += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
+        with ThreadPoolExecutor(LISTING_THREADS) as pool:
+            for objects in pool.map(lambda folder: _list_all(s3, bucket, folder, prefix), folders):
+                out += objects
     if not out:
         raise S3Error(
             f"{key}: s3://{bucket}/{prefix} is empty: no objects under that prefix; check the "
             "prefix (keys are case-sensitive) or upload the data first"
         )
+    out.sort(key=lambda o: o.key)
     return out
+
+
+def _list_all(s3, bucket: str, folder: str, prefix: str) -> list[StoredObject]:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=folder)
+    return [o for page in pages for o in _stored_objects(page, prefix)]
+
+
+def _stored_objects(page: dict, prefix: str) -> list[StoredObject]:
+    return [
+        StoredObject(obj["Key"][len(prefix) :], f"{obj['Size']}:{obj.get('ETag', '').strip(chr(34))}")
+        for obj in page.get("Contents", [])
+        if not obj["Key"].endswith("/")
+    ]
 
 
 def read_bytes(uri: str, endpoint_url: str | None, key: str, max_attempts: int = 10) -> bytes:
@@ -141,9 +165,7 @@ def read_bytes(uri: str, endpoint_url: str | None, key: str, max_attempts: int =
         return client(endpoint_url, max_attempts).get_object(Bucket=bucket, Key=path)["Body"].read()
 
 
-def check_writable(
-    uri: str, endpoint_url: str | None, key: str = "output.uri", max_attempts: int = 10
-) -> None:
+def check_writable(uri: str, endpoint_url: str | None, key: str = "output.uri", max_attempts: int = 10) -> None:
     """Fail early if the output bucket is missing or unreadable to us. Nothing is written:
     a probe object would need delete rights to clean up and could trigger bucket events;
     a write the policy forbids still fails later, with the same kind of message."""
@@ -152,6 +174,68 @@ def check_writable(
         s3 = client(endpoint_url, max_attempts)
         s3.head_bucket(Bucket=bucket)
         s3.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
+
+
+# ---------------------------------------------------------------------------------------
+# Conditional writes: compare-and-swap on one object (tlray.champion's latest.json)
+# ---------------------------------------------------------------------------------------
+class WriteConflict(Exception):
+    """Another writer created or replaced the object since we read it: read it again and re-decide."""
+
+
+class ConditionalWritesUnsupported(Exception):
+    """The store rejects If-Match / If-None-Match on PutObject (older MinIO, Ceph, other S3 look-alikes)."""
+
+
+def read_versioned(uri: str, endpoint_url: str | None, key: str, max_attempts: int = 10) -> tuple[bytes, str] | None:
+    """(body, ETag) of an object, or None when there is none: what a conditional write needs."""
+    from botocore import exceptions as bx
+
+    bucket, path = _parse(uri, key)
+    with _s3_errors(key, uri, endpoint_url, bucket, max_attempts):
+        try:
+            response = client(endpoint_url, max_attempts).get_object(Bucket=bucket, Key=path)
+        except bx.ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
+        return response["Body"].read(), response["ETag"]
+
+
+def write_if(
+    uri: str, data: bytes, etag: str | None, endpoint_url: str | None, key: str, max_attempts: int = 10
+) -> str:
+    """Write the object only if it is still as we read it: absent (etag None: `If-None-Match: *`) or at
+    version `etag` (`If-Match`). Returns the new ETag.
+
+    Raises WriteConflict when another writer got there first (412, S3's 409 ConditionalRequestConflict for
+    racing writes, or a 404 when the object was deleted meanwhile) and ConditionalWritesUnsupported when the
+    store does not implement the headers (501 / NotImplemented).
+    """
+    from botocore import exceptions as bx
+
+    bucket, path = _parse(uri, key)
+    condition = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
+    with _s3_errors(key, uri, endpoint_url, bucket, max_attempts):
+        try:
+            response = client(endpoint_url, max_attempts).put_object(Bucket=bucket, Key=path, Body=data, **condition)
+        except bx.ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey") or status in (409, 412):
+                raise WriteConflict(f"{uri} changed since it was read ({code or status})") from None
+            if code == "NotImplemented" or status == 501:
+                message = f"{uri}: the store does not implement conditional writes ({code})"
+                raise ConditionalWritesUnsupported(message) from None
+            raise
+        return response["ETag"]
+
+
+def write_unconditionally(uri: str, data: bytes, endpoint_url: str | None, key: str, max_attempts: int = 10) -> str:
+    """Plain PutObject: the fallback for stores without conditional writes (last writer wins)."""
+    bucket, path = _parse(uri, key)
+    with _s3_errors(key, uri, endpoint_url, bucket, max_attempts):
+        return client(endpoint_url, max_attempts).put_object(Bucket=bucket, Key=path, Body=data)["ETag"]
 
 
 # ---------------------------------------------------------------------------------------

@@ -14,18 +14,19 @@ import json
 import re
 import types
 import typing
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterable, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from tlray import archs, names
 from tlray.errors import UserError
 
 REPORTED_METRICS = ("train_loss", "val_loss", "val_accuracy", "val_top5", "images_per_second")
 CREDENTIAL_KEY = re.compile(r"secret|password|passwd|token|access_key|credential", re.IGNORECASE)
-DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
 class _Section(BaseModel):
@@ -49,20 +50,36 @@ class DatasetSpec(_Section):
         "`manifest`: a CSV/JSONL index named by `manifest`.",
     )
     manifest: str | None = Field(
-        None, description="Path of the CSV/JSONL index (columns `path`, `label`, optional `split`); only with `layout: manifest`."
+        None,
+        description="Path of the CSV/JSONL index (columns `path`, `label`, optional `split`); "
+        "only with `layout: manifest`.",
     )
     val_fraction: float = Field(
         0.2, gt=0, lt=1, description="Share of images held out for validation when the data has no train/val folders."
     )
     split_seed: int = Field(
-        0, description="Salt of the hash that assigns each image to train or val; the split is stable as files are added."
+        0,
+        description="Salt of the hash that assigns each image to train or val; the split is stable as files are added.",
     )
     image_size: int | None = Field(
-        None, ge=8, le=1024, description="Square input size in pixels; default: the pretrained weights' preset (e.g. 224)."
+        None,
+        ge=8,
+        le=1024,
+        description="Square input size in pixels; default: the pretrained weights' preset (e.g. 224).",
     )
     augment: bool = Field(False, description="Random-resized-crop and horizontal flip on training images.")
     on_bad_image: Literal["skip", "fail"] = Field(
         "skip", description="What to do with an image that cannot be decoded: skip it (and count it) or stop the job."
+    )
+    read_concurrency: int = Field(
+        16, ge=1, le=256, description="Images of a batch fetched at once by each decoding task (one GET each)."
+    )
+    read_retry_seconds: float = Field(
+        120.0,
+        gt=0,
+        le=3600,
+        description="How long a read is retried (throttling, 5xx, lost connections) before the run stops "
+        "with an I/O failure naming the image; a read failure never counts as a bad image.",
     )
     endpoint_url: str | None = Field(
         None,
@@ -73,11 +90,14 @@ class DatasetSpec(_Section):
 
 
 class ModelSpec(_Section):
-    arch: str = Field(description="torchvision classification builder, e.g. `resnet50`, `efficientnet_v2_s`, `vit_b_16`.")
+    arch: str = Field(
+        description="torchvision classification builder, e.g. `resnet50`, `efficientnet_v2_s`, `vit_b_16`."
+    )
     weights: str = Field(
         "DEFAULT",
         description="Initial weights: `DEFAULT`, a torchvision weights name (e.g. `IMAGENET1K_V2`), "
-        "a checkpoint (`s3://…` or a path to a state_dict), or `none` for random init.",
+        "a checkpoint (`s3://…` or a path to a state_dict), a published run's folder or URI, `latest` (the job's "
+        "current champion, see `publish`), or `none` for random init.",
     )
     mode: Literal["architecture", "feature_extractor", "partial"] = Field(
         "partial",
@@ -98,9 +118,7 @@ class ModelSpec(_Section):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, arch: str) -> str:
-        from tlray import models
-
-        models.family_of(arch)  # raises with a did-you-mean
+        archs.family_of(arch)  # raises with a did-you-mean
         return arch
 
     @property
@@ -128,7 +146,25 @@ class TrainSpec(_Section):
         "auto", description="Mixed precision: `auto` = bf16 (or fp16) on GPU, off on CPU."
     )
     seed: int = Field(0, description="Seed of weight init, shuffling and augmentation.")
-    checkpoints_to_keep: int = Field(2, ge=1, le=100, description="Most recent checkpoints kept in the run's storage.")
+    checkpoints_to_keep: int = Field(
+        2,
+        ge=1,
+        le=100,
+        description="Checkpoints kept in the run's storage: the best ones by `select_metric` (the most recent with "
+        "`last`), plus always the latest, which a re-run resumes from.",
+    )
+    select_metric: str = Field(
+        "val_accuracy",
+        description=f"Which epoch a run publishes: the best by this metric (one of {', '.join(REPORTED_METRICS)}; "
+        "losses lower, others higher is better), or `last` for the final epoch.",
+    )
+
+    @field_validator("select_metric")
+    @classmethod
+    def _selectable_metric(cls, metric: str) -> str:
+        if metric != "last" and metric not in REPORTED_METRICS:
+            raise ValueError(f"'{metric}' is never reported; choose `last` or one of {', '.join(REPORTED_METRICS)}")
+        return metric
 
 
 class ScalingSpec(_Section):
@@ -148,17 +184,24 @@ class LrRange(_Section):
 
 class TuneSpec(_Section):
     num_samples: int = Field(8, ge=1, le=10_000, description="Trials to run.")
-    lr: LrRange | None = Field(None, description="Learning-rate range, sampled log-uniformly; default: `train.lr` only.")
+    lr: LrRange | None = Field(
+        None, description="Learning-rate range, sampled log-uniformly; default: `train.lr` only."
+    )
     freeze_depth: list[FreezeDepth] | None = Field(
         None, min_length=1, description="Freeze depths to try (`mode: partial`); default: `model.freeze_depth` only."
     )
     scheduler: Literal["asha", "none"] = Field("asha", description="`asha` stops weak trials early; `none` runs all.")
     grace_period: int = Field(1, ge=1, description="Epochs every trial runs before ASHA may stop it.")
     reduction_factor: int = Field(
-        3, ge=2, description="ASHA keeps the best 1/`reduction_factor` of the trials at each rung (epochs grace, grace x factor, ...)."
+        3,
+        ge=2,
+        description="ASHA keeps the best 1/`reduction_factor` of the trials at each rung "
+        "(epochs grace, grace x factor, ...).",
     )
     metric: str = Field("val_accuracy", description=f"Metric to optimise: one of {', '.join(REPORTED_METRICS)}.")
-    mode: Literal["max", "min"] = Field("max", description="Whether a higher (`max`) or lower (`min`) metric is better.")
+    mode: Literal["max", "min"] = Field(
+        "max", description="Whether a higher (`max`) or lower (`min`) metric is better."
+    )
     max_concurrent_trials: int | None = Field(
         None, ge=1, description="Trials running at once; default: as many as the cluster's resources allow."
     )
@@ -171,6 +214,26 @@ class TuneSpec(_Section):
         return metric
 
 
+class PublishSpec(_Section):
+    policy: Literal["gate", "always", "never"] = Field(
+        "gate",
+        description="When a finished run becomes the champion that `<output.uri>/<name>/latest.json` points at: "
+        "`gate`: only if it beats the current champion on the new run's validation split by `min_improvement`; "
+        "`always`: every finished run; `never`: the pointer is left alone.",
+    )
+    metric: Literal["val_accuracy", "val_top5", "val_loss"] = Field(
+        "val_accuracy",
+        description="Metric the gate compares, computed for the new run and the champion on the new run's "
+        "validation split (`val_loss` lower is better, the others higher).",
+    )
+    min_improvement: float = Field(
+        0.0,
+        ge=0,
+        description="How much better than the champion a run must be to replace it under `gate` "
+        "(absolute, in the metric's units); with 0 it must still be strictly better.",
+    )
+
+
 class OutputSpec(_Section):
     uri: str = Field(
         description="Where runs and published models go: `s3://bucket/prefix` or a local folder; "
@@ -180,37 +243,39 @@ class OutputSpec(_Section):
 
 class JobSpec(_Section):
     name: str = Field(
-        description="Job name, a DNS-1123 label (lowercase letters, digits, '-'; at most 40 characters): "
-        "it names run folders and Kubernetes objects."
+        description=f"Job name: it names run folders and Kubernetes objects, so a DNS-1035 label (lowercase "
+        f"letters, digits, '-'; starting with a letter) of at most {names.MAX_NAME_LENGTH} characters, which "
+        f"leaves room for the names derived from it; a RayCronJob allows {names.RAYCRONJOB_MAX}."
     )
     dataset: DatasetSpec = Field(description="The labelled images.")
     model: ModelSpec = Field(description="The network, its initial weights and what is frozen.")
     train: TrainSpec = Field(default_factory=TrainSpec, description="Optimisation settings.")
     scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="How many Ray Train workers, on what.")
-    tune: TuneSpec | None = Field(None, description="Hyper-parameter search over `lr` and `freeze_depth` (`tlray tune`).")
+    tune: TuneSpec | None = Field(
+        None, description="Hyper-parameter search over `lr` and `freeze_depth` (`tlray tune`)."
+    )
     output: OutputSpec = Field(description="Where the results go.")
+    publish: PublishSpec = Field(
+        default_factory=PublishSpec, description="Champion gate: which finished runs `latest.json` points at."
+    )
 
     @field_validator("name")
     @classmethod
-    def _dns_label(cls, name: str) -> str:
-        if len(name) > 40 or not DNS_LABEL.match(name):
-            raise ValueError(
-                f"'{name}' is not a DNS-1123 label of at most 40 characters "
-                "(lowercase letters, digits and '-', starting and ending with a letter or digit)"
-            )
+    def _kubernetes_name(cls, name: str) -> str:
+        problem = names.name_problem(name)
+        if problem:
+            raise ValueError(problem)
         return name
 
     # -- derived values: computed here once, used everywhere -------------------------------
     @property
     def freeze_depth(self) -> int:
         """The number of frozen backbone blocks this spec trains with."""
-        from tlray import models
-
         if self.model.mode == "architecture":
             return 0
         if self.model.mode == "feature_extractor":
-            return len(models.backbone_block_names(self.model.arch))
-        return models.resolve_freeze_depth(self.model.arch, self.model.freeze_depth)
+            return len(archs.backbone_block_names(self.model.arch))
+        return archs.resolve_freeze_depth(self.model.arch, self.model.freeze_depth)
 
     @property
     def fingerprint(self) -> str:
@@ -272,6 +337,28 @@ def _manifest_matches_layout(dataset: DatasetSpec):
         yield Problem("dataset.manifest", "only used with `layout: manifest`; remove it or set `layout: manifest`")
 
 
+def _location_problem(key: str, value: str | None) -> Iterable[Problem]:
+    scheme = value.split("://", 1)[0] if value and "://" in value else None
+    if scheme is not None and scheme != "s3":
+        yield Problem(key, f"'{value}': tlray reads and writes `s3://` URIs and local paths only, not {scheme}://")
+
+
+@rule("dataset")
+def _dataset_locations(dataset: DatasetSpec):
+    yield from _location_problem("dataset.uri", dataset.uri)
+    yield from _location_problem("dataset.manifest", dataset.manifest)
+
+
+@rule("model")
+def _weights_location(model: ModelSpec):
+    yield from _location_problem("model.weights", model.weights)
+
+
+@rule("output")
+def _output_location(output: OutputSpec):
+    yield from _location_problem("output.uri", output.uri)
+
+
 @rule("dataset")
 def _endpoint_needs_s3(dataset: DatasetSpec):
     if dataset.endpoint_url and not dataset.uri.startswith("s3://"):
@@ -286,36 +373,45 @@ def _weights_match_mode(model: ModelSpec):
             f"mode 'architecture' trains from random init, so weights must be `none` (got '{model.weights}')",
         )
     if model.mode in ("feature_extractor", "partial") and not model.pretrained:
-        yield Problem("model.weights", f"mode '{model.mode}' needs pretrained weights; use `mode: architecture` for random init")
+        yield Problem(
+            "model.weights", f"mode '{model.mode}' needs pretrained weights; use `mode: architecture` for random init"
+        )
 
 
 @rule("model")
 def _weights_exist(model: ModelSpec):
-    from tlray import models
-
     w = model.weights
-    if not model.pretrained or w.startswith("s3://"):
+    if not model.pretrained or w.startswith("s3://") or w == "latest":  # latest: the champion (tlray.champion)
         return
-    if w == "DEFAULT" or w in models.weights_enum(model.arch).__members__:
+    if w in archs.weights_names(model.arch):
         return
     if "/" in w or w.endswith((".pt", ".pth", ".bin")):
         return  # a checkpoint path: whether it exists here is checked when a job starts, like the data
-    names = ["DEFAULT", *models.weights_enum(model.arch).__members__]
-    yield Problem("model.weights", f"'{w}' is not a weights name of {model.arch} ({', '.join(names)}), a checkpoint path or `none`")
+    known = archs.weights_names(model.arch)
+    yield Problem(
+        "model.weights",
+        f"'{w}' is not a weights name of {model.arch} ({', '.join(known)}), a checkpoint path or `none`",
+    )
 
 
 @rule("model")
 def _freeze_depth_matches_mode(model: ModelSpec):
-    from tlray import models
-
-    depth, blocks = model.freeze_depth, models.backbone_block_names(model.arch)
+    depth, blocks = model.freeze_depth, archs.backbone_block_names(model.arch)
     if model.mode == "architecture" and depth not in (None, 0):
-        yield Problem("model.freeze_depth", "mode 'architecture' trains every block from random init; remove freeze_depth")
+        yield Problem(
+            "model.freeze_depth", "mode 'architecture' trains every block from random init; remove freeze_depth"
+        )
     elif model.mode == "feature_extractor" and depth not in (None, "all", len(blocks)):
-        yield Problem("model.freeze_depth", f"mode 'feature_extractor' freezes all {len(blocks)} blocks; use mode 'partial' for {depth}")
+        yield Problem(
+            "model.freeze_depth",
+            f"mode 'feature_extractor' freezes all {len(blocks)} blocks; use mode 'partial' for {depth}",
+        )
     elif model.mode == "partial":
         if depth is None:
-            yield Problem("model.freeze_depth", f"required with mode 'partial': 0..{len(blocks)} or `all` ({_describe_blocks(blocks)})")
+            yield Problem(
+                "model.freeze_depth",
+                f"required with mode 'partial': 0..{len(blocks)} or `all` ({_describe_blocks(blocks)})",
+            )
         else:
             yield from _depth_problems("model.freeze_depth", model.arch, depth)
 
@@ -323,7 +419,9 @@ def _freeze_depth_matches_mode(model: ModelSpec):
 @rule("train")
 def _warmup_shorter_than_training(train: TrainSpec):
     if train.warmup_epochs >= train.epochs:
-        yield Problem("train.warmup_epochs", f"must be less than train.epochs ({train.warmup_epochs} >= {train.epochs})")
+        yield Problem(
+            "train.warmup_epochs", f"must be less than train.epochs ({train.warmup_epochs} >= {train.epochs})"
+        )
 
 
 @rule("train", "scaling")
@@ -355,6 +453,12 @@ def _tuned_depths_in_block_map(tune: TuneSpec | None, model: ModelSpec):
         yield from _depth_problems(f"tune.freeze_depth[{i}]", model.arch, depth)
 
 
+@rule("publish")
+def _min_improvement_needs_gate(publish: PublishSpec):
+    if publish.min_improvement and publish.policy != "gate":
+        yield Problem("publish.min_improvement", f"only used with `policy: gate` (policy is '{publish.policy}')")
+
+
 @rule("tune", "train")
 def _grace_period_within_epochs(tune: TuneSpec | None, train: TrainSpec):
     if tune and tune.grace_period > train.epochs:
@@ -367,9 +471,7 @@ def _describe_blocks(blocks: list[str]) -> str:
 
 
 def _depth_problems(key: str, arch: str, depth: int | str):
-    from tlray import models
-
-    blocks = models.backbone_block_names(arch)
+    blocks = archs.backbone_block_names(arch)
     if depth != "all" and not 0 <= depth <= len(blocks):
         yield Problem(key, f"{depth} is outside 0..{len(blocks)} for {arch} ({_describe_blocks(blocks)})")
 
@@ -403,7 +505,9 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     if raw is None:
         raise UserError(f"{path}: the spec file holds only comments; see `jobs/` for examples")
     if not isinstance(raw, dict):
-        raise UserError(f"{path}: a job spec is a YAML mapping (name:, dataset:, model:, …), got a {type(raw).__name__}")
+        raise UserError(
+            f"{path}: a job spec is a YAML mapping (name:, dataset:, model:, …), got a {type(raw).__name__}"
+        )
     return raw
 
 
@@ -498,7 +602,11 @@ def _known_keys(loc: list[Any]) -> list[str]:
             continue
         annotation = model.model_fields[part].annotation
         model = next(
-            (t for t in (annotation, *getattr(annotation, "__args__", ())) if isinstance(t, type) and issubclass(t, BaseModel)),
+            (
+                t
+                for t in (annotation, *getattr(annotation, "__args__", ()))
+                if isinstance(t, type) and issubclass(t, BaseModel)
+            ),
             model,
         )
     return list(model.model_fields)
@@ -532,7 +640,11 @@ def _rule_problems(raw: dict[str, Any]) -> list[Problem]:
 
 
 def _section_model(annotation: Any) -> type[BaseModel]:
-    return next(t for t in (annotation, *getattr(annotation, "__args__", ())) if isinstance(t, type) and issubclass(t, BaseModel))
+    return next(
+        t
+        for t in (annotation, *getattr(annotation, "__args__", ()))
+        if isinstance(t, type) and issubclass(t, BaseModel)
+    )
 
 
 def _unique(problems: list[Problem]) -> list[Problem]:

@@ -13,15 +13,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import ray.data
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from tlray import models, storage
-from tlray.data import BAD_LABEL, MAX_BAD_FRACTION, DataError, DatasetIndex, image_dataset
+from tlray import data, models, storage
+from tlray.data import BAD_LABEL, MAX_BAD_FRACTION, DataError, DataSource
 from tlray.errors import UserError, user_error_inside
 from tlray.spec import JobSpec, TrainSpec
 
@@ -45,28 +44,29 @@ def train_loop_per_worker(config: dict) -> None:
 def fine_tune(config: dict) -> None:
     """One worker's share of the fine-tune: plain PyTorch, plus the steps marked "Ray n"."""
     spec = JobSpec.model_validate(config["spec"])
-    index = DatasetIndex.from_dict(config["index"])
+    source: DataSource = config["data"]  # classes, counts and a reference to the keys; never the index
     torch.manual_seed(spec.train.seed)  # same init on every rank; DDP also broadcasts rank 0's weights
 
     # Ray 1: this worker's place in the group and its device (cuda:N or cpu).
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cpu":  # Ray sets 1 thread per reserved CPU; decoding uint8 leaves the node's others idle
+        torch.set_num_threads(cpu_threads(node_cpus(), context.get_local_world_size(), spec.scaling.cpus_per_worker))
+        if rank == 0:
+            say(f"{world_size} CPU worker(s), {torch.get_num_threads()} torch thread(s) each")
 
     # Load weights, new head, then freeze — all on the bare model, before DDP wraps it.
     weights = fetch_weights(config["weights"], spec.dataset.endpoint_url)
-    model = models.build_model(spec.model.arch, weights, len(index.classes))
+    model = models.build_model(spec.model.arch, weights, len(source.classes))
     models.freeze(model, spec.model.arch, spec.freeze_depth, spec.model.batchnorm)  # logs the counts
     optimizer = make_optimizer(models.trainable_parameters(model), spec.train)
 
     # Ray 2: move to the device and wrap in DistributedDataParallel (when world_size > 1).
     model = ray.train.torch.prepare_model(model)
 
-    # Ray 3: this worker's shard of each split, decoded by Ray Data tasks (equal row counts per worker).
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
-    rows_per_worker = len(index.train) // world_size
-    drop_last = rows_per_worker > spec.train.batch_size  # a last batch of one image breaks BatchNorm
-    steps_per_epoch = rows_per_worker // spec.train.batch_size if drop_last else 1
+    # every step a full batch (a last batch of one image breaks BatchNorm), the same count on every worker
+    batch_size, steps_per_epoch = data.train_batches(source.counts["train"], world_size, spec.train.batch_size)
 
     scheduler = make_lr_schedule(optimizer, spec.train, steps_per_epoch)
     amp_dtype = autocast_dtype(spec.train.amp, device)
@@ -87,19 +87,16 @@ def fine_tune(config: dict) -> None:
         if rank == 0:
             say(f"resuming after epoch {start_epoch} of {spec.train.epochs}")
 
-    for epoch in range(start_epoch, spec.train.epochs):
+    # Ray 3: this worker's share of each epoch's global shuffle, decoded to uint8 by Ray Data tasks; one
+    # pipeline runs on across epochs, so the next epoch's batches are ready when this one ends.
+    epochs = data.train_epochs(
+        source, spec.train.seed, range(start_epoch, spec.train.epochs), rank, world_size, batch_size, device
+    )
+    for epoch, batches in epochs:
         model.train()  # frozen BatchNorm layers stay in eval mode (models.freeze)
         started, seen, loss_sum, bad_rows = time.perf_counter(), 0, 0.0, []
-        batches = train_shard.iter_torch_batches(
-            batch_size=spec.train.batch_size,
-            drop_last=drop_last,
-            local_shuffle_buffer_size=min(1024, max(rows_per_worker, 1)),
-            local_shuffle_seed=spec.train.seed + 1000 * epoch + rank,
-            dtypes={"image": torch.float32, "label": torch.int64, "row": torch.int64},
-            device=device,
-        )
         for batch in batches:
-            images, labels = batch["image"], batch["label"]
+            images, labels = source.preprocessing.normalise(batch["image"]), batch["label"]
             bad_rows += batch["row"][labels == BAD_LABEL].tolist()
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 logits = model(images)
@@ -114,14 +111,21 @@ def fine_tune(config: dict) -> None:
             seen, loss_sum = seen + good, loss_sum + loss.item() * good
         elapsed = time.perf_counter() - started
 
-        val, val_bad_rows = evaluate(unwrap(model), val_shard, spec.train.batch_size, loss_fn, device, amp_dtype, len(index.classes))
-        bad_keys = [index.train[r][0] for r in bad_rows] + [index.val[r][0] for r in val_bad_rows]
-        bad_examples = (bad_examples + [index.location(k) for k in bad_keys])[:BAD_EXAMPLES] if epoch == 0 else bad_examples
+        val, val_bad_rows = evaluate(
+            unwrap(model), source, spec.train.batch_size, loss_fn, device, amp_dtype, rank, world_size
+        )
+        bad_locations = [source.location("train", r) for r in bad_rows] + [
+            source.location("val", r) for r in val_bad_rows
+        ]
+        bad_examples = (bad_examples + bad_locations)[:BAD_EXAMPLES] if epoch == 0 else bad_examples
         loss_sum, seen, elapsed, bad, total_rows = all_reduce_sum(
-            [loss_sum, seen, elapsed, len(bad_keys), rows_per_worker + val["rows"]], device
+            [loss_sum, seen, elapsed, len(bad_locations), batch_size * steps_per_epoch + val["rows"]], device
         )
         if bad and rank == 0:
-            say(f"skipped {int(bad)} undecodable image(s) this epoch, e.g. {', '.join(bad_examples) or '(other workers)'}")
+            say(
+                f"skipped {int(bad)} undecodable image(s) this epoch, "
+                f"e.g. {', '.join(bad_examples) or '(other workers)'}"
+            )
         if bad / total_rows > MAX_BAD_FRACTION:
             raise DataError(
                 f"dataset.uri: {int(bad)} of {int(total_rows)} images ({bad / total_rows:.1%}) cannot be decoded, "
@@ -130,6 +134,7 @@ def fine_tune(config: dict) -> None:
         metrics = {
             "epoch": epoch + 1,
             "train_loss": loss_sum / max(seen, 1),
+            "train_images": int(seen),  # decoded and trained on, all workers
             # images/s of the whole group: all images over the mean worker wall time
             "images_per_second": seen / (elapsed / world_size),
             "lr": optimizer.param_groups[0]["lr"],
@@ -164,6 +169,21 @@ def fine_tune(config: dict) -> None:
 def say(message: str) -> None:
     # Ray Train routes print() through its logger, which echoes lines twice; the raw stream does not.
     print(f"[tlray] {message}", file=sys.__stdout__, flush=True)
+
+
+def cpu_threads(node_cpus: float, workers_on_node: int, cpus_per_worker: float) -> int:
+    """Torch threads of a CPU worker: its share of the node's CPUs, never fewer than it reserved.
+
+    The CPUs left for Ray Data's decoding tasks are shared, not idle: a worker waits for its
+    batches anyway, so the two never both need the cores for long.
+    """
+    return max(1, math.floor(cpus_per_worker), math.floor(node_cpus / max(1, workers_on_node)))
+
+
+def node_cpus() -> float:
+    """CPUs Ray gives this node (from its cgroup limits in a container, unlike os.cpu_count())."""
+    node_id = ray.get_runtime_context().get_node_id()
+    return next((n["Resources"].get("CPU", 1.0) for n in ray.nodes() if n["NodeID"] == node_id), 1.0)
 
 
 def weights_location(weights: str | None) -> str | None:
@@ -234,8 +254,10 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 @torch.no_grad()
-def evaluate(model, shard, batch_size, loss_fn, device, amp_dtype, num_classes) -> tuple[dict, list[int]]:
-    """Loss and accuracy over this worker's validation shard, summed over all workers.
+def evaluate(
+    model, source: DataSource, batch_size, loss_fn, device, amp_dtype, rank, world_size
+) -> tuple[dict, list[int]]:
+    """Loss and accuracy over this worker's share of the validation split, summed over all workers.
 
     Runs on the unwrapped model: a DDP forward would sync buffers. Returns the metrics
     (plus "rows": this worker's row count) and the rows of undecodable images.
@@ -244,12 +266,13 @@ def evaluate(model, shard, batch_size, loss_fn, device, amp_dtype, num_classes) 
     model.eval()
     loss_sum = correct = correct5 = count = rows = 0.0
     bad_rows = []
-    dtypes = {"image": torch.float32, "label": torch.int64, "row": torch.int64}
-    for batch in shard.iter_torch_batches(batch_size=batch_size, dtypes=dtypes, device=device):
+    num_classes = len(source.classes)
+    shard = data.val_rows(source.counts["val"], rank, world_size)
+    for batch in data.iter_batches(source, "val", shard, batch_size, device):
         good = batch["label"] != BAD_LABEL
         bad_rows += batch["row"][~good].tolist()
         rows += len(good)
-        images, labels = batch["image"][good], batch["label"][good]
+        images, labels = source.preprocessing.normalise(batch["image"][good]), batch["label"][good]
         if not len(labels):
             continue
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -277,38 +300,27 @@ def format_metrics(metrics: dict, epochs: int) -> str:
 # ---------------------------------------------------------------------------------------
 # Driver side
 # ---------------------------------------------------------------------------------------
-def fit(spec: JobSpec, index: DatasetIndex, run_uri: str) -> ray.train.Result:
+def fit(spec: JobSpec, source: DataSource, run_uri: str) -> ray.train.Result:
     """Run the loop on `scaling.num_workers` Ray Train workers; checkpoints go to `<run_uri>/train`."""
     warn_if_no_cpu_left_for_data(spec, trials=1)
     # the run folder is already unique per spec, so a fixed name lets a re-run resume
     weights = weights_location(spec.model.builder_weights)
-    return make_trainer(spec, index, weights, run_uri, name="train").fit()
+    return make_trainer(spec, source, weights, run_uri, name="train").fit()
 
 
-def make_trainer(spec: JobSpec, index: DatasetIndex, weights: str | None, storage_uri: str, name: str, callbacks=()):
+def make_trainer(spec: JobSpec, source: DataSource, weights: str | None, storage_uri: str, name: str, callbacks=()):
     """A TorchTrainer for one run of the loop; its checkpoints go to `<storage_uri>/<name>`.
 
     `weights`: what `weights_location` made of the spec's weights in the driver's directory.
+    Each worker builds its own Ray Data pipeline per epoch from `source` (data.iter_batches):
+    that is what lets every epoch read a new global permutation of the keys.
     """
     from ray.train.torch import TorchTrainer
 
     filesystem, storage_path = storage.filesystem(storage_uri, spec.dataset.endpoint_url)
-    data_context = ray.data.DataContext.get_current()
-    data_context.enable_progress_bars = False  # the epoch lines are the progress
-    data_context.raise_original_map_exception = True  # keep DataError (bad image, exit 2) recognisable
-    preprocessing = models.preprocessing(spec.model.arch, spec.dataset.image_size)
-    on_bad = spec.dataset.on_bad_image
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "spec": spec.model_dump(mode="json"),
-            "index": index.to_dict(),
-            "weights": weights,
-        },
-        datasets={
-            "train": image_dataset(index, "train", preprocessing.train_transform(spec.dataset.augment), on_bad),
-            "val": image_dataset(index, "val", preprocessing.eval_transform(), on_bad),
-        },
+        train_loop_config={"spec": spec.model_dump(mode="json"), "data": source, "weights": weights},
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.scaling.num_workers,
             use_gpu=spec.scaling.use_gpu,
@@ -320,10 +332,49 @@ def make_trainer(spec: JobSpec, index: DatasetIndex, weights: str | None, storag
             storage_path=storage_path,
             storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=spec.scaling.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.train.checkpoints_to_keep),
+            checkpoint_config=checkpoint_config(spec.train),
             callbacks=list(callbacks),
         ),
     )
+
+
+def checkpoint_config(train: TrainSpec) -> ray.train.CheckpointConfig:
+    """Keep the best `checkpoints_to_keep` epochs by `select_metric` (the most recent ones with `last`).
+
+    Ray's checkpoint manager always keeps the latest checkpoint besides those, and that latest one is what
+    `ray.train.get_checkpoint()` hands a re-run to resume from; so the epoch publish picks is never pruned.
+    """
+    from tlray.publish import metric_mode
+
+    if train.select_metric == "last":
+        return ray.train.CheckpointConfig(num_to_keep=train.checkpoints_to_keep)
+    return ray.train.CheckpointConfig(
+        num_to_keep=train.checkpoints_to_keep,
+        checkpoint_score_attribute=train.select_metric,
+        checkpoint_score_order=metric_mode(train.select_metric),
+    )
+
+
+def load_selected_checkpoint(latest: ray.train.Checkpoint, select_metric: str) -> tuple[dict, list[dict]]:
+    """(state of the epoch `select_metric` picks, every epoch's metrics), from a run's latest checkpoint.
+
+    The latest checkpoint holds the whole history; the selected epoch's checkpoint is its sibling
+    `epoch_NNNN` folder, which checkpoint_config kept.
+    """
+    from tlray.publish import select_epoch
+
+    state = load_checkpoint_state(latest)
+    history = state["history"]
+    selected = select_epoch(history, select_metric).epoch
+    if selected != state["epoch"] + 1:
+        sibling = f"{str(latest.path).rstrip('/').rsplit('/', 1)[0]}/{checkpoint_dir_name(selected - 1)}"
+        state = load_checkpoint_state(ray.train.Checkpoint(sibling, filesystem=latest.filesystem))
+    return state, history
+
+
+def checkpoint_dir_name(epoch: int) -> str:
+    """The folder of the checkpoint taken after 0-based `epoch` (as the loop's ray.train.report names it)."""
+    return f"epoch_{epoch + 1:04d}"
 
 
 def warn_if_no_cpu_left_for_data(spec: JobSpec, trials: int) -> None:

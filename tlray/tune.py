@@ -18,7 +18,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from tlray import storage
-from tlray.data import DatasetIndex
+from tlray.data import DatasetIndex, DataSource
 from tlray.errors import UserError, user_error_inside
 from tlray.spec import JobSpec
 from tlray.train import make_trainer, say, warn_if_no_cpu_left_for_data, weights_location, worker_resources
@@ -30,17 +30,19 @@ RESULT_COLUMNS = ("trial", "lr", "freeze_depth", "epochs", "metric", "best_metri
 def check_searchable(spec: JobSpec, index: DatasetIndex) -> None:
     """What only the data can tell: the metric must be one the loop reports for this dataset."""
     if spec.tune.metric == "val_top5" and len(index.classes) < 5:
-        raise UserError(f"tune.metric: val_top5 is only reported with 5 or more classes; this dataset has {len(index.classes)}")
+        raise UserError(
+            f"tune.metric: val_top5 is only reported with 5 or more classes; this dataset has {len(index.classes)}"
+        )
 
 
-def search(spec: JobSpec, index: DatasetIndex, run: str) -> ray.tune.ResultGrid:
+def search(spec: JobSpec, source: DataSource, run: str) -> ray.tune.ResultGrid:
     """Run (or resume) the search whose state lives in `<run>/search`; trials train into `<run>/trials`."""
     filesystem, path = storage.filesystem(run, spec.dataset.endpoint_url)
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(
             run_trial,
             spec_json=spec.model_dump(mode="json"),
-            index_json=index.to_dict(),
+            source=source,
             weights=weights_location(spec.model.builder_weights),  # resolved here: trials run elsewhere
             run=run,
         ),
@@ -72,13 +74,12 @@ def search(spec: JobSpec, index: DatasetIndex, run: str) -> ray.tune.ResultGrid:
     return tuner.fit()
 
 
-def run_trial(config: dict, spec_json: dict, index_json: dict, weights: str | None, run: str) -> None:
+def run_trial(config: dict, spec_json: dict, source: DataSource, weights: str | None, run: str) -> None:
     """One trial: the spec with this trial's hyper-parameters, trained by its own TorchTrainer."""
     spec = trial_spec(JobSpec.model_validate(spec_json), config)
-    index = DatasetIndex.from_dict(index_json)
     # The trainer's run is named after the trial, so a resumed search resumes each trial's training.
     trial_id = ray.tune.get_context().get_trial_id()
-    trainer = make_trainer(spec, index, weights, storage.join(run, "trials"), trial_id, [TuneReportCallback()])
+    trainer = make_trainer(spec, source, weights, storage.join(run, "trials"), trial_id, [TuneReportCallback()])
     trainer.fit()
 
 
@@ -113,7 +114,11 @@ def trial_spec(spec: JobSpec, config: dict) -> JobSpec:
 
 
 def scheduler_name(spec: JobSpec) -> str:
-    return f"ASHA, grace period {spec.tune.grace_period}, keeps 1/{spec.tune.reduction_factor} per rung" if spec.tune.scheduler == "asha" else "no early stopping"
+    return (
+        f"ASHA, grace period {spec.tune.grace_period}, keeps 1/{spec.tune.reduction_factor} per rung"
+        if spec.tune.scheduler == "asha"
+        else "no early stopping"
+    )
 
 
 def make_scheduler(spec: JobSpec):
@@ -165,7 +170,8 @@ def result_rows(grid: ray.tune.ResultGrid, spec: JobSpec) -> list[dict]:
                 "history": [{"epoch": h.get("epoch"), **{k: h.get(k) for k in HISTORY_KEYS}} for h in history],
             }
         )
-    rows.sort(key=lambda r: (r["metric"] is None, -sign * (r["metric"] or 0)))
+    # ranked by each trial's best epoch: that epoch is what publishing the winner exports (train.select_metric)
+    rows.sort(key=lambda r: (r["best_metric"] is None, -sign * (r["best_metric"] or 0)))
     return rows
 
 
@@ -188,7 +194,7 @@ def results_table(rows: list[dict], spec: JobSpec) -> str:
             ]
         )
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in lines)
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines)
 
 
 def write_results(rows: list[dict], run: str, spec: JobSpec) -> None:
@@ -225,4 +231,3 @@ def best_trial(rows: list[dict]) -> dict:
 
 def best_trial_spec(spec: JobSpec, best: dict) -> JobSpec:
     return trial_spec(spec, {"lr": best["lr"], "freeze_depth": best["freeze_depth"]})
-
