@@ -23,6 +23,7 @@ import pytest
 
 __all__ = [
     "FlakyProxy",
+    "isolate_aws",
     "flaky_s3",
     "free_port",
     "put_many",
@@ -80,13 +81,10 @@ def s3_server():
     werkzeug_log.setLevel(level)
 
 
-@pytest.fixture
-def s3_env(s3_server, monkeypatch, tmp_path_factory):
+def isolate_aws(patch: pytest.MonkeyPatch, empty_file: Path) -> None:
     """Dummy credentials and region, no instance-metadata probing, no user AWS config."""
-    empty = tmp_path_factory.mktemp("aws") / "empty"
-    empty.write_text("")
     for name in AWS_ENV_REMOVED:
-        monkeypatch.delenv(name, raising=False)
+        patch.delenv(name, raising=False)
     for name, value in {
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
@@ -94,10 +92,18 @@ def s3_env(s3_server, monkeypatch, tmp_path_factory):
         "AWS_REGION": "us-east-1",
         "AWS_EC2_METADATA_DISABLED": "true",
         # ~/.aws could name endpoints, SSO or credential processes: keep it out.
-        "AWS_SHARED_CREDENTIALS_FILE": str(empty),
-        "AWS_CONFIG_FILE": str(empty),
+        "AWS_SHARED_CREDENTIALS_FILE": str(empty_file),
+        "AWS_CONFIG_FILE": str(empty_file),
     }.items():
-        monkeypatch.setenv(name, value)
+        patch.setenv(name, value)
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch, tmp_path_factory):
+    """The moto server's endpoint, with the environment isolated (isolate_aws) for one test."""
+    empty = tmp_path_factory.mktemp("aws") / "empty"
+    empty.write_text("")
+    isolate_aws(monkeypatch, empty)
     from tlray import s3
 
     s3.clear_client_cache()  # cached clients keep the credentials they were created with

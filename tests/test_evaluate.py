@@ -21,7 +21,7 @@ from tlray.data import open_rgb
 from tlray.evaluate import load_published
 
 from conftest import spec_dict, write_image_folder, write_spec
-from s3_fixtures import AWS_ENV_REMOVED, raw_client, upload_tree
+from s3_fixtures import isolate_aws, raw_client, upload_tree
 
 pytestmark = pytest.mark.slow
 
@@ -36,18 +36,7 @@ def s3(s3_server, tmp_path_factory):
     empty = tmp_path_factory.mktemp("aws") / "empty"
     empty.write_text("")
     with pytest.MonkeyPatch.context() as patch:
-        for name in AWS_ENV_REMOVED:
-            patch.delenv(name, raising=False)
-        for name, value in {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_REGION": "us-east-1",
-            "AWS_EC2_METADATA_DISABLED": "true",
-            "AWS_SHARED_CREDENTIALS_FILE": str(empty),
-            "AWS_CONFIG_FILE": str(empty),
-        }.items():
-            patch.setenv(name, value)
+        isolate_aws(patch, empty)
         tlray_s3.clear_client_cache()
         raw_client(s3_server).create_bucket(Bucket="tlray-retrain")
         yield s3_server, "tlray-retrain"

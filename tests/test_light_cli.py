@@ -28,7 +28,8 @@ except SystemExit as exc:  # --help
 usage = resource.getrusage(resource.RUSAGE_SELF)
 seconds = usage.ru_utime + usage.ru_stime
 heavy = sorted(m for m in {heavy} if m in sys.modules)
-peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM, not ru_maxrss: ru_maxrss carries over the forking parent's peak (a pytest process with torch loaded)
+peak_mb = int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1]) / 1024
 print("PROBE " + json.dumps({{"code": code, "heavy": heavy, "seconds": seconds, "peak_mb": peak_mb}}), file=sys.stderr)
 """
 
