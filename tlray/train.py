@@ -73,7 +73,7 @@ def fine_tune(config: dict) -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=spec.train.label_smoothing, ignore_index=BAD_LABEL)
 
-    # Ray 4: a re-run of the same run name (or a restarted worker group) resumes from the latest checkpoint.
+    # Ray 3: a re-run of the same run name (or a restarted worker group) resumes from the latest checkpoint.
     start_epoch, history, bad_examples = 0, [], []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -87,7 +87,7 @@ def fine_tune(config: dict) -> None:
         if rank == 0:
             say(f"resuming after epoch {start_epoch} of {spec.train.epochs}")
 
-    # Ray 3: this worker's share of each epoch's global shuffle, decoded to uint8 by Ray Data tasks; one
+    # Ray 4: this worker's share of each epoch's global shuffle, decoded to uint8 by Ray Data tasks; one
     # pipeline runs on across epochs, so the next epoch's batches are ready when this one ends.
     epochs = data.train_epochs(
         source, spec.train.seed, range(start_epoch, spec.train.epochs), rank, world_size, batch_size, device
