@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -95,12 +96,15 @@ def test_weights_names_resolve_like_torchvision():
 
 
 def test_validate_prints_the_runs_folder_that_publish_uses(tmp_path, capsys):
-    from tlray.cli import main, validated_runs_uri
+    from tlray.cli import main
     from tlray.publish import runs_uri
     from tlray.spec import load_spec
 
-    for output in ("outputs", "s3://bucket/runs/", str(tmp_path)):
-        spec = load_spec(DIGITS, [f"output.uri={output}"])
-        assert validated_runs_uri(spec) == runs_uri(spec), output
+    for output, expected in (
+        ("outputs", f"{Path('outputs').resolve()}/digits/runs"),
+        ("s3://bucket/runs/", "s3://bucket/runs/digits/runs"),
+        (str(tmp_path), f"{tmp_path}/digits/runs"),
+    ):
+        assert runs_uri(load_spec(DIGITS, [f"output.uri={output}"])) == expected, output
     assert main(["validate", DIGITS]) == 0
     assert f"output: {runs_uri(load_spec(DIGITS))}/digits-<hash" in capsys.readouterr().out

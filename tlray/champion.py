@@ -259,7 +259,7 @@ def decide(spec, run: str, source) -> Decision:
 
     metric = spec.publish.metric
     return gate(
-        publish.job_uri(spec),
+        spec.job_uri,
         candidate,
         spec.publish.policy,
         metric,

@@ -33,14 +33,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for i, block in enumerate(blocks):
         print(f"    {i + 1:>3} {block:<24} {'frozen' if i < depth else 'trained'}")
     print(f"  workers: {spec.scaling.num_workers} x {'GPU' if spec.scaling.use_gpu else 'CPU'}")
-    print(f"  output: {validated_runs_uri(spec)}/{spec.name}-<hash of spec and data>")
+    print(f"  output: {spec.job_uri}/runs/{spec.name}-<hash of spec and data>")
     return EXIT_OK
-
-
-def validated_runs_uri(spec) -> str:
-    """publish.runs_uri without importing it (it needs torch and pyarrow); a test keeps the two equal."""
-    output = spec.output.uri if "://" in spec.output.uri else str(Path(spec.output.uri).expanduser().resolve())
-    return f"{output.rstrip('/')}/{spec.name}/runs"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -204,13 +198,13 @@ def prepare(spec, if_data_changed: bool = False):
     """
     from tlray import champion, models, warmstart
     from tlray.data import build_index
-    from tlray.publish import check_output, check_selectable, job_uri
+    from tlray.publish import check_output, check_selectable
     from tlray.train import fetch_weights
 
     index = build_index(spec.dataset)  # list and split the data; every data problem is exit 2 here
     print(f"[tlray] dataset: {index.summary()}")
     if if_data_changed:
-        unchanged = champion.unchanged_data_message(job_uri(spec), index.fingerprint, spec.dataset.endpoint_url)
+        unchanged = champion.unchanged_data_message(spec.job_uri, index.fingerprint, spec.dataset.endpoint_url)
         if unchanged:
             print(unchanged)
             return None

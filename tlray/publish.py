@@ -104,12 +104,7 @@ def run_uri(spec: JobSpec, index: DatasetIndex, command: str = "train") -> str:
 
 
 def runs_uri(spec: JobSpec) -> str:
-    return storage.join(job_uri(spec), "runs")
-
-
-def job_uri(spec: JobSpec) -> str:
-    """`<output.uri>/<name>`: the job's runs, its champion pointer and its decision history."""
-    return storage.join(storage.absolute_uri(spec.output.uri), spec.name)
+    return storage.join(spec.job_uri, "runs")
 
 
 def publish(

@@ -278,6 +278,13 @@ class JobSpec(_Section):
         return archs.resolve_freeze_depth(self.model.arch, self.model.freeze_depth)
 
     @property
+    def job_uri(self) -> str:
+        """`<output.uri>/<name>`: the job's runs, champion pointer and decision history. A local output
+        is made absolute, since workers run in other directories (as storage.absolute_uri does)."""
+        output = self.output.uri if "://" in self.output.uri else str(Path(self.output.uri).expanduser().resolve())
+        return f"{output.rstrip('/')}/{self.name}"
+
+    @property
     def fingerprint(self) -> str:
         """Short hash of the whole spec."""
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)

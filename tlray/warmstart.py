@@ -40,7 +40,7 @@ def resolve(spec: JobSpec, index: DatasetIndex) -> JobSpec:
     weights, endpoint = spec.model.weights, spec.dataset.endpoint_url
     if not spec.model.pretrained or not is_published_run(weights, endpoint):
         return spec
-    uri = champion.latest_uri(publish.job_uri(spec)) if weights == LATEST else weights
+    uri = champion.latest_uri(spec.job_uri) if weights == LATEST else weights
     try:
         model = evaluate.load_published(uri, endpoint)
     except UserError as exc:
@@ -88,7 +88,7 @@ def write_expanded(spec: JobSpec, model, state_bytes: bytes, classes: list[str])
     state = torch.load(io.BytesIO(state_bytes), map_location="cpu", weights_only=True)
     expanded = expand_head(state, spec.model.arch, model.classes, classes, spec.train.seed)
     key = hashlib.sha256(f"{model.run}\0{model.manifest['created_at']}\0{classes}".encode()).hexdigest()[:12]
-    uri = storage.join(publish.job_uri(spec), "warm-start", f"{model.metadata['run_id']}-{key}.pt")
+    uri = storage.join(spec.job_uri, "warm-start", f"{model.metadata['run_id']}-{key}.pt")
     buffer = io.BytesIO()
     torch.save(expanded, buffer)
     storage.write_bytes(uri, buffer.getvalue(), spec.dataset.endpoint_url)
