@@ -100,6 +100,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"[tlray] search {run.rsplit('/', 1)[-1]}: trials, results, report and best model under {run}")
     source = data_source(spec, index)
     grid = tune.search(spec, source, run)  # 6. one TorchTrainer per trial, ASHA stops weak ones
+    tune.raise_if_interrupted(grid, spec)  # Ctrl-C: nothing is published, the same command resumes
     tune.raise_if_no_trial_finished(grid)
     rows = tune.result_rows(grid, spec)
     print(tune.results_table(rows, spec))

@@ -211,6 +211,12 @@ def write_results(rows: list[dict], run: str, spec: JobSpec) -> None:
     storage.write_bytes(storage.join(run, "tune_results.csv"), out.getvalue().encode(), endpoint)
 
 
+def raise_if_interrupted(grid: ray.tune.ResultGrid, spec: JobSpec) -> None:
+    """Tune answers Ctrl-C by saving its state and returning: a search with trials still to run is not done."""
+    if grid.num_terminated + grid.num_errors < trial_count(spec):
+        raise KeyboardInterrupt
+
+
 def raise_if_no_trial_finished(grid: ray.tune.ResultGrid) -> None:
     """A bad input met in every trial (an unreadable checkpoint, say) is the user's to fix: exit 2."""
     if not grid.errors or len(grid.errors) < len(grid):
