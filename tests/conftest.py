@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ from s3_fixtures import flaky_s3, s3_bucket, s3_env, s3_server  # noqa: F401 —
 # Nothing leaves the machine: no usage statistics, and every Ray socket on loopback.
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# Frozen-prefix caches of this session stay in its own folder (Ray workers inherit the variable).
+os.environ["TLRAY_CACHE_DIR"] = tempfile.mkdtemp(prefix="tlray-test-cache-")
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = [(220, 40, 40), (40, 200, 60), (40, 60, 220), (230, 200, 30), (150, 40, 200), (30, 200, 200)]

@@ -17,7 +17,7 @@ import torch
 
 from tlray import models
 from tlray.cli import main
-from tlray.data import build_index, open_rgb
+from tlray.data import build_index, open_rgb, train_rows
 from tlray.publish import run_uri
 from tlray.spec import load_spec
 
@@ -85,11 +85,14 @@ def test_two_worker_run_exports_a_model_plain_pytorch_loads(tmp_path, capsys):
     assert torch.equal(exported.argmax(1), expected.argmax(1))
 
 
-def test_run_stopped_after_first_epoch_resumes_from_its_checkpoint(tmp_path):
-    data = write_image_folder(tmp_path / "images", classes=3, per_class=40, size=24)
+def test_run_stopped_after_first_epoch_resumes_from_its_checkpoint_and_frozen_prefix_cache(tmp_path):
+    data = write_image_folder(tmp_path / "images", classes=3, per_class=40, size=24, seed=11)
+    torch.manual_seed(0)
+    torch.save(models.build_model("resnet18", None, 1000).state_dict(), tmp_path / "weights.pt")
+    model = {"arch": "resnet18", "weights": str(tmp_path / "weights.pt"), "mode": "partial", "freeze_depth": 2}
     spec_path = write_spec(
         tmp_path / "job.yaml",
-        spec_dict(str(data), str(tmp_path / "out"), train={"epochs": 4, "batch_size": 4}),
+        spec_dict(str(data), str(tmp_path / "out"), model=model, train={"epochs": 4, "batch_size": 4}),
     )
     snapshot = run_dir(spec_path) / "train" / "checkpoint_manager_snapshot.json"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
@@ -118,6 +121,20 @@ def test_run_stopped_after_first_epoch_resumes_from_its_checkpoint(tmp_path):
     assert trained_now == list(range(resume_at + 1, 5))
     history = json.loads((run_dir(spec_path) / "metrics.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+
+    # 3. The resumed run computed the frozen blocks only for rows no earlier epoch had met: the
+    # cache on this node outlived the stopped run, and its key (weights, data, cut) still matched.
+    index = build_index(load_spec(spec_path).dataset)
+    rows, seen, expected = len(index.train), set(), []
+    for epoch in range(4):
+        epoch_rows = {int(r) for r in train_rows(rows, 0, epoch, 0, 1)[: (rows // 4) * 4]}
+        expected.append(len(epoch_rows - seen) + (len(index.val) if epoch == 0 else 0))
+        seen |= epoch_rows
+    computed = [h["feature_pass_images"] for h in history]
+    assert computed[:resume_at] == expected[:resume_at]
+    # (the stopped run may already have filled the next epoch's few new rows before it stopped)
+    assert all(0 <= c <= e for c, e in zip(computed[resume_at:], expected[resume_at:], strict=True)), computed
+    assert sum(expected[resume_at:]) < len(index.train) / 10  # a cold cache would compute all train and val rows
 
 
 def latest_checkpoint_epoch(snapshot: Path) -> int:

@@ -224,3 +224,90 @@ def test_tune_without_a_tune_section_is_exit_2(tmp_path, capsys):
     path = write_spec(tmp_path / "job.yaml", spec_dict(str(data), str(tmp_path / "out")))
     assert main(["tune", str(path)]) == 2
     assert "tune: the spec has no tune section" in capsys.readouterr().err
+
+
+def test_make_scheduler_builds_hyperband_from_the_spec(tmp_path):
+    from ray.tune.schedulers import HyperBandScheduler
+
+    from tlray import tune
+    from tlray.spec import JobSpec
+
+    def hyperband(epochs: int, reduction_factor: int) -> JobSpec:
+        tune_section = {"scheduler": "hyperband", "reduction_factor": reduction_factor}
+        return JobSpec.model_validate(spec_dict(str(tmp_path), "out", train={"epochs": epochs}, tune=tune_section))
+
+    scheduler = tune.make_scheduler(hyperband(epochs=4, reduction_factor=2), concurrency=3)
+    assert isinstance(scheduler, HyperBandScheduler) and scheduler.concurrency == 3
+    assert (scheduler._time_attr, scheduler._max_t_attr, scheduler._eta) == ("training_iteration", 4, 2)
+    assert scheduler.set_search_properties("val_accuracy", "max")  # metric and mode come from the Tuner alone
+    assert tune.scheduler_name(hyperband(epochs=4, reduction_factor=2)) == (
+        "synchronous HyperBand, rungs from epoch 1, keeps 1/2 per rung; a trial at a rung pauses until its "
+        "bracket catches up"
+    )
+    assert tune.scheduler_name(hyperband(epochs=27, reduction_factor=3)).startswith(
+        "synchronous HyperBand, rungs from epoch 1,"
+    )
+    assert tune.scheduler_name(hyperband(epochs=2, reduction_factor=3)) == (
+        "HyperBand, which stops no trial early: 2 epochs < reduction factor 3"
+    )
+
+
+def test_hyperband_search_stops_one_trial_at_its_rung_and_publishes_a_fully_trained_one(tmp_path):
+    # 2 epochs, factor 2: HyperBand puts 2 trials in a bracket that runs both 2 epochs, and 2 in one that
+    # pauses the first at epoch 1 until the other gets there, then lets the better one go on. val_loss has
+    # no ties, so the trial stopped at epoch 1 (worse than the one that went on) cannot rank first.
+    spec_path = two_epochs(
+        search_spec(tmp_path, scheduler="hyperband", reduction_factor=2, metric="val_loss", mode="min")
+    )
+    assert main(["tune", str(spec_path)]) == 0
+
+    run = run_dir(spec_path)
+    results = json.loads((run / "tune_results.json").read_text())
+    trials = results["trials"]
+    assert len(trials) == 4 and all(t["status"] == "done" for t in trials)
+    assert sorted(t["epochs"] for t in trials) == [1, 2, 2, 2]
+    for t in trials:
+        assert t["stopped_early"] == (t["epochs"] == 1)
+        assert [h["epoch"] for h in t["history"]] == list(range(1, t["epochs"] + 1))  # no epoch lost to a pause
+    best = trials[0]
+    assert best["epochs"] == 2 and best["best_metric"] == min(t["best_metric"] for t in trials)
+    metadata = json.loads((run / "metadata.json").read_text())
+    assert metadata["hyperparameters"]["trial"] == best["trial"]
+    assert (run / "model" / "model.pt2").stat().st_size > 0
+
+
+def test_a_paused_trial_resumes_its_training_and_its_epoch_count(tmp_path, monkeypatch):
+    """Pause/resume without HyperBand's luck: a scheduler that pauses every trial once, at its first epoch."""
+    from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+    from tlray import tune
+
+    class PauseOnce(FIFOScheduler):
+        def __init__(self):
+            super().__init__()
+            self.paused, self.seen = set(), []
+
+        def on_trial_result(self, tune_controller, trial, result):
+            self.seen.append(result["training_iteration"])
+            if trial.trial_id in self.paused:
+                return TrialScheduler.CONTINUE
+            self.paused.add(trial.trial_id)
+            return TrialScheduler.PAUSE
+
+    scheduler = PauseOnce()
+    monkeypatch.setattr(tune, "make_scheduler", lambda spec, concurrency: scheduler)
+    spec_path = two_epochs(search_spec(tmp_path, scheduler="none", num_samples=1, freeze_depth=None))
+    assert main(["tune", str(spec_path)]) == 0
+    assert scheduler.seen == [1, 2]  # Tune's count goes on from the epoch the trial paused at
+
+    (trial,) = json.loads((run_dir(spec_path) / "tune_results.json").read_text())["trials"]
+    assert (trial["epochs"], trial["stopped_early"]) == (2, False)
+    assert [h["epoch"] for h in trial["history"]] == [1, 2]
+
+
+def two_epochs(spec_path: Path) -> Path:
+    import yaml
+
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["train"]["epochs"] = 2
+    return write_spec(spec_path, spec)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -231,7 +232,9 @@ def train_and_publish(spec, if_data_changed: bool = False):
     run = run_uri(spec, index)
     print(f"[tlray] run {run.rsplit('/', 1)[-1]}: checkpoints and model under {run}")
     source = data_source(spec, index)
+    started = time.perf_counter()
     result = fit(spec, source, run)  # 6. fine-tune on Ray Train workers, data streamed by Ray Data
+    print(f"[tlray] trained in {time.perf_counter() - started:.1f} s", flush=True)
     state, history = load_selected_checkpoint(result.checkpoint, spec.train.select_metric)  # the best epoch
     summary = freeze_summary(spec, len(index.classes))
     published = publish(spec, index, summary, state, run, history=history)  # 7. export, describe, MANIFEST last
@@ -249,8 +252,16 @@ def data_source(spec, index):
 def start_ray() -> None:
     import ray
 
-    if not ray.is_initialized():
-        ray.init()
+    if ray.is_initialized():
+        return
+    started = time.perf_counter()
+    ray.init()
+    resources = ray.cluster_resources()
+    print(
+        f"[tlray] Ray up in {time.perf_counter() - started:.1f} s: {resources.get('CPU', 0):g} CPU(s), "
+        f"{resources.get('GPU', 0):g} GPU(s) in the cluster",
+        flush=True,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -277,7 +277,7 @@ class DataSource:
     read_retry_seconds: float
 
     def key(self, split: str, row: int) -> str:
-        return _tables(self.tables)[split].key(row)
+        return key_tables(self.tables)[split].key(row)
 
     def location(self, split: str, row: int) -> str:
         return storage.join(self.root, self.key(split, row))
@@ -306,7 +306,7 @@ def data_source(index: DatasetIndex, dataset: DatasetSpec, preprocessing: Prepro
 _TABLES: dict[str, dict[str, KeyTable]] = {}  # per process: the object store maps them, no copy
 
 
-def _tables(ref) -> dict[str, KeyTable]:
+def key_tables(ref) -> dict[str, KeyTable]:
     import ray
 
     if ref.hex() not in _TABLES:
@@ -409,7 +409,7 @@ class DecodeBatch:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         source, rows = self.source, batch["data"].astype(np.int64)
-        table = _tables(source.tables)[self.split]
+        table = key_tables(source.tables)[self.split]
         keys = [table.key(r) for r in rows]
         crop = source.preprocessing.crop_size
         images = np.zeros((len(rows), 3, crop, crop), np.uint8)

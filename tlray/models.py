@@ -5,6 +5,8 @@ head-side layers that are never frozen (the classifier, ViT's final LayerNorm, .
 `freeze_depth = d` freezes the first d blocks: 0 is a full fine-tune, "all" (the number
 of blocks) a feature extractor. The block map is read off a model built on the meta
 device, so it costs no memory and always matches what torchvision builds.
+`split` cuts a model after its first d blocks into a prefix and the rest (sharing the
+model's layers), so that frozen-prefix activations can be computed once and cached.
 
 Nothing here downloads unless `build_model` is given a torchvision weights name.
 """
@@ -106,13 +108,6 @@ def _params_at(model: nn.Module, path: str) -> list[nn.Parameter]:
         return list(model.get_submodule(path).parameters())
     except AttributeError:  # a bare parameter such as ViT's class_token
         return [model.get_parameter(path)]
-
-
-def _modules_at(model: nn.Module, path: str) -> list[nn.Module]:
-    try:
-        return list(model.get_submodule(path).modules())
-    except AttributeError:
-        return []
 
 
 # ---------------------------------------------------------------- building
@@ -219,6 +214,121 @@ def build_model(arch: str, weights: str | None, num_classes: int) -> nn.Module:
     return model
 
 
+# ---------------------------------------------------------------- splitting
+
+
+class _Op(nn.Module):
+    """`fn(x, **parts)`: a piece of a torchvision forward written as a function. The parts (the
+    model's own modules and parameters, or plain values) are registered by reference, not copied."""
+
+    def __init__(self, fn, **parts):
+        super().__init__()
+        self.fn = fn  # module-level, so copy.deepcopy and pickle keep working
+        self.part_names = tuple(parts)
+        for name, part in parts.items():
+            setattr(self, name, part)  # nn.Module registers modules and Parameters, keeps the rest as attributes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x, **{name: getattr(self, name) for name in self.part_names})
+
+    def extra_repr(self) -> str:
+        return self.fn.__name__
+
+
+def _vit_stem(x, conv_proj, class_token, pos_embedding, dropout, image_size, hidden_dim):
+    # VisionTransformer._process_input, the class token concat of VisionTransformer.forward,
+    # then Encoder.forward up to its layers.
+    n, _, h, w = x.shape
+    torch._assert(h == image_size and w == image_size, f"Wrong image size! Expected {image_size} but got {h}x{w}!")
+    x = conv_proj(x).reshape(n, hidden_dim, -1).permute(0, 2, 1)
+    x = torch.cat([class_token.expand(n, -1, -1), x], dim=1)
+    return dropout(x + pos_embedding)
+
+
+def _vit_class_token(x):
+    return x[:, 0]
+
+
+def _pieces(family: str, model: nn.Module) -> tuple[list[nn.Module], list[nn.Module], list[nn.Module]]:
+    """torchvision's forward of `model` as (one module per block, the parameterless neck between
+    the last block and the head side, the head side): running all three in order is model(x)."""
+    if family == "resnet":
+        stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
+        blocks = [stem, model.layer1, model.layer2, model.layer3, model.layer4]
+        return blocks, [model.avgpool, nn.Flatten(1)], [model.fc]
+    if family == "efficientnet":
+        return list(model.features), [model.avgpool, nn.Flatten(1)], [model.classifier]
+    if family == "mobilenet":
+        # MobileNetV2.forward pools with nn.functional.adaptive_avg_pool2d(x, (1, 1)) (no avgpool attribute).
+        is_v2 = isinstance(model, torchvision.models.MobileNetV2)
+        pool = nn.AdaptiveAvgPool2d((1, 1)) if is_v2 else model.avgpool
+        return list(model.features), [pool, nn.Flatten(1)], [model.classifier]
+    if family == "convnext":
+        return list(model.features), [model.avgpool], [model.classifier]  # classifier.0 (LayerNorm2d) flattens later
+    if family == "regnet":
+        return [model.stem, *model.trunk_output], [model.avgpool, nn.Flatten(1)], [model.fc]
+    if family == "vit":
+        stem = _Op(
+            _vit_stem,
+            conv_proj=model.conv_proj,
+            class_token=model.class_token,
+            pos_embedding=model.encoder.pos_embedding,
+            dropout=model.encoder.dropout,
+            image_size=model.image_size,
+            hidden_dim=model.hidden_dim,
+        )
+        head = [model.encoder.ln, _Op(_vit_class_token), model.heads]
+        return [stem, *model.encoder.layers], [], head  # encoder.ln has parameters: nothing in the neck
+    raise AssertionError(f"no split for family {family}")  # SUPPORTED_FAMILIES and this disagree
+
+
+@dataclass(frozen=True)
+class Split:
+    """A model cut after its first `depth` blocks: `rest(prefix(x))` is `model(x)`.
+
+    Both run the model's own layers (no copies), so they follow its train/eval mode and
+    freezing. `prefix` is nn.Identity() at depth 0; at the full depth it also runs the
+    parameterless pooling (and flatten) before the head side, so its output is small.
+    `rest` may change its input in place when training (EfficientNet's classifier starts
+    with Dropout(inplace=True)): give it a copy of cached activations.
+    """
+
+    prefix: nn.Module
+    rest: nn.Module
+
+
+def split(model: nn.Module, arch: str, depth: int | str) -> Split:
+    """Split the bare `model` of `arch` after `depth` blocks (0..number of blocks, or "all")."""
+    if model is not _unwrap(model):
+        raise ModelError("split() needs the bare model, not a DistributedDataParallel/DataParallel wrapper")
+    depth = resolve_freeze_depth(arch, depth)
+    blocks, neck, head = _pieces(family_of(arch), model)
+    assert len(blocks) == len(_layout(arch).blocks), f"{arch}: the split and the block map disagree"
+    if depth == 0:
+        return Split(nn.Identity(), nn.Sequential(*blocks, *neck, *head))
+    if depth == len(blocks):
+        return Split(nn.Sequential(*blocks, *neck), nn.Sequential(*head))
+    return Split(nn.Sequential(*blocks[:depth]), nn.Sequential(*blocks[depth:], *neck, *head))
+
+
+def prefix_output_shape(prefix: Split | nn.Module, crop_size: int) -> tuple[int, ...]:
+    """The shape of one image's prefix output (no batch dimension), from a zero image run
+    in eval mode without gradients; the modules' train/eval flags are restored after."""
+    if isinstance(prefix, Split):
+        prefix = prefix.prefix
+    param = next(prefix.parameters(), None)
+    device, dtype = (param.device, param.dtype) if param is not None else ("cpu", torch.float32)
+    modes = {m: m.training for m in prefix.modules()}
+    try:
+        prefix.eval()
+        with torch.no_grad():
+            out = prefix(torch.zeros(1, 3, crop_size, crop_size, device=device, dtype=dtype))
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    return tuple(out.shape[1:])
+
+
 # ---------------------------------------------------------------- freezing
 
 
@@ -231,27 +341,35 @@ class FreezeSummary:
     frozen_params: int
 
 
-def _train_locked_in_eval(bn: nn.Module, mode: bool = True) -> nn.Module:
-    # Stands in for nn.Module.train on a frozen BatchNorm: whatever model.train() asks,
-    # the layer stays in eval mode, so it normalises with its running statistics and
-    # never updates them. Kept as a module-level function behind functools.partial (not
-    # a bound method) so that copy.deepcopy and pickle rebind it to the copied layer.
-    bn.training = False
-    return bn
+def _train_locked_in_eval(module: nn.Module, mode: bool = True) -> nn.Module:
+    # Stands in for nn.Module.train on a module of a frozen block: whatever model.train()
+    # asks, it stays in eval mode, so BatchNorm normalises with its running statistics and
+    # never updates them, and Dropout and StochasticDepth do nothing. It need not recurse:
+    # every module under a frozen block is locked too. Kept as a module-level function behind
+    # functools.partial (not a bound method) so that copy.deepcopy and pickle rebind it to the copy.
+    module.training = False
+    return module
 
 
-def _lock_eval(bn: nn.Module) -> None:
-    bn.train = functools.partial(_train_locked_in_eval, bn)  # instance attribute wins over the class method
-    bn.train(False)
+def _lock_eval(module: nn.Module) -> None:
+    module.train = functools.partial(_train_locked_in_eval, module)  # instance attribute wins over the class method
+    module.train(False)
 
 
-def _unlock(bn: nn.Module, training: bool) -> None:
-    bn.__dict__.pop("train", None)
-    bn.training = training
+def _unlock(module: nn.Module, training: bool) -> None:
+    module.__dict__.pop("train", None)
+    module.training = training
 
 
 def freeze(model: nn.Module, arch: str, depth: int | str, batchnorm: str = "frozen") -> FreezeSummary:
     """Freeze the first `depth` backbone blocks; the rest and the head stay trainable.
+
+    Frozen parameters stop requiring gradients. With batchnorm="frozen", every module that
+    `split(model, arch, depth).prefix` runs (the frozen blocks, and at the full depth the
+    pooling after them) also stays in eval mode through model.train(): BatchNorm keeps its
+    running statistics, Dropout and StochasticDepth are off, so the frozen prefix is a pure
+    function of the image (its output can be cached). With batchnorm="train", those layers
+    follow model.train()/eval() as usual (BatchNorm statistics keep updating).
 
     Call it on the bare model, before DDP wrapping: DDP records which parameters need
     gradients when it is built, so changing that afterwards breaks its reduction.
@@ -269,18 +387,16 @@ def freeze(model: nn.Module, arch: str, depth: int | str, batchnorm: str = "froz
 
     for p in model.parameters():  # start from "all trainable" so repeated calls do not accumulate
         p.requires_grad_(True)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            _unlock(m, model.training)
+    for m in model.modules():  # and from no locked layer, all in the model's mode
+        _unlock(m, model.training)
 
     for _, paths in blocks[:depth]:
         for path in paths:
             for p in _params_at(model, path):
                 p.requires_grad_(False)
-            if batchnorm == "frozen":
-                for m in _modules_at(model, path):
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                        _lock_eval(m)
+    if batchnorm == "frozen":
+        for m in split(model, arch, depth).prefix.modules():
+            _lock_eval(m)
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)

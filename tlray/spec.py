@@ -153,6 +153,24 @@ class TrainSpec(_Section):
         description="Checkpoints kept in the run's storage: the best ones by `select_metric` (the most recent with "
         "`last`), plus always the latest, which a re-run resumes from.",
     )
+    cache: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Frozen-prefix cache: the frozen blocks' output is computed once per image, kept on the node's "
+        "local disk ($TLRAY_CACHE_DIR, default <tmp>/tlray-cache), and every epoch trains only the blocks after "
+        "it. `auto`: when the activations fit `cache_budget_gb`; `on`: always; `off`: the frozen blocks run every "
+        "epoch (without autograd). Needs frozen blocks, `dataset.augment: false` and `model.batchnorm: frozen`.",
+    )
+    cache_budget_gb: float = Field(
+        8.0,
+        gt=0,
+        description="Largest frozen-prefix cache `cache: auto` builds on a node: the activations of every train and "
+        "val image, at `cache_dtype`.",
+    )
+    cache_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="How cached activations are stored: the half types halve the cache; training then sees them "
+        "rounded, so cached and uncached runs differ slightly.",
+    )
     select_metric: str = Field(
         "val_accuracy",
         description=f"Which epoch a run publishes: the best by this metric (one of {', '.join(REPORTED_METRICS)}; "
@@ -190,13 +208,25 @@ class TuneSpec(_Section):
     freeze_depth: list[FreezeDepth] | None = Field(
         None, min_length=1, description="Freeze depths to try (`mode: partial`); default: `model.freeze_depth` only."
     )
-    scheduler: Literal["asha", "none"] = Field("asha", description="`asha` stops weak trials early; `none` runs all.")
-    grace_period: int = Field(1, ge=1, description="Epochs every trial runs before ASHA may stop it.")
+    scheduler: Literal["asha", "hyperband", "none"] = Field(
+        "asha",
+        description="`asha` stops weak trials early (asynchronous: a trial never waits for others); `hyperband`: "
+        "synchronous successive halving (Ray Tune's HyperBandScheduler): a trial that reaches a rung pauses "
+        "until every trial of its bracket has, then the best go on; `none` runs all.",
+    )
+    grace_period: int = Field(
+        1,
+        ge=1,
+        description="Epochs every trial runs before ASHA may stop it. Not used by `hyperband`, whose "
+        "brackets set their own first rungs (see `reduction_factor`).",
+    )
     reduction_factor: int = Field(
         3,
         ge=2,
         description="ASHA keeps the best 1/`reduction_factor` of the trials at each rung "
-        "(epochs grace, grace x factor, ...).",
+        "(epochs grace, grace x factor, ...). HyperBand keeps as many at each rung of a bracket; "
+        "its brackets' first rungs are `train.epochs` / factor^k epochs (k = 0, 1, ...), so it stops "
+        "no trial early when `train.epochs` < factor.",
     )
     metric: str = Field("val_accuracy", description=f"Metric to optimise: one of {', '.join(REPORTED_METRICS)}.")
     mode: Literal["max", "min"] = Field(
@@ -429,6 +459,21 @@ def _warmup_shorter_than_training(train: TrainSpec):
         yield Problem(
             "train.warmup_epochs", f"must be less than train.epochs ({train.warmup_epochs} >= {train.epochs})"
         )
+
+
+@rule("train", "dataset", "model", "tune")
+def _cache_on_needs_a_pure_prefix(train: TrainSpec, dataset: DatasetSpec, model: ModelSpec, tune: TuneSpec | None):
+    if train.cache != "on":
+        return
+    if dataset.augment:
+        yield Problem("train.cache", "`on` needs `dataset.augment: false`: random crops change the frozen output")
+    if model.batchnorm == "train":
+        yield Problem(
+            "train.cache", "`on` needs `model.batchnorm: frozen`: training statistics change the frozen output"
+        )
+    depths = tune.freeze_depth if tune and tune.freeze_depth else [model.freeze_depth]
+    if model.mode == "architecture" or all(depth == 0 for depth in depths):
+        yield Problem("train.cache", "`on` needs frozen blocks (freeze_depth >= 1); nothing is frozen here")
 
 
 @rule("train", "scaling")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,7 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tlray import data, models, storage
+from tlray import data, models, prefix_cache, storage
+from tlray.console import say
 from tlray.data import BAD_LABEL, MAX_BAD_FRACTION, DataError, DataSource
 from tlray.errors import UserError, user_error_inside
 from tlray.spec import JobSpec, TrainSpec
@@ -60,16 +60,28 @@ def fine_tune(config: dict) -> None:
     weights = fetch_weights(config["weights"], spec.dataset.endpoint_url)
     model = models.build_model(spec.model.arch, weights, len(source.classes))
     models.freeze(model, spec.model.arch, spec.freeze_depth, spec.model.batchnorm)  # logs the counts
+    parts = models.split(model, spec.model.arch, spec.freeze_depth)  # the frozen blocks | the rest
+    frozen, trained = parts.prefix, parts.rest
     optimizer = make_optimizer(models.trainable_parameters(model), spec.train)
+    amp_dtype = autocast_dtype(spec.train.amp, device)
 
-    # Ray 2: move to the device and wrap in DistributedDataParallel (when world_size > 1).
-    model = ray.train.torch.prepare_model(model)
+    # Ray 2: move to the device and wrap the trained part in DistributedDataParallel (when world_size > 1):
+    # gradients exist, and are all-reduced, for the trained blocks only.
+    # channels_last: NHWC convolutions run on the GPU's tensor cores without layout changes
+    model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
+    trained = ray.train.torch.prepare_model(trained, move_to_device=False)
+
+    # what the trained part gets: decoded images through the frozen blocks (no autograd), or their cached output
+    frozen_output = run_frozen(frozen, source.preprocessing, device, amp_dtype)
+    cache = prefix_cache.for_worker(
+        spec, source, frozen, frozen_output, device, amp_dtype, rank, world_size
+    )  # None: no cache
+    features = (lambda cached: cached) if cache else frozen_output
 
     # every step a full batch (a last batch of one image breaks BatchNorm), the same count on every worker
     batch_size, steps_per_epoch = data.train_batches(source.counts["train"], world_size, spec.train.batch_size)
 
     scheduler = make_lr_schedule(optimizer, spec.train, steps_per_epoch)
-    amp_dtype = autocast_dtype(spec.train.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=spec.train.label_smoothing, ignore_index=BAD_LABEL)
 
@@ -79,7 +91,7 @@ def fine_tune(config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as checkpoint_dir:
             state = torch.load(Path(checkpoint_dir, CHECKPOINT_FILE), map_location=device, weights_only=False)
-        unwrap(model).load_state_dict(state["model"])
+        model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -88,18 +100,18 @@ def fine_tune(config: dict) -> None:
             say(f"resuming after epoch {start_epoch} of {spec.train.epochs}")
 
     # Ray 4: this worker's share of each epoch's global shuffle, decoded to uint8 by Ray Data tasks; one
-    # pipeline runs on across epochs, so the next epoch's batches are ready when this one ends.
-    epochs = data.train_epochs(
-        source, spec.train.seed, range(start_epoch, spec.train.epochs), rank, world_size, batch_size, device
-    )
-    for epoch, batches in epochs:
-        model.train()  # frozen BatchNorm layers stay in eval mode (models.freeze)
+    # pipeline runs on across epochs, so the next epoch's batches are ready when this one ends. With the
+    # cache, the rows' activations instead (computed by the frozen blocks the first time a row comes up).
+    reader = cache or data  # the cache answers the pipeline's two calls with activations in place of images
+    epochs = range(start_epoch, spec.train.epochs)
+    for epoch, batches in reader.train_epochs(source, spec.train.seed, epochs, rank, world_size, batch_size, device):
+        model.train()  # frozen blocks stay in eval mode (models.freeze)
         started, seen, loss_sum, bad_rows = time.perf_counter(), 0, 0.0, []
         for batch in batches:
-            images, labels = source.preprocessing.normalise(batch["image"]), batch["label"]
+            labels = batch["label"]
             bad_rows += batch["row"][labels == BAD_LABEL].tolist()
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                logits = model(images)
+                logits = trained(features(batch["image"]))
                 # an all-bad batch still runs backward, so DDP's gradient sync stays in step
                 loss = loss_fn(logits, labels) if (labels != BAD_LABEL).any() else logits.sum() * 0.0
             optimizer.zero_grad(set_to_none=True)
@@ -111,8 +123,15 @@ def fine_tune(config: dict) -> None:
             seen, loss_sum = seen + good, loss_sum + loss.item() * good
         elapsed = time.perf_counter() - started
 
-        val, val_bad_rows = evaluate(
-            unwrap(model), source, spec.train.batch_size, loss_fn, device, amp_dtype, rank, world_size
+        val_rows = data.val_rows(source.counts["val"], rank, world_size)
+        val_batches = reader.iter_batches(source, "val", val_rows, spec.train.batch_size, device)
+        val, val_bad_rows = evaluate(  # the bare trained part: a DDP forward would sync buffers
+            model,
+            lambda images: unwrap(trained)(features(images)),
+            val_batches,
+            len(source.classes),
+            loss_fn,
+            amp_dtype,
         )
         bad_locations = [source.location("train", r) for r in bad_rows] + [
             source.location("val", r) for r in val_bad_rows
@@ -141,6 +160,9 @@ def fine_tune(config: dict) -> None:
             "bad_images": int(bad),
             **{k: v for k, v in val.items() if k != "rows"},
         }
+        if cache:  # activations computed this epoch (not found in the cache), and the seconds that took
+            images, seconds = all_reduce_sum(list(cache.take_fill_stats()), device)
+            metrics |= {"feature_pass_images": int(images), "feature_pass_seconds": seconds / world_size}
         history.append(metrics)
         if rank == 0:
             say(format_metrics(metrics, spec.train.epochs))
@@ -150,7 +172,7 @@ def fine_tune(config: dict) -> None:
             checkpoint = None
             if rank == 0:
                 state = {
-                    "model": unwrap(model).state_dict(),
+                    "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(),
@@ -166,11 +188,6 @@ def fine_tune(config: dict) -> None:
 # ---------------------------------------------------------------------------------------
 # Small pure helpers
 # ---------------------------------------------------------------------------------------
-def say(message: str) -> None:
-    # Ray Train routes print() through its logger, which echoes lines twice; the raw stream does not.
-    print(f"[tlray] {message}", file=sys.__stdout__, flush=True)
-
-
 def cpu_threads(node_cpus: float, workers_on_node: int, cpus_per_worker: float) -> int:
     """Torch threads of a CPU worker: its share of the node's CPUs, never fewer than it reserved.
 
@@ -254,29 +271,25 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 @torch.no_grad()
-def evaluate(
-    model, source: DataSource, batch_size, loss_fn, device, amp_dtype, rank, world_size
-) -> tuple[dict, list[int]]:
+def evaluate(model, forward, batches, num_classes, loss_fn, amp_dtype) -> tuple[dict, list[int]]:
     """Loss and accuracy over this worker's share of the validation split, summed over all workers.
 
-    Runs on the unwrapped model: a DDP forward would sync buffers. Returns the metrics
-    (plus "rows": this worker's row count) and the rows of undecodable images.
+    `forward`: uint8 images (or cached activations) -> logits; `model` is switched to eval mode meanwhile.
+    Returns the metrics (plus "rows": this worker's row count) and the rows of undecodable images.
     """
     was_training = model.training
     model.eval()
     loss_sum = correct = correct5 = count = rows = 0.0
-    bad_rows = []
-    num_classes = len(source.classes)
-    shard = data.val_rows(source.counts["val"], rank, world_size)
-    for batch in data.iter_batches(source, "val", shard, batch_size, device):
+    bad_rows, device = [], next(model.parameters()).device
+    for batch in batches:
         good = batch["label"] != BAD_LABEL
         bad_rows += batch["row"][~good].tolist()
         rows += len(good)
-        images, labels = source.preprocessing.normalise(batch["image"][good]), batch["label"][good]
+        images, labels = batch["image"][good], batch["label"][good]
         if not len(labels):
             continue
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(images).float()
+            logits = forward(images).float()
         loss_sum += loss_fn(logits, labels).item() * len(labels)
         correct += (logits.argmax(1) == labels).sum().item()
         if num_classes >= 5:
@@ -289,6 +302,20 @@ def evaluate(
     if num_classes >= 5:
         metrics["val_top5"] = correct5 / count
     return metrics, bad_rows
+
+
+def run_frozen(frozen: nn.Module, preprocessing: models.Preprocessing, device, amp_dtype):
+    """uint8 images -> the frozen blocks' output: no autograd graph, the blocks in eval mode (models.freeze)."""
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        with (
+            torch.no_grad(),
+            torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None),
+        ):
+            inputs = preprocessing.normalise(images)
+            return frozen(inputs.contiguous(memory_format=torch.channels_last) if inputs.is_cuda else inputs)
+
+    return forward
 
 
 def format_metrics(metrics: dict, epochs: int) -> str:

@@ -1,8 +1,8 @@
 """The search: Ray Tune over learning rate x freeze depth, one TorchTrainer per trial.
 
 Ray 2.60 pattern: a Tune *function* trainable builds and fits a TorchTrainer
-(`Tuner(trainer)` is gone), reporting through TuneReportCallback. The trial's
-driver function only waits on its trainer, so it reserves memory, not a CPU:
+(`Tuner(trainer)` is gone) and hands Tune the trainer's epochs (EpochReports). The
+trial's driver function only waits on its trainer, so it reserves memory, not a CPU:
 holding a CPU per trial is what starves the trainers' workers on a small cluster.
 """
 
@@ -11,10 +11,14 @@ from __future__ import annotations
 import csv
 import io
 import math
+import threading
 
 import ray
+import ray.train
 import ray.tune
-from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+import ray.util.queue
+from ray.tune.experiment import Trial
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from tlray import storage
@@ -65,9 +69,12 @@ def search(spec: JobSpec, source: DataSource, run: str) -> ray.tune.ResultGrid:
                 metric=spec.tune.metric,
                 mode=spec.tune.mode,
                 num_samples=samples_per_depth(spec),
-                # the same spec samples the same lrs; the generator itself caps concurrency
-                search_alg=BasicVariantGenerator(random_state=spec.train.seed, max_concurrent=concurrency),
-                scheduler=make_scheduler(spec),
+                # the same spec samples the same lrs; the generator caps concurrency, except under hyperband
+                search_alg=BasicVariantGenerator(
+                    random_state=spec.train.seed,
+                    max_concurrent=0 if spec.tune.scheduler == "hyperband" else concurrency,
+                ),
+                scheduler=make_scheduler(spec, concurrency),
             ),
             run_config=ray.tune.RunConfig(name="search", storage_path=path, storage_filesystem=filesystem, verbose=1),
         )
@@ -75,12 +82,56 @@ def search(spec: JobSpec, source: DataSource, run: str) -> ray.tune.ResultGrid:
 
 
 def run_trial(config: dict, spec_json: dict, source: DataSource, weights: str | None, run: str) -> None:
-    """One trial: the spec with this trial's hyper-parameters, trained by its own TorchTrainer."""
+    """One trial: the spec with this trial's hyper-parameters, trained by its own TorchTrainer.
+
+    Tune pauses a trial (hyperband) or stops it by ending this actor, and a paused trial resumes by calling this
+    function again: the trainer's run is named after the trial, so it resumes from its latest checkpoint, as a
+    resumed search does. The trainer fits in a second thread while this one hands its epochs to Tune.
+    """
     spec = trial_spec(JobSpec.model_validate(spec_json), config)
-    # The trainer's run is named after the trial, so a resumed search resumes each trial's training.
     trial_id = ray.tune.get_context().get_trial_id()
-    trainer = make_trainer(spec, source, weights, storage.join(run, "trials"), trial_id, [TuneReportCallback()])
-    trainer.fit()
+    epochs = EpochReports(spec.train.epochs)
+    trainer = make_trainer(spec, source, weights, storage.join(run, "trials"), trial_id, [epochs])
+    failure: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as error:  # raised below, in Tune's thread
+            failure.append(error)
+        finally:
+            epochs.reports.put(None)
+
+    threading.Thread(target=fit, name=f"fit-{trial_id}", daemon=True).start()
+    while (metrics := epochs.reports.get()) is not None:
+        ray.tune.report(metrics)  # returns when Tune runs the trial on; a paused or stopped trial ends here
+        epochs.go_on.put(True)
+    if failure:
+        raise failure[0]
+
+
+class EpochReports(ray.train.UserCallback):
+    """Hands each epoch's metrics from the trainer to its trial, then holds the trainer until Tune runs the trial on.
+
+    Ray's TuneReportCallback lets the trainer run on while Tune decides, so a trial that hyperband pauses could
+    resume from an epoch Tune never saw. Held here, after the trainer has recorded the epoch's checkpoint and before
+    it takes in the next, the trainer's latest checkpoint is the last epoch Tune saw: a resumed trial reports the
+    next one. `training_iteration` is the epoch itself, since Tune counts a resumed trial's reports from 1 again.
+    The last epoch is not held, so that the trainer finishes (and frees its workers) as it did before.
+    """
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+        self.reports = ray.util.queue.Queue(1, actor_options={"num_cpus": 0})
+        self.go_on = ray.util.queue.Queue(1, actor_options={"num_cpus": 0})
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint: ray.train.Checkpoint | None) -> None:
+        result = {**metrics[0], "training_iteration": metrics[0]["epoch"]}  # rank 0's, like TuneReportCallback
+        if checkpoint:
+            result[CHECKPOINT_PATH_KEY] = checkpoint.path
+        self.reports.put(result)
+        if result["epoch"] < self.epochs:
+            self.go_on.get()
 
 
 # ---------------------------------------------------------------------------------------
@@ -114,22 +165,83 @@ def trial_spec(spec: JobSpec, config: dict) -> JobSpec:
 
 
 def scheduler_name(spec: JobSpec) -> str:
-    return (
-        f"ASHA, grace period {spec.tune.grace_period}, keeps 1/{spec.tune.reduction_factor} per rung"
-        if spec.tune.scheduler == "asha"
-        else "no early stopping"
-    )
+    tune, epochs = spec.tune, spec.train.epochs
+    if tune.scheduler == "asha":
+        return f"ASHA, grace period {tune.grace_period}, keeps 1/{tune.reduction_factor} per rung"
+    if tune.scheduler == "hyperband":
+        first = hyperband_first_rung(epochs, tune.reduction_factor)
+        if first >= epochs:
+            return f"HyperBand, which stops no trial early: {epochs} epochs < reduction factor {tune.reduction_factor}"
+        return (
+            f"synchronous HyperBand, rungs from epoch {first}, keeps 1/{tune.reduction_factor} per rung; "
+            "a trial at a rung pauses until its bracket catches up"
+        )
+    return "no early stopping"
 
 
-def make_scheduler(spec: JobSpec):
-    if spec.tune.scheduler != "asha":
+def hyperband_first_rung(epochs: int, reduction_factor: int) -> int:
+    """The earliest epoch at which HyperBandScheduler(max_t=epochs) compares trials (its most aggressive bracket)."""
+    brackets = round(math.log(epochs) / math.log(reduction_factor)) + 1  # as Ray sizes them
+    return min(r for s in range(brackets) if (r := int(epochs * reduction_factor ** (-s))) > 0)
+
+
+def make_scheduler(spec: JobSpec, concurrency: int):
+    """The early-stopping scheduler; the Tuner's TuneConfig gives it the metric and mode."""
+    if spec.tune.scheduler == "asha":
+        return ray.tune.schedulers.ASHAScheduler(
+            time_attr="training_iteration",  # one report per epoch, numbered by the epoch (EpochReports)
+            max_t=spec.train.epochs,
+            grace_period=spec.tune.grace_period,
+            reduction_factor=spec.tune.reduction_factor,
+        )
+    if spec.tune.scheduler == "hyperband":
+        return CappedHyperBand(
+            concurrency,
+            time_attr="training_iteration",
+            max_t=spec.train.epochs,
+            reduction_factor=spec.tune.reduction_factor,
+        )
+    return None
+
+
+class CappedHyperBand(ray.tune.schedulers.HyperBandScheduler):
+    """Ray's synchronous HyperBand, which itself starts the trials, at most `concurrency` at a time.
+
+    HyperBand puts each trial in a bracket as Tune creates it, and counts a bracket full by its live trials. Capped by
+    the search algorithm (which counts paused trials as running), trials would be created only as others end, and
+    join the brackets those leave: every trial would land in the bracket that stops none. So the search creates
+    all trials at once; they wait here, PAUSED, and this scheduler starts the next whenever fewer than `concurrency`
+    trials run: first one that HyperBand resumes, else a new one in bracket order. A paused trial holds nothing.
+    """
+
+    def __init__(self, concurrency: int, **kwargs):
+        super().__init__(**kwargs)
+        self.concurrency = concurrency
+        self.waiting: list[Trial] = []  # created but never started, oldest first
+        self.started: set[Trial] = set()
+
+    def on_trial_add(self, tune_controller, trial: Trial) -> None:
+        if trial.status in (Trial.TERMINATED, Trial.ERROR):
+            return  # a finished trial of a resumed search: in a bracket, it would hold back the rung forever
+        super().on_trial_add(tune_controller, trial)
+
+    def choose_trial_to_run(self, tune_controller) -> Trial | None:
+        trials = tune_controller.get_trials()
+        for trial in trials:  # Tune starts every PENDING trial: a new one waits, PAUSED, until chosen here
+            if trial.status == Trial.PENDING and trial not in self.started:
+                tune_controller._set_trial_status(trial, Trial.PAUSED)  # the status API Tune gives its schedulers
+                self.waiting.append(trial)
+        if sum(t.status in (Trial.PENDING, Trial.RUNNING) for t in trials) >= self.concurrency:
+            return None
+        resumed = super().choose_trial_to_run(tune_controller)  # a PAUSED trial HyperBand lets go on, or a PENDING one
+        if resumed is not None and resumed.status == Trial.PAUSED:
+            return resumed
+        while self.waiting:
+            trial = self.waiting.pop(0)
+            if trial.status == Trial.PAUSED:  # not stopped meanwhile
+                self.started.add(trial)
+                return trial
         return None
-    return ray.tune.schedulers.ASHAScheduler(
-        time_attr="training_iteration",  # one report per epoch
-        max_t=spec.train.epochs,
-        grace_period=spec.tune.grace_period,
-        reduction_factor=spec.tune.reduction_factor,
-    )
 
 
 def concurrent_trials(spec: JobSpec) -> int:

@@ -1,0 +1,280 @@
+"""Transfer-learning benchmark: full fine-tune, partial freezes and the feature extractor, with and
+without the frozen-prefix cache, in tlray and in a plain PyTorch loop; then the seed's claim.
+
+    .venv/bin/python bench/transfer.py [--only modes|claim] [--device cuda --arch resnet50 --image-size 224 ...]
+
+modes: one local Ray; per row one Ray Train run with 1 worker (tlray.train.make_trainer, as `tlray
+   train` runs it), and the same work in one plain single-process PyTorch loop (decode ->
+   resize/crop -> normalise -> forward -> backward -> step; with a cache: decode and run the frozen
+   blocks once, then train on the stored activations). Epoch time = train loop only; the first
+   epoch (with the cache: the feature pass) is reported apart. The FLOP model: per-block forward
+   FLOPs from torch.utils.flop_counter, phi = the frozen share; predicted speedup over the full
+   fine-tune 3 / (phi + 3 (1 - phi)) without the cache, 1 / (1 - phi) with it.
+claim: `tlray train` on 50,000 generated 32 px images, ResNet-18 feature extractor, 10 epochs.
+   Ray start-up, the feature pass, the head epochs and the total, from the command's own output.
+
+Writes section "transfer" of bench/results.json; bench/run.py makes the table and RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+from common import ENV, load_results, machine, random_checkpoint, save_results, write_images  # noqa: E402
+
+PARTS = ("modes", "claim")
+
+
+# ---------------------------------------------------------------------------------------
+# The FLOP model
+# ---------------------------------------------------------------------------------------
+def frozen_shares(arch: str, image_size: int) -> list[float]:
+    """phi for every depth 0..blocks: the frozen blocks' share of one image's forward FLOPs."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tlray import models
+
+    model = models.build_model(arch, None, 10).eval()
+    blocks = len(models.backbone_block_names(arch))
+    x = torch.zeros(1, 3, image_size, image_size)
+
+    def flops(module) -> int:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            module(x)
+        return counter.get_total_flops()
+
+    total = flops(model)
+    return [flops(models.split(model, arch, depth).prefix) / total for depth in range(blocks + 1)]
+
+
+def predicted_speedup(phi: float, cached: bool) -> float:
+    return 1 / (1 - phi) if cached else 3 / (phi + 3 * (1 - phi))
+
+
+# ---------------------------------------------------------------------------------------
+# A plain PyTorch loop doing tlray's work
+# ---------------------------------------------------------------------------------------
+def plain_loop(images: Path, weights: Path, args, depth: int, cached: bool) -> dict:
+    """Seconds per epoch (train loop only) and of the feature pass, in one process."""
+    import torch
+
+    from tlray import models
+    from tlray.data import DatasetSpec, build_index, epoch_order, open_rgb
+
+    device = torch.device(args.device)
+    index = build_index(DatasetSpec(uri=str(images), image_size=args.image_size))
+    preprocessing = models.preprocessing(args.arch, args.image_size)
+    transform = preprocessing.uint8_transform(False)
+    torch.manual_seed(0)
+    model = models.build_model(args.arch, str(weights), len(index.classes))
+    models.freeze(model, args.arch, depth)
+    parts = models.split(model, args.arch, depth)
+    model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+    optimizer = torch.optim.AdamW(models.trainable_parameters(model), lr=1e-3)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
+    labels_of = torch.tensor([label for _, label in index.train])
+
+    def decode(rows) -> torch.Tensor:
+        pixels = torch.stack([transform(open_rgb(index.location(index.train[r][0]))) for r in rows]).to(device)
+        return preprocessing.normalise(pixels)
+
+    def frozen(x):
+        with torch.no_grad(), amp:
+            return parts.prefix(x)
+
+    feature_pass = 0.0
+    if cached:  # decode and run the frozen blocks once, in row order
+        started = time.perf_counter()
+        rows = np.arange(len(index.train))
+        stored = torch.cat([frozen(decode(rows[i : i + args.batch])).float() for i in range(0, len(rows), args.batch)])
+        feature_pass = time.perf_counter() - started
+    times = []
+    for epoch in range(args.epochs):
+        model.train()
+        order = epoch_order(len(index.train), 0, epoch)
+        started = time.perf_counter()
+        for start in range(0, len(order) - args.batch + 1, args.batch):
+            rows = order[start : start + args.batch]
+            inputs = stored[rows] if cached else frozen(decode(rows))
+            with amp:
+                loss = loss_fn(parts.rest(inputs), labels_of[rows].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return {"epoch_s": times, "feature_pass_s": feature_pass}
+
+
+# ---------------------------------------------------------------------------------------
+# tlray, 1 worker
+# ---------------------------------------------------------------------------------------
+def tlray_run(images: Path, weights: Path, args, depth: int, cache: str, out: Path) -> dict:
+    from tlray import models
+    from tlray.data import build_index, data_source
+    from tlray.spec import JobSpec
+    from tlray.train import load_checkpoint_state, make_trainer
+
+    spec = JobSpec.model_validate(
+        {
+            "name": "bench",
+            "dataset": {"uri": str(images), "image_size": args.image_size},
+            "model": {"arch": args.arch, "weights": str(weights), "mode": "partial", "freeze_depth": depth},
+            "train": {
+                "epochs": args.epochs,
+                "batch_size": args.batch,
+                "lr": 1e-3,
+                "scheduler": "constant",
+                "cache": cache,
+                "amp": args.amp,
+            },
+            "scaling": {"num_workers": 1, "cpus_per_worker": 1, "use_gpu": args.device == "cuda"},
+            "output": {"uri": str(out)},
+        }
+    )
+    index = build_index(spec.dataset)
+    source = data_source(index, spec.dataset, models.preprocessing(args.arch, args.image_size))
+    result = make_trainer(spec, source, str(weights), str(out), f"d{depth}-{cache}").fit()
+    history = load_checkpoint_state(result.checkpoint)["history"]
+    return {
+        "epoch_s": [h["train_images"] / h["images_per_second"] for h in history],
+        "feature_pass_s": sum(h.get("feature_pass_seconds", 0.0) for h in history),
+        "images_per_second": [h["images_per_second"] for h in history],
+    }
+
+
+def modes(work: Path, args) -> dict:
+    import ray
+
+    from tlray import models, prefix_cache
+
+    os.environ[prefix_cache.CACHE_DIR_ENV] = str(work / f"cache-{time.time_ns()}")  # a cold cache, inherited by Ray
+    images = write_images(work / f"images-{args.images}-{args.image_size}", args.images, args.image_size)
+    weights = random_checkpoint(work / f"{args.arch}-random.pt", args.arch)
+    blocks = len(models.backbone_block_names(args.arch))
+    depths = [0, *args.depths, blocks]
+    phis = frozen_shares(args.arch, args.image_size)
+    rows = []
+    ray.init(num_cpus=args.ray_cpus, num_gpus=1 if args.device == "cuda" else 0, include_dashboard=False)
+    try:
+        for depth in depths:
+            for cached in (False, True) if depth else (False,):
+                name = mode_name(depth, blocks)
+                print(f"[bench] {name}, {'with' if cached else 'without'} the cache", flush=True)
+                ours = tlray_run(images, weights, args, depth, "on" if cached else "off", work / "runs")
+                plain = plain_loop(images, weights, args, depth, cached)
+                rows.append(
+                    {"mode": name, "depth": depth, "cached": cached, "phi": phis[depth], "tlray": ours, "plain": plain}
+                )
+                print(f"[bench]   tlray {steady(ours['epoch_s']):.3f} s/epoch, plain {steady(plain['epoch_s']):.3f}")
+    finally:
+        ray.shutdown()
+    full = next(r for r in rows if r["depth"] == 0)
+    for row in rows:
+        for who in ("tlray", "plain"):
+            row[who]["steady_s"] = steady(row[who]["epoch_s"])
+            row[who]["speedup"] = full[who]["steady_s"] / row[who]["steady_s"]
+        row["predicted"] = predicted_speedup(row["phi"], row["cached"])
+        row["achieved_over_predicted"] = row["tlray"]["speedup"] / row["predicted"]
+    return {"rows": rows, "images": args.images, "image_size": args.image_size, "arch": args.arch}
+
+
+def mode_name(depth: int, blocks: int) -> str:
+    return "full fine-tune" if depth == 0 else "feature extractor" if depth == blocks else f"partial, depth {depth}"
+
+
+def steady(times: list[float]) -> float:
+    return float(np.mean(times[1:])) if len(times) > 1 else times[0]
+
+
+# ---------------------------------------------------------------------------------------
+# The seed's claim, through `tlray train`
+# ---------------------------------------------------------------------------------------
+def claim(work: Path, args) -> dict:
+    import yaml
+
+    images = write_images(work / f"images-{args.claim_images}-32", args.claim_images, 32)
+    weights = random_checkpoint(work / "resnet18-random.pt", "resnet18")
+    out = work / f"claim-{time.time_ns()}"
+    spec = {
+        "name": "claim",
+        "dataset": {"uri": str(images), "image_size": 32},
+        "model": {"arch": "resnet18", "weights": str(weights), "mode": "feature_extractor"},
+        "train": {"epochs": 10, "batch_size": 256, "lr": 1e-3},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 1},
+        "output": {"uri": str(out)},
+    }
+    out.mkdir(parents=True)
+    (out / "job.yaml").write_text(yaml.safe_dump(spec))
+    env = {**ENV, "TLRAY_CACHE_DIR": str(out / "cache")}
+    print(f"[bench] the claim: tlray train, {args.claim_images:,} images, feature extractor, 10 epochs", flush=True)
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-u", "-m", "tlray", "train", str(out / "job.yaml")], env=env, capture_output=True, text=True
+    )
+    total = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"tlray train failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    history = json.loads(next(out.rglob("metrics.json")).read_text())["history"]
+    result = {
+        "images": args.claim_images,
+        "total_s": total,
+        "ray_startup_s": float(re.search(r"Ray up in ([\d.]+) s", done.stdout)[1]),
+        "train_s": float(re.search(r"trained in ([\d.]+) s", done.stdout)[1]),  # Ray Train's fit, start to end
+        "feature_pass_s": sum(h["feature_pass_seconds"] for h in history),
+        "head_epoch_s": [h["train_images"] / h["images_per_second"] for h in history],
+        "val_accuracy": history[-1]["val_accuracy"],
+    }
+    result["excluding_ray_startup_s"] = total - result["ray_startup_s"]
+    print(f"[bench]   {json.dumps({k: v for k, v in result.items() if k != 'head_epoch_s'})}", flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=PARTS, action="append", help="run only these parts (repeatable)")
+    parser.add_argument("--images", type=int, default=3000, help="images of the mode rows")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--depths", type=lambda s: [int(d) for d in s.split(",")], default=[2, 4], help="partial rows")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of a mode row (the first is reported apart)")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--amp", choices=("off", "bf16"), default="off")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last memory format (CUDA)")
+    parser.add_argument("--ray-cpus", type=int, default=os.cpu_count())
+    parser.add_argument("--claim-images", type=int, default=50_000)
+    parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "tlray-bench"))
+    parser.add_argument("--json", default=str(BENCH / "results.json"), help="where the results go")
+    parser.add_argument("--section", default="transfer", help="the results.json section")
+    args = parser.parse_args(argv)
+    os.environ.update(ENV)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    parts = args.only or PARTS
+    results = {**load_results(args.json).get(args.section, {}), "machine": machine(), "settings": vars(args)}
+    if "modes" in parts:
+        results["modes"] = modes(work, args)
+    if "claim" in parts:
+        results["claim"] = claim(work, args)
+    save_results(args.json, args.section, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

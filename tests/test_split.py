@@ -1,0 +1,140 @@
+"""tlray.models.split: prefix + rest compose to the model, share its parameters; freezing locks the prefix in eval.
+
+Random-init models (weights=None), one arch per family; inputs are 2 images of 64 px (ViT: 1 of 224 px).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from torch import nn
+from torchvision.ops import StochasticDepth
+
+from tlray import models
+
+ARCHS = [
+    "resnet18",
+    "efficientnet_b0",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "convnext_tiny",
+    "regnet_x_400mf",
+    "vit_b_32",
+]
+
+
+@functools.cache
+def _built(arch: str) -> nn.Module:
+    torch.manual_seed(0)
+    return models.build_model(arch, None, 3).eval()
+
+
+def fresh(arch: str) -> nn.Module:
+    return copy.deepcopy(_built(arch))
+
+
+def batch_for(arch: str) -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.randn(1, 3, 224, 224) if arch.startswith("vit") else torch.randn(2, 3, 64, 64)
+
+
+def depths(arch: str) -> list:
+    return [*range(len(models.backbone_block_names(arch)) + 1), "all"]
+
+
+def block_param_ids(model: nn.Module, arch: str, depth: int) -> set[int]:
+    """The parameters the first `depth` block paths cover, read off the block map."""
+    paths = [path for _, block in models._layout(arch).blocks[:depth] for path in block]
+    return {id(p) for path in paths for p in models._params_at(model, path)}
+
+
+def own_modules(model: nn.Module, part: nn.Module) -> list[nn.Module]:
+    """The model's own modules that `part` runs (not split's wrappers)."""
+    ids = {id(m) for m in model.modules()}
+    return [m for m in part.modules() if id(m) in ids]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rest_of_prefix_is_the_model(arch):
+    model, x = _built(arch), batch_for(arch)
+    with torch.no_grad():
+        expected = model(x)
+        for depth in depths(arch)[:-1]:  # "all" resolves to the last one (next test)
+            s = models.split(model, arch, depth)
+            torch.testing.assert_close(s.rest(s.prefix(x)), expected, rtol=0, atol=0, msg=f"depth {depth}")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefix_holds_the_first_blocks_parameters(arch):
+    model = _built(arch)
+    all_ids = {id(p) for p in model.parameters()}
+    n = len(models.backbone_block_names(arch))
+    for depth in depths(arch):
+        d = n if depth == "all" else depth
+        s = models.split(model, arch, depth)
+        prefix_ids, rest_ids = {id(p) for p in s.prefix.parameters()}, {id(p) for p in s.rest.parameters()}
+        assert prefix_ids == block_param_ids(model, arch, d), depth
+        assert rest_ids == all_ids - prefix_ids, depth
+    assert isinstance(models.split(model, arch, 0).prefix, nn.Identity)
+
+
+@pytest.mark.parametrize(("arch", "shape"), [("resnet18", (512,)), ("convnext_tiny", (768, 1, 1))])
+def test_feature_extractor_prefix_is_pooled(arch, shape):
+    model = _built(arch)
+    s = models.split(model, arch, "all")
+    with torch.no_grad():
+        assert s.prefix(batch_for(arch)).shape == (2, *shape)
+    model.train()
+    try:
+        assert models.prefix_output_shape(s, 64) == shape
+        assert all(m.training for m in model.modules())  # the helper restores the modes
+    finally:
+        model.eval()
+    assert models.prefix_output_shape(models.split(model, arch, 0), 64) == (3, 64, 64)
+
+
+def test_split_refuses_bad_depth_and_wrapped_models():
+    with pytest.raises(models.ModelError, match="^model.freeze_depth"):
+        models.split(_built("resnet18"), "resnet18", 6)
+    with pytest.raises(models.ModelError, match="bare model"):
+        models.split(nn.DataParallel(_built("resnet18")), "resnet18", 1)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_frozen_blocks_stay_in_eval(arch):
+    model = fresh(arch)
+    n = len(models.backbone_block_names(arch))
+    for depth in (n // 2, n):
+        models.freeze(model, arch, depth, batchnorm="frozen")
+        model.train()
+        s = models.split(model, arch, depth)
+        assert own_modules(model, s.prefix) and own_modules(model, s.rest)
+        assert not any(m.training for m in own_modules(model, s.prefix)), depth
+        assert all(m.training for m in own_modules(model, s.rest)), depth
+    models.freeze(model, arch, n // 2, batchnorm="train")  # today's behaviour: nothing locked
+    model.train()
+    assert all(m.training for m in model.modules())
+    model.eval()
+    assert not any(m.training for m in model.modules())
+
+
+def test_frozen_prefix_is_a_pure_function_of_the_image():
+    arch, depth = "efficientnet_b0", 5
+    model = fresh(arch)
+    models.freeze(model, arch, depth)
+    prefix = models.split(model, arch, depth).prefix
+    assert any(isinstance(m, StochasticDepth) for m in prefix.modules())
+    x = batch_for(arch)
+    torch.manual_seed(1)
+    model.train()
+    with torch.no_grad():
+        first, second = prefix(x), prefix(x)
+        model.eval()
+        evaluated = prefix(x)
+    assert torch.equal(first, second) and torch.equal(first, evaluated)
+    clone = copy.deepcopy(model)  # the lock survives copying
+    clone.train()
+    assert not any(m.training for m in own_modules(clone, models.split(clone, arch, depth).prefix))
