@@ -32,9 +32,10 @@ lint: install
 test: install lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Benchmarks, never part of the suite: prints one table, writes bench/results.json (see bench/RESULTS.md).
+# Benchmarks, never part of the suite (at most 15 minutes on 2 cores): every script in bench/, then one
+# table, written to bench/RESULTS.md and bench/results.json. `bench/gpu_check.sh` is the GPU variant.
 bench: install
-	$(BIN)/python bench/data_path.py
+	$(BIN)/python bench/run.py
 
 # Regenerate the spec reference that README.md embeds (a test keeps them in sync).
 reference: install

@@ -73,6 +73,13 @@ def test_four_trial_asha_search_finishes_on_two_cpus_and_publishes_the_best(tmp_
         assert 1 <= t["epochs"] <= 3
         assert t["stopped_early"] == (t["epochs"] < 3)
         assert [h["epoch"] for h in t["history"]] == list(range(1, t["epochs"] + 1))
+    # trials of one freeze depth share one frozen-prefix cache: one computes the first epoch's activations,
+    # the other, waiting for it or started after it, reads them
+    index = build_index(load_spec(spec_path).dataset)
+    first_epoch_rows = len(index.train) // 8 * 8 + len(index.val)
+    for depth in ("1", "all"):
+        computed = [t["history"][0]["feature_pass_images"] for t in trials if str(t["freeze_depth"]) == depth]
+        assert sorted(computed) == [0, first_epoch_rows]
     csv_lines = (run / "tune_results.csv").read_text().splitlines()
     assert csv_lines[0].split(",")[:3] == ["trial", "lr", "freeze_depth"] and len(csv_lines) == 5
     print(f"4-trial search took {elapsed:.0f} s; trial-epochs {sum(t['epochs'] for t in trials)} of 12")
@@ -274,35 +281,6 @@ def test_hyperband_search_stops_one_trial_at_its_rung_and_publishes_a_fully_trai
     metadata = json.loads((run / "metadata.json").read_text())
     assert metadata["hyperparameters"]["trial"] == best["trial"]
     assert (run / "model" / "model.pt2").stat().st_size > 0
-
-
-def test_a_paused_trial_resumes_its_training_and_its_epoch_count(tmp_path, monkeypatch):
-    """Pause/resume without HyperBand's luck: a scheduler that pauses every trial once, at its first epoch."""
-    from ray.tune.schedulers import FIFOScheduler, TrialScheduler
-
-    from tlray import tune
-
-    class PauseOnce(FIFOScheduler):
-        def __init__(self):
-            super().__init__()
-            self.paused, self.seen = set(), []
-
-        def on_trial_result(self, tune_controller, trial, result):
-            self.seen.append(result["training_iteration"])
-            if trial.trial_id in self.paused:
-                return TrialScheduler.CONTINUE
-            self.paused.add(trial.trial_id)
-            return TrialScheduler.PAUSE
-
-    scheduler = PauseOnce()
-    monkeypatch.setattr(tune, "make_scheduler", lambda spec, concurrency: scheduler)
-    spec_path = two_epochs(search_spec(tmp_path, scheduler="none", num_samples=1, freeze_depth=None))
-    assert main(["tune", str(spec_path)]) == 0
-    assert scheduler.seen == [1, 2]  # Tune's count goes on from the epoch the trial paused at
-
-    (trial,) = json.loads((run_dir(spec_path) / "tune_results.json").read_text())["trials"]
-    assert (trial["epochs"], trial["stopped_early"]) == (2, False)
-    assert [h["epoch"] for h in trial["history"]] == [1, 2]
 
 
 def two_epochs(spec_path: Path) -> Path:

@@ -104,23 +104,26 @@ def fine_tune(config: dict) -> None:
     # cache, the rows' activations instead (computed by the frozen blocks the first time a row comes up).
     reader = cache or data  # the cache answers the pipeline's two calls with activations in place of images
     epochs = range(start_epoch, spec.train.epochs)
+    epoch_started = time.perf_counter()
     for epoch, batches in reader.train_epochs(source, spec.train.seed, epochs, rank, world_size, batch_size, device):
         model.train()  # frozen blocks stay in eval mode (models.freeze)
         started, seen, loss_sum, bad_rows = time.perf_counter(), 0, 0.0, []
         for batch in batches:
             labels = batch["label"]
-            bad_rows += batch["row"][labels == BAD_LABEL].tolist()
+            good = int((labels != BAD_LABEL).sum())  # the step's one read-back from the device
+            if good < len(labels):
+                bad_rows += batch["row"][labels == BAD_LABEL].tolist()
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 logits = trained(features(batch["image"]))
                 # an all-bad batch still runs backward, so DDP's gradient sync stays in step
-                loss = loss_fn(logits, labels) if (labels != BAD_LABEL).any() else logits.sum() * 0.0
+                loss = loss_fn(logits, labels) if good else logits.sum() * 0.0
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            good = int((labels != BAD_LABEL).sum())
-            seen, loss_sum = seen + good, loss_sum + loss.item() * good
+            seen, loss_sum = seen + good, loss_sum + loss.detach() * good
+        loss_sum = float(loss_sum)
         elapsed = time.perf_counter() - started
 
         val_rows = data.val_rows(source.counts["val"], rank, world_size)
@@ -156,6 +159,7 @@ def fine_tune(config: dict) -> None:
             "train_images": int(seen),  # decoded and trained on, all workers
             # images/s of the whole group: all images over the mean worker wall time
             "images_per_second": seen / (elapsed / world_size),
+            "epoch_seconds": time.perf_counter() - epoch_started,  # feature pass, training and validation
             "lr": optimizer.param_groups[0]["lr"],
             "bad_images": int(bad),
             **{k: v for k, v in val.items() if k != "rows"},
@@ -183,6 +187,7 @@ def fine_tune(config: dict) -> None:
                 torch.save(state, Path(checkpoint_dir, CHECKPOINT_FILE))
                 checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
+        epoch_started = time.perf_counter()
 
 
 # ---------------------------------------------------------------------------------------
