@@ -26,7 +26,7 @@ from common import ENV, load_results, machine  # noqa: E402
 BUDGET_S = 15 * 60
 PARTS = {
     "transfer": ["transfer.py"],
-    "data_path": ["data_path.py"],
+    "data_path": ["data_path.py", "--s3-images", "1000"],
     "tune": ["tune_schedulers.py"],
 }
 QUICK = {
@@ -141,12 +141,14 @@ def tune_lines(tune: dict) -> list[str]:
         )
     sharing = tune.get("cache_sharing")
     if sharing:
+        cached, uncached = sharing["cached"], sharing.get("uncached")
+        reference = f"without the cache: {uncached['wall_s']:.0f} s" if uncached else ""
+        ratio = f"{cached['wall_s'] / uncached['wall_s']:.2f}x" if uncached else ""
         lines.append(
-            f"| {sharing['trials']}-trial feature-extractor search: feature passes (images computed) | "
-            f"{sharing['cached']['feature_passes']} ({sharing['cached']['images_computed']:,}), "
-            f"{sharing['cached']['wall_s']:.0f} s | without the cache: {sharing['uncached']['wall_s']:.0f} s "
-            f"| {sharing['cached']['wall_s'] / sharing['uncached']['wall_s']:.2f}x | 1 pass | "
-            f"{yes(sharing['cached']['feature_passes'] == 1)} |"
+            f"| {sharing['trials']}-trial feature-extractor search, cache on: trials that computed activations "
+            f"(images computed of {sharing['images']:,}), wall time | {cached['feature_passes']} "
+            f"({cached['images_computed']:,}), {cached['wall_s']:.0f} s | {reference} | {ratio} | 1 trial "
+            f"| {yes(cached['feature_passes'] == 1)} |"
         )
     return lines
 

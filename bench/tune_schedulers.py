@@ -1,23 +1,30 @@
-#!/usr/bin/env python
-"""ASHA vs no scheduler: the same `tlray tune` search on scikit-learn digits, run twice.
+"""Search benchmark: ASHA against synchronous HyperBand, and trials sharing the frozen-prefix cache.
 
-    python bench/tune_schedulers.py [--samples 8] [--epochs 6] [--reduction-factor 3] [--workdir DIR]
+    .venv/bin/python bench/tune_schedulers.py [--samples 5 --epochs 3 --reduction-factor 3 --images 320]
 
-A real transfer inside the digits data: `tlray train` first fits a ResNet-18 from random init on
-the digits 0-4 (the "pretrained" model), then both searches fine-tune it on the digits 5-9 over
-learning rate x freeze depth. The two searches share every setting but `tune.scheduler`, and the
-same seed samples the same learning rates, so they try identical trials. Reported per search:
-trial-epochs spent (from tune_results.json), wall time of the `tlray tune` command, best metric.
-Target: ASHA spends <= 40% of the full search's trial-epochs and its best metric is within
-1 point (0.01) of the full search's.
+Every search is one `tlray tune` command on generated 32 px images (a manifest with a fixed split,
+whole train batches) and a random-init ResNet-18 checkpoint; the commands join one local Ray that
+this script starts, each with an emptied (cold) $TLRAY_CACHE_DIR. Wall time = the whole command.
+Every trial: 1 worker x 0.5 CPU, so 2 trials at a time on 2 CPUs (1 left for Ray Data).
+searches: learning rate x freeze depth (1, 4), the same spec and seed, `tune.scheduler: asha` or
+   `hyperband`: trial-epochs run against the full search's trials x epochs (target <= 40%), best
+   final metric; per trial, training = the sum of its epochs' `epoch_seconds`, start-up = its time
+   in Tune (the sum of time_this_iter_s in Tune's result.json, over every resume) minus that.
+cache_sharing: a 4-trial feature-extractor search over the learning rate (no scheduler) with
+   `train.cache: on` and `off`. Feature passes = trials whose history (state.pt of their last
+   checkpoint) computed activations; one freeze depth, one cache on the node: target 1.
+
+Writes section "tune" of bench/results.json; bench/run.py makes the table and RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,147 +33,247 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-TLRAY = [sys.executable, "-m", "tlray"]
-ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+from common import ENV, machine, random_checkpoint, save_results, write_images  # noqa: E402
+
+TLRAY = [sys.executable, "-u", "-m", "tlray"]
+IMAGE_SIZE = 32
+BATCH = 32
+SHARING_TRIALS = 4
+CACHE_DIR_ENV = "TLRAY_CACHE_DIR"  # tlray.prefix_cache.CACHE_DIR_ENV
+TARGET_SHARE = 0.40
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=8, help="trials per search (shared over 2 freeze depths)")
-    parser.add_argument("--epochs", type=int, default=6, help="epochs of a trial that is never stopped")
-    parser.add_argument("--reduction-factor", type=int, default=3, help="ASHA's tune.reduction_factor")
-    parser.add_argument("--workdir", type=Path, help="keep data and runs here (default: a temporary folder)")
-    args = parser.parse_args()
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tlray-bench-tune-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+# ---------------------------------------------------------------------------------------
+# Data: generated images, a manifest with a fixed split
+# ---------------------------------------------------------------------------------------
+def dataset(work: Path, images: int) -> Path:
+    """`images` generated images and a manifest: 80% train (whole batches, so no epoch leaves rows out), 20% val."""
+    root = write_images(work / f"images-{images}-{IMAGE_SIZE}", images, IMAGE_SIZE)
+    paths = sorted(root.glob("*/*.png"), key=lambda p: p.name)  # by number: the classes interleave
+    train = max(BATCH, len(paths) * 4 // 5 // BATCH * BATCH)
+    if train >= len(paths):
+        raise SystemExit(f"--images {images}: too few for one train batch of {BATCH} and a validation split")
+    manifest = root / "manifest.csv"
+    with open(manifest, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "split"])
+        for n, path in enumerate(paths):
+            writer.writerow([f"{path.parent.name}/{path.name}", path.parent.name, "train" if n < train else "val"])
+    return manifest
 
-    weights = pretrain_on_first_five_digits(workdir)
-    results = {}
-    for scheduler in ("none", "asha"):
-        spec = search_spec(workdir, weights, scheduler, args)
-        results[scheduler] = run_search(spec)
-    print_table(results, args)
 
-
-def pretrain_on_first_five_digits(workdir: Path) -> Path:
-    from tlray.demo import write_digits
-
-    images = workdir / "digits"
-    write_digits(str(images))
-    for name, digits in (("source", range(0, 5)), ("target", range(5, 10))):
-        with open(workdir / f"{name}.csv", "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["path", "label"])
-            for digit in digits:
-                for image in sorted((images / str(digit)).glob("*.png")):
-                    writer.writerow([f"{digit}/{image.name}", str(digit)])
-    weights = workdir / "digits-0-4-resnet18.pt"
-    if weights.exists():
-        return weights
-    spec = {
-        "name": "bench-pretrain",
+def base_spec(name: str, manifest: Path, weights: Path, epochs: int, output: Path) -> dict:
+    return {
+        "name": name,
         "dataset": {
-            "uri": str(images),
+            "uri": str(manifest.parent),
             "layout": "manifest",
-            "manifest": str(workdir / "source.csv"),
-            "image_size": 32,
-        },
-        "model": {"arch": "resnet18", "weights": "none", "mode": "architecture"},
-        "train": {"epochs": 4, "batch_size": 64, "lr": 0.003},
-        "scaling": {"num_workers": 1, "cpus_per_worker": 1},
-        "output": {"uri": str(workdir / "runs")},
-    }
-    path = write(workdir / "pretrain.yaml", spec)
-    step(f"pretraining ResNet-18 on digits 0-4 ({path})")
-    subprocess.run([*TLRAY, "train", str(path)], check=True, env=ENV, cwd=ROOT)
-    published = next((workdir / "runs" / "bench-pretrain" / "runs").glob("*/model/state_dict.pt"))
-    weights.write_bytes(published.read_bytes())
-    return weights
-
-
-def search_spec(workdir: Path, weights: Path, scheduler: str, args: argparse.Namespace) -> Path:
-    spec = {
-        "name": f"bench-{scheduler}",
-        "dataset": {
-            "uri": str(workdir / "digits"),
-            "layout": "manifest",
-            "manifest": str(workdir / "target.csv"),
-            "image_size": 32,
+            "manifest": str(manifest),
+            "image_size": IMAGE_SIZE,
         },
         "model": {"arch": "resnet18", "weights": str(weights), "mode": "partial", "freeze_depth": 1},
-        "train": {"epochs": args.epochs, "batch_size": 64, "optimizer": "adamw", "lr": 0.001, "scheduler": "cosine"},
+        "train": {"epochs": epochs, "batch_size": BATCH, "optimizer": "adamw", "lr": 1e-3, "scheduler": "cosine"},
         "scaling": {"num_workers": 1, "cpus_per_worker": 0.5},
-        "tune": {
+        "output": {"uri": str(output)},
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# One `tlray tune` command, and what its trials recorded
+# ---------------------------------------------------------------------------------------
+def run_search(work: Path, spec: dict, label: str) -> dict:
+    """`tlray tune` on `spec` in the running Ray, a fresh output folder, a cold cache: wall time, per-trial records."""
+    stamp = time.time_ns()
+    spec["output"]["uri"] = str(work / f"runs-{stamp}")  # a fresh run: never a resumed, finished search
+    path = work / f"{spec['name']}-{stamp}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    log = work / f"{spec['name']}-{stamp}.log"
+    shutil.rmtree(os.environ[CACHE_DIR_ENV], ignore_errors=True)  # the workers' cache dir (set before Ray started)
+    print(f"[bench] {label}: tlray tune {path} (log {log})", flush=True)
+    started = time.perf_counter()
+    with open(log, "w") as out:
+        done = subprocess.run([*TLRAY, "tune", str(path)], env=os.environ, stdout=out, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"tlray tune failed ({done.returncode}); the end of {log}:\n{log.read_text()[-4000:]}")
+    (run,) = Path(spec["output"]["uri"]).glob(f"{spec['name']}/runs/*/tune_results.json")
+    trials = trial_records(run.parent, json.loads(run.read_text()))
+    print(f"[bench]   {len(trials)} trials, {sum(len(t['history']) for t in trials)} trial-epochs in {wall:.0f} s")
+    return {"wall_s": wall, "trials": trials}
+
+
+def trial_records(run: Path, results: dict) -> list[dict]:
+    """Per trial: its row in tune_results.json, every epoch's metrics and its time in Tune.
+
+    The epochs' metrics (`epoch_seconds`, `feature_pass_images`) are the `history` in the state.pt of the
+    trial's last checkpoint (the row's `checkpoint`; a resumed trial's history goes on from its checkpoint).
+    The time: Tune's result.json of the trial (under `<run>/search`), the sum of time_this_iter_s: time_total_s
+    starts again from 0 when a HyperBand-paused trial resumes without a Tune checkpoint.
+    """
+    import torch
+
+    seconds: dict[str, float] = {}
+    for result_file in (run / "search").glob("*/result.json"):
+        for line in result_file.read_text().splitlines():
+            if line.strip():
+                report = json.loads(line)
+                trial = report["trial_id"]
+                seconds[trial] = seconds.get(trial, 0.0) + report["time_this_iter_s"]
+    records = []
+    for row in results["trials"]:
+        if not row.get("checkpoint"):
+            raise RuntimeError(f"trial {row['trial']} has no checkpoint ({row['status']})")
+        history = torch.load(Path(row["checkpoint"], "state.pt"), map_location="cpu", weights_only=False)["history"]
+        if len(history) != row["epochs"]:
+            print(f"[bench] warning: trial {row['trial']}: {len(history)} epochs in state.pt, {row['epochs']} in Tune")
+        records.append(
+            {
+                "trial": row["trial"],
+                "lr": row["lr"],
+                "freeze_depth": row["freeze_depth"],
+                "epochs": row["epochs"],
+                "metric": row["metric"],
+                "tune_s": seconds[row["trial"]],
+                "history": [
+                    {k: h.get(k) for k in ("epoch", "epoch_seconds", "feature_pass_images", "feature_pass_seconds")}
+                    for h in history
+                ],
+            }
+        )
+    return records
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+# ---------------------------------------------------------------------------------------
+# ASHA against HyperBand
+# ---------------------------------------------------------------------------------------
+def searches(work: Path, manifest: Path, weights: Path, args) -> tuple[dict, dict]:
+    summary, details = {}, {}
+    for name, scheduler in (("ASHA", "asha"), ("HyperBand", "hyperband")):
+        spec = base_spec(f"bench-{scheduler}", manifest, weights, args.epochs, work)
+        spec["tune"] = {
             "num_samples": args.samples,
-            "lr": {"min": 1e-5, "max": 3e-2},
+            "lr": {"min": 1e-4, "max": 1e-1},
             "freeze_depth": [1, 4],
             "scheduler": scheduler,
             "grace_period": 1,
             "reduction_factor": args.reduction_factor,
             "metric": "val_accuracy",
             "mode": "max",
+        }
+        run = run_search(work, spec, f"{name}, {args.samples} trials x {args.epochs} epochs")
+        trials = run["trials"]
+        full = len(trials) * args.epochs  # every trial to the last epoch: the search without a scheduler
+        trial_epochs = sum(t["epochs"] for t in trials)
+        training = [sum(h["epoch_seconds"] for h in t["history"]) for t in trials]
+        share = trial_epochs / full
+        summary[name] = {
+            "trials": len(trials),
+            "max_epochs": args.epochs,
+            "trial_epochs": trial_epochs,
+            "wall_s": run["wall_s"],
+            "best": max(t["metric"] for t in trials if t["metric"] is not None),
+            "startup_s_per_trial": mean([t["tune_s"] - s for t, s in zip(trials, training, strict=True)]),
+            "train_s_per_trial": mean(training),
+            "reference": f"full search {full} trial-epochs",
+            "epochs_share": share,
+            "target": f"<= {TARGET_SHARE:.0%}",
+            "met": "yes" if share <= TARGET_SHARE else "**no**",
+        }
+        details[name] = trials
+        print(f"[bench]   {json.dumps(summary[name])}", flush=True)
+    return summary, details
+
+
+# ---------------------------------------------------------------------------------------
+# Trials sharing the frozen-prefix cache
+# ---------------------------------------------------------------------------------------
+def cache_sharing(work: Path, manifest: Path, weights: Path, args) -> tuple[dict, dict]:
+    runs = {}
+    for cache in ("on", "off") if args.compare_uncached else ("on",):
+        spec = base_spec(f"bench-sharing-{cache}", manifest, weights, args.epochs, work)
+        spec["model"] = {"arch": "resnet18", "weights": str(weights), "mode": "feature_extractor"}
+        spec["train"]["cache"] = cache
+        spec["tune"] = {
+            "num_samples": SHARING_TRIALS,
+            "lr": {"min": 1e-4, "max": 1e-1},
+            "scheduler": "none",
+            "metric": "val_accuracy",
+            "mode": "max",
+        }
+        runs[cache] = run_search(work, spec, f"feature extractor, {SHARING_TRIALS} trials, cache {cache}")
+    cached = runs["on"]["trials"]
+    result = {
+        "trials": len(cached),
+        "images": len(manifest.read_text().splitlines()) - 1,  # train and val
+        "cached": {
+            "feature_passes": sum(any((h["feature_pass_images"] or 0) > 0 for h in t["history"]) for t in cached),
+            "images_computed": sum(h["feature_pass_images"] or 0 for t in cached for h in t["history"]),
+            "wall_s": runs["on"]["wall_s"],
         },
-        "output": {"uri": str(workdir / "runs")},
     }
-    return write(workdir / f"search-{scheduler}.yaml", spec)
+    if "off" in runs:
+        result["uncached"] = {"wall_s": runs["off"]["wall_s"]}
+    # trials racing for a split's fill lock may share the one pass (train by one, val by another): every image
+    # computed once reads 1.0 here, however many trials took part
+    result["cached"]["passes_over_the_data"] = result["cached"]["images_computed"] / result["images"]
+    print(f"[bench]   {json.dumps(result)}", flush=True)
+    return result, {cache: run["trials"] for cache, run in runs.items()}
 
 
-def run_search(spec_path: Path) -> dict:
-    step(f"tlray tune {spec_path}")
-    started = time.monotonic()
-    subprocess.run([*TLRAY, "tune", str(spec_path)], check=True, env=ENV, cwd=ROOT)
-    wall = time.monotonic() - started
-    from tlray.data import build_index
-    from tlray.publish import run_uri
-    from tlray.spec import load_spec
+@contextlib.contextmanager
+def local_ray(work: Path):
+    """One local Ray for every command (RAY_ADDRESS), its workers' $TLRAY_CACHE_DIR = <work>/cache.
 
-    spec = load_spec(spec_path)
-    results = json.loads((Path(run_uri(spec, build_index(spec.dataset), "tune")) / "tune_results.json").read_text())
-    trials = results["trials"]
-    return {
-        "trials": len(trials),
-        "trial_epochs": sum(t["epochs"] for t in trials),
-        "stopped_early": sum(bool(t["stopped_early"]) for t in trials),
-        "best": max(t["best_metric"] for t in trials if t["best_metric"] is not None),
-        "best_final": trials[0]["metric"],
-        "best_trial": f"lr {trials[0]['lr']:.3g}, freeze_depth {trials[0]['freeze_depth']}",
-        "wall_s": wall,
-    }
+    Started here, so the commands inherit what joining it takes (the address, Ray's auth settings); Ray's
+    warnings to every driver (e.g. "N PYTHON worker processes have been started") still print here.
+    """
+    import ray
+
+    os.environ.update({**ENV, CACHE_DIR_ENV: str(work / "cache")})  # before Ray starts: its workers inherit it
+    began = time.perf_counter()
+    ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False)  # the commands log their own
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    print(f"[bench] Ray up in {time.perf_counter() - began:.1f} s at {os.environ['RAY_ADDRESS']}", flush=True)
+    try:
+        yield
+    finally:
+        os.environ.pop("RAY_ADDRESS", None)
+        ray.shutdown()
 
 
-def print_table(results: dict, args: argparse.Namespace) -> None:
-    full, asha = results["none"], results["asha"]
-    print(
-        f"\n{args.samples} trials x up to {args.epochs} epochs, ASHA grace 1, "
-        f"reduction factor {args.reduction_factor}\n"
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=5, help="trials of each scheduler's search (2 freeze depths)")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of a trial that is never stopped")
+    parser.add_argument("--reduction-factor", type=int, default=3, help="tune.reduction_factor of both schedulers")
+    parser.add_argument("--images", type=int, default=320, help="generated images (80%% train, 20%% val)")
+    parser.add_argument(
+        "--compare-uncached", action="store_true", help="also run the feature-extractor search with train.cache: off"
     )
-    print(
-        "| search | trials | stopped early | trial-epochs | wall time | best val_accuracy (final epoch) | best trial |"
-    )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for name, r in (("no scheduler", full), ("ASHA", asha)):
-        print(
-            f"| {name} | {r['trials']} | {r['stopped_early']} | {r['trial_epochs']} | {r['wall_s']:.0f} s "
-            f"| {r['best_final']:.4f} | {r['best_trial']} |"
-        )
-    share = asha["trial_epochs"] / full["trial_epochs"]
-    gap = full["best_final"] - asha["best_final"]
-    print(
-        f"\nASHA trial-epochs: {share:.0%} of the full search (target <= 40%): {'met' if share <= 0.40 else 'NOT met'}"
-    )
-    print(f"best metric gap: {gap * 100:+.2f} points (target within 1): {'met' if gap <= 0.01 else 'NOT met'}")
-    print(f"wall time: ASHA {asha['wall_s'] / full['wall_s']:.0%} of the full search")
-
-
-def write(path: Path, spec: dict) -> Path:
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
-
-
-def step(message: str) -> None:
-    print(f"\n=== {message}", flush=True)
+    parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "tlray-bench"))
+    parser.add_argument("--json", default=str(BENCH / "results.json"), help="where the results go")
+    args = parser.parse_args(argv)
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    results = {"machine": machine(), "settings": vars(args)}
+    manifest = dataset(work, args.images)
+    weights = random_checkpoint(work / "resnet18-random.pt", "resnet18")
+    with local_ray(work):
+        results["searches"], searched = searches(work, manifest, weights, args)
+        results["cache_sharing"], shared = cache_sharing(work, manifest, weights, args)
+    results["trials"] = {"searches": searched, "cache_sharing": shared}
+    results["wall_s"] = time.perf_counter() - started
+    print(f"[bench] tune: {results['wall_s']:.0f} s in all", flush=True)
+    save_results(args.json, "tune", results)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -263,7 +263,7 @@ def test_an_entry_is_filled_once_and_read_by_every_worker_and_trial(job):
     # two trials in the same slot at once: one computes, the other waits for its lock and finds the rows there
     trials = [worker("r0-w1"), worker("r0-w1")]
     with ThreadPoolExecutor(2) as pool:
-        list(pool.map(lambda cache: cache.fill(source, "train", rows, 16, torch.device("cpu")), trials))
+        list(pool.map(lambda cache: cache.fill(source, {"train": rows}, 16, torch.device("cpu")), trials))
     assert sorted(cache.take_fill_stats()[0] for cache in trials) == [0, len(rows)]
 
     later = worker("r1-w2")  # another slot, process or run: nothing left to compute for these rows

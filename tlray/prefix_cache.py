@@ -134,38 +134,43 @@ class FrozenPrefixCache:
     ):
         """As data.train_epochs: (epoch, batches) in the epoch's shuffle order, activations in place of images."""
         per_epoch = batch_size * data.train_batches(source.counts["train"], world, batch_size)[1]
+        val_rows = data.val_rows(source.counts["val"], rank, world)
         for epoch in epochs:
             rows = data.train_rows(source.counts["train"], seed, epoch, rank, world)[:per_epoch]
-            self.fill(source, "train", rows, batch_size, device)
+            self.fill(source, {"train": rows, "val": val_rows}, batch_size, device)  # validation's too, at once
             yield epoch, self.batches("train", rows, batch_size, device)
 
     def iter_batches(self, source: DataSource, split: str, rows: np.ndarray, batch_size: int, device):
         """As data.iter_batches, activations in place of images."""
-        self.fill(source, split, rows, batch_size, device)
+        self.fill(source, {split: rows}, batch_size, device)
         return self.batches(split, rows, batch_size, device)
 
-    def fill(self, source: DataSource, split: str, rows: np.ndarray, batch_size: int, device) -> None:
-        """Decode the `rows` not cached yet and store their activations (the feature pass).
+    def fill(self, source: DataSource, wanted: dict[str, np.ndarray], batch_size: int, device) -> None:
+        """Decode the wanted rows not cached yet and store their activations (the feature pass).
 
-        The lock is per slot, so workers of one run fill their shares side by side, while
-        trials in the same slot take turns, and the later one finds the rows already there.
+        The lock is per slot (rank and world size), so workers of one run fill their shares
+        side by side, while trials in the same slot take turns: the later one finds the rows
+        already there. Its seconds include the wait for such a turn.
         """
-        started = time.perf_counter()
-        with locked(self.path / f"fill-{split}-{self.slot}.lock"):
-            todo = np.sort(rows[self.labels[split][rows] == UNFILLED])
-            if len(todo) and self.announce:
-                cached = len(rows) - len(todo)
-                say(f"frozen-prefix cache: computing {len(todo):,} {split} activations ({cached:,} already cached)")
-            features, labels = self.features[split], self.labels[split]
-            for batch in data.iter_batches(source, split, todo, batch_size, device) if len(todo) else ():
-                out = self.frozen(batch["image"]).to("cpu", STORAGE[self.dtype][0]).contiguous()
-                batch_rows = batch["row"].cpu().numpy()
-                features[batch_rows] = out.view(torch.int16).numpy() if self.dtype == "bfloat16" else out.numpy()
-                labels[batch_rows] = batch["label"].cpu().numpy()  # last: a labelled row is a complete row
-            if len(todo):
+        started, computed = time.perf_counter(), 0
+        with locked(self.path / f"fill-{self.slot}.lock"):
+            for split, rows in wanted.items():
+                todo = np.sort(rows[self.labels[split][rows] == UNFILLED])
+                if not len(todo):
+                    continue
+                if self.announce:
+                    cached = len(rows) - len(todo)
+                    say(f"frozen-prefix cache: computing {len(todo):,} {split} activations ({cached:,} already cached)")
+                features, labels = self.features[split], self.labels[split]
+                for batch in data.iter_batches(source, split, todo, batch_size, device):
+                    out = self.frozen(batch["image"]).to("cpu", STORAGE[self.dtype][0]).contiguous()
+                    batch_rows = batch["row"].cpu().numpy()
+                    features[batch_rows] = out.view(torch.int16).numpy() if self.dtype == "bfloat16" else out.numpy()
+                    labels[batch_rows] = batch["label"].cpu().numpy()  # last: a labelled row is a complete row
                 features.flush()
                 labels.flush()
-        self.filled = (self.filled[0] + len(todo), self.filled[1] + time.perf_counter() - started)
+                computed += len(todo)
+        self.filled = (self.filled[0] + computed, self.filled[1] + time.perf_counter() - started)
 
     def batches(self, split: str, rows: np.ndarray, batch_size: int, device) -> Iterator[dict[str, torch.Tensor]]:
         """The cached activations of `rows`, in that order, as float32 batches on `device`."""

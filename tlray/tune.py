@@ -129,9 +129,12 @@ class EpochReports(ray.train.UserCallback):
         result = {**metrics[0], "training_iteration": metrics[0]["epoch"]}  # rank 0's, like TuneReportCallback
         if checkpoint:
             result[CHECKPOINT_PATH_KEY] = checkpoint.path
-        self.reports.put(result)
-        if result["epoch"] < self.epochs:
-            self.go_on.get()
+        try:
+            self.reports.put(result)
+            if result["epoch"] < self.epochs:
+                self.go_on.get()
+        except ray.exceptions.RayActorError:
+            pass  # Tune ended the trial (early stop or pause), and its queues with it: this trainer ends too
 
 
 # ---------------------------------------------------------------------------------------
