@@ -237,7 +237,8 @@ def local_ray(work: Path):
 
     os.environ.update({**ENV, CACHE_DIR_ENV: str(work / "cache")})  # before Ray starts: its workers inherit it
     began = time.perf_counter()
-    ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False)  # the commands log their own
+    # with the dashboard: Ray Train cleans up stopped trials through its state API
+    ray.init(logging_level="WARNING", log_to_driver=False)  # the commands log their own
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     print(f"[bench] Ray up in {time.perf_counter() - began:.1f} s at {os.environ['RAY_ADDRESS']}", flush=True)
     try:
