@@ -4,7 +4,7 @@
 # frozen-prefix cache, tlray against a plain loop. At most 5 minutes on one GPU.
 #
 #   bench/gpu_check.sh                 # on a machine with a GPU: section "gpu" of bench/results.json
-#   bench/gpu_check.sh --dry-run       # on CPU at toy sizes, the same code paths (the suite runs it)
+#   bench/gpu_check.sh --dry-run       # on CPU at toy sizes: full fine-tune and feature extractor (the suite runs it)
 #   bench/gpu_check.sh --json OUT ...  # anything after the mode goes to bench/transfer.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +15,7 @@ if [[ "${1:-}" == "--dry-run" ]]; then
   shift
   exec timeout 600 "$python" bench/transfer.py --only modes --section gpu --device cpu \
     --arch resnet50 --image-size 64 --amp bf16 --channels-last \
-    --images 60 --epochs 2 --batch 8 --depths 2 --ray-cpus 2 "$@"
+    --images 40 --epochs 2 --batch 8 --depths "" --ray-cpus 2 "$@"
 fi
 
 "$python" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "gpu_check: no CUDA device (use --dry-run on CPU)")'

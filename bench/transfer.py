@@ -254,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=3000, help="images of the mode rows")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--arch", default="resnet18")
-    parser.add_argument("--depths", type=lambda s: [int(d) for d in s.split(",")], default=[2, 4], help="partial rows")
+    parser.add_argument(
+        "--depths", type=lambda s: [int(d) for d in s.split(",") if d], default=[2, 4], help="partial rows (e.g. 2,4)"
+    )
     parser.add_argument("--epochs", type=int, default=3, help="epochs of a mode row (the first is reported apart)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")

@@ -290,7 +290,16 @@ def result_rows(grid: ray.tune.ResultGrid, spec: JobSpec) -> list[dict]:
     return rows
 
 
-HISTORY_KEYS = ("train_loss", "val_loss", "val_accuracy", "val_top5", "images_per_second")
+HISTORY_KEYS = (
+    "train_loss",
+    "val_loss",
+    "val_accuracy",
+    "val_top5",
+    "images_per_second",
+    "epoch_seconds",
+    "feature_pass_images",  # with the frozen-prefix cache: activations computed (not read) this epoch
+    "feature_pass_seconds",
+)
 
 
 def results_table(rows: list[dict], spec: JobSpec) -> str:
