@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tlray import data
+from tlray import data, models
 from tlray.console import say
 from tlray.data import DataSource
 from tlray.spec import JobSpec
@@ -203,7 +203,7 @@ def for_worker(
 ) -> FrozenPrefixCache | None:
     """This worker's cache, or None (the frozen blocks then run every epoch); rank 0 logs why."""
     train = spec.train
-    shape = activation_shape(frozen, source.preprocessing.crop_size, device) if spec.freeze_depth else ()
+    shape = models.prefix_output_shape(frozen, source.preprocessing.crop_size) if spec.freeze_depth else ()
     needed = activation_bytes(shape, source.counts, train.cache_dtype)
     compute = f"{device.type} {amp_dtype}"
     key = cache_key(spec.model.arch, spec.freeze_depth, frozen, source, train.cache_dtype, compute) if shape else ""
@@ -270,11 +270,6 @@ def locked(path: Path):
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, also if the process dies
         yield
-
-
-def activation_shape(prefix: nn.Module, crop_size: int, device) -> tuple[int, ...]:
-    with torch.no_grad():
-        return tuple(prefix(torch.zeros(1, 3, crop_size, crop_size, device=device)).shape[1:])
 
 
 def activation_bytes(shape: tuple[int, ...], counts: dict[str, int], dtype: str) -> int:
