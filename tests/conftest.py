@@ -19,6 +19,14 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["TLRAY_CACHE_DIR"] = tempfile.mkdtemp(prefix="tlray-test-cache-")
 
 ROOT = Path(__file__).resolve().parents[1]
+# lines Ray prints for itself: in ray.log by default, on the console only with -v
+RAY_INTERNALS = (
+    "(RayTrainWorker",
+    "(TrainController",
+    "Execution plan",
+    "Reporting training result",
+    "SplitCoordinator",
+)
 COLOURS = [(220, 40, 40), (40, 200, 60), (40, 60, 220), (230, 200, 30), (150, 40, 200), (30, 200, 200)]
 
 

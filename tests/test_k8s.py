@@ -505,8 +505,8 @@ def test_render_warns_about_local_paths_and_refuses_a_bad_spec(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "dataset.uri: 'data/digits' is a local path" in err and "output.uri" in err
     assert "model.weights" not in err  # `none`: random init, nothing to read
-    assert main(["render", str(ROOT / "jobs" / "digits-tune.yaml"), "--image", "tlray:1"]) == 0
-    assert "model.weights: 'data/digits-resnet18.pt' is a local path" in capsys.readouterr().err
+    assert main(["render", str(ROOT / "jobs" / "digits-new-domain.yaml"), "--image", "tlray:1"]) == 0
+    assert "model.weights: 'data/digits-pretrain.pt' is a local path" in capsys.readouterr().err
     assert main(["render", str(ROOT / "jobs" / "pets-s3.yaml"), "--image", "tlray:1"]) == 0
     assert capsys.readouterr().err == ""  # s3:// data and output, torchvision weights by name
     assert main(["render", str(ROOT / "jobs" / "digits.yaml"), "--image", "tlray:1", "--set", "train.epochs=0"]) == 2

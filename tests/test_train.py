@@ -21,7 +21,7 @@ from tlray.data import build_index, open_rgb, train_rows
 from tlray.publish import run_uri
 from tlray.spec import load_spec
 
-from conftest import spec_dict, write_image_folder, write_spec
+from conftest import RAY_INTERNALS, spec_dict, write_image_folder, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -97,9 +97,9 @@ def test_run_stopped_after_first_epoch_resumes_from_its_checkpoint_and_frozen_pr
     snapshot = run_dir(spec_path) / "train" / "checkpoint_manager_snapshot.json"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
 
-    # 1. Start training; Ctrl-C it as soon as the first epoch's checkpoint is registered.
+    # 1. Start training (with -v: Ray's own output too); Ctrl-C it as soon as the first epoch's checkpoint is there.
     first = subprocess.Popen(
-        [*TLRAY, "train", str(spec_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [*TLRAY, "-v", "train", str(spec_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     deadline = time.monotonic() + 300
     while latest_checkpoint_epoch(snapshot) < 1:
@@ -110,6 +110,7 @@ def test_run_stopped_after_first_epoch_resumes_from_its_checkpoint_and_frozen_pr
     first_output, _ = first.communicate(timeout=120)
     assert first.returncode != 0, first_output
     assert not (run_dir(spec_path) / "metadata.json").exists(), "an interrupted run must not publish"
+    assert "Reporting training result" in first_output and "(RayTrainWorker" in first_output  # -v: shown live
     resume_at = latest_checkpoint_epoch(snapshot)
     assert 1 <= resume_at < 4, "the first run must stop before finishing"
 
@@ -117,6 +118,11 @@ def test_run_stopped_after_first_epoch_resumes_from_its_checkpoint_and_frozen_pr
     second = subprocess.run([*TLRAY, "train", str(spec_path)], env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout + second.stderr
     assert f"resuming after epoch {resume_at} of 4" in second.stdout
+    # without -v: tlray's lines only; Ray's go to the run's ray.log (which also holds the first run's)
+    assert not [line for line in second.stdout.splitlines() if any(i in line for i in RAY_INTERNALS)]
+    assert f"Ray's output: {run_dir(spec_path) / 'ray.log'}" in second.stdout
+    ray_log = (run_dir(spec_path) / "ray.log").read_text()
+    assert "(RayTrainWorker" in ray_log and "Reporting training result" in ray_log and "[tlray] epoch 4/4" in ray_log
     trained_now = [int(e) for e in re.findall(r"\[tlray\] epoch (\d+)/4", second.stdout)]
     assert trained_now == list(range(resume_at + 1, 5))
     history = json.loads((run_dir(spec_path) / "metrics.json").read_text())["history"]

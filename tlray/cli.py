@@ -12,8 +12,8 @@ import logging
 import sys
 import time
 import traceback
-from pathlib import Path
 
+from tlray import console
 from tlray.errors import ReadFailure, UserError, error_inside, user_error_inside
 
 log = logging.getLogger("tlray")
@@ -51,25 +51,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from tlray.demo import write_digits
-    from tlray.spec import load_spec
+    from tlray import demo
 
-    spec = load_spec(args.spec, args.set)
-    count = write_digits(spec.dataset.uri)
-    print(f"[tlray] scikit-learn digits: {count} images as an image folder in {spec.dataset.uri}")
-    published = train_and_publish(spec)
-    print(f"[tlray] model published to {published.uri}/model")
-    print(
-        f"[tlray] digits val_accuracy {published.metrics['val_accuracy']:.4f} after {published.metrics['epoch']} epochs"
-    )
-    if args.save_weights:  # a local copy that later specs (jobs/digits-tune.yaml) start from
-        from tlray import storage
-
-        Path(args.save_weights).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.save_weights).write_bytes(
-            storage.read_bytes(f"{published.uri}/model/state_dict.pt", spec.dataset.endpoint_url)
-        )
-        print(f"[tlray] weights saved to {args.save_weights}")
+    demo.run(args.k, args.seed, args.s3, args.quick)
     return EXIT_OK
 
 
@@ -81,23 +65,30 @@ def cmd_reference(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from tlray.spec import load_spec
+
+    spec = load_spec(args.spec, args.set)  # 1. parse and validate the whole spec
+    search_and_publish(spec, args.if_data_changed)
+    return EXIT_OK
+
+
+def search_and_publish(spec, if_data_changed: bool = False):
+    """Shared by `tune` and `demo`: search, publish the best trial; None when its data is unchanged."""
     import ray.train
 
     from tlray import champion, report, storage, tune
     from tlray.publish import freeze_summary, is_sealed, publish, published_run, run_uri, write_manifest
-    from tlray.spec import load_spec
     from tlray.train import load_selected_checkpoint
 
-    spec = load_spec(args.spec, args.set)  # 1. parse and validate the whole spec
     if spec.tune is None:
         raise UserError("tune: the spec has no tune section; add one (see jobs/digits-tune.yaml) or use `tlray train`")
-    prepared = prepare(spec, args.if_data_changed)  # 2-4. data, output, weights
+    prepared = prepare(spec, if_data_changed)  # 2-4. data, output, weights
     if prepared is None:  # --if-data-changed, and the champion was trained on exactly this data
-        return EXIT_OK
+        return None
     spec, index = prepared
     tune.check_searchable(spec, index)
-    start_ray()  # 5. join the cluster (RAY_ADDRESS / inside a job) or start a local one
     run = run_uri(spec, index, "tune")
+    console.start_ray(console.log_path_for(run))  # 5. join the cluster (RAY_ADDRESS / inside a job) or start one
     print(f"[tlray] search {run.rsplit('/', 1)[-1]}: trials, results, report and best model under {run}")
     source = data_source(spec, index)
     grid = tune.search(spec, source, run)  # 6. one TorchTrainer per trial, ASHA stops weak ones
@@ -130,7 +121,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     )
     print(f"[tlray] model published to {published.uri}/model")
     print(f"[tlray] report: {page}")
-    return EXIT_OK
+    return published
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -201,7 +192,7 @@ def prepare(spec, if_data_changed: bool = False):
     from tlray import champion, models, warmstart
     from tlray.data import build_index
     from tlray.publish import check_output, check_selectable
-    from tlray.train import fetch_weights
+    from tlray.weights import fetch_weights
 
     index = build_index(spec.dataset)  # list and split the data; every data problem is exit 2 here
     print(f"[tlray] dataset: {index.summary()}")
@@ -228,8 +219,8 @@ def train_and_publish(spec, if_data_changed: bool = False):
     if prepared is None:
         return None
     spec, index = prepared
-    start_ray()  # 5. join the cluster (RAY_ADDRESS / inside a job) or start a local one
     run = run_uri(spec, index)
+    console.start_ray(console.log_path_for(run))  # 5. join the cluster (RAY_ADDRESS / inside a job) or start one
     print(f"[tlray] run {run.rsplit('/', 1)[-1]}: checkpoints and model under {run}")
     source = data_source(spec, index)
     started = time.perf_counter()
@@ -249,21 +240,6 @@ def data_source(spec, index):
     return data.data_source(index, spec.dataset, models.preprocessing(spec.model.arch, spec.dataset.image_size))
 
 
-def start_ray() -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    started = time.perf_counter()
-    ray.init()
-    resources = ray.cluster_resources()
-    print(
-        f"[tlray] Ray up in {time.perf_counter() - started:.1f} s: {resources.get('CPU', 0):g} CPU(s), "
-        f"{resources.get('GPU', 0):g} GPU(s) in the cluster",
-        flush=True,
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     from tlray import k8s  # light: neither torch nor pyarrow (tests/test_light_cli.py)
 
@@ -271,7 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tlray",
         description="Fine-tune pretrained torchvision image classifiers on Ray Train, from one YAML job spec.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show Ray's own output live (it always goes to ray.log); debug logs",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func, help: str, with_spec: bool = True) -> argparse.ArgumentParser:
@@ -294,9 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo = add(
         "demo",
         cmd_demo,
-        "Write scikit-learn's handwritten digits to the spec's dataset.uri as an image folder, then train.",
+        "Transfer learning on scikit-learn's digits: train two source models, then few-shot targets in every "
+        "mode and freeze depth, and a search; print the table, write a report to outputs/demo.",
+        with_spec=False,
     )
-    demo.add_argument("--save-weights", metavar="PATH", help="also copy the trained state_dict to PATH")
+    demo.add_argument("--k", type=int, default=10, help="labelled training images per class of a target (default 10)")
+    demo.add_argument("--seed", type=int, default=0, help="which k images are labelled, and the training seed")
+    demo.add_argument("--s3", action="store_true", help="run it all through a loopback S3 server (moto)")
+    demo.add_argument("--quick", action="store_true", help="a smoke-test size: few epochs and trials (used by CI)")
     tune = add(
         "tune",
         cmd_tune,
@@ -437,6 +423,7 @@ def add_model_commands(add) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    console.set_verbose(args.verbose)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="[tlray] %(message)s")
     try:
         return args.func(args)

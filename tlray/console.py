@@ -1,10 +1,170 @@
-"""What tlray prints for people: one `[tlray] ...` line per event, from the driver or any worker."""
+"""What tlray prints for people, and where Ray's own output goes.
+
+Workers and the driver print `[tlray] ...` lines (`say`). Ray forwards every line a worker, actor or
+Ray Data task prints to the driver, where Ray's handler would print them all: training-result dicts,
+execution plans, actor banners. `capture_ray_output` puts tlray's handler in its place: every line
+goes to a log file, and only `[tlray]` lines reach the console. `-v` keeps Ray's handler as well, so
+everything also shows live. The same filter runs in a `ray job submit` driver, so job logs read the same.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import re
 import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import TextIO
+
+MARK = "[tlray] "
+LOG_FILE = "ray.log"
+RAY_HANDLER = "ray_print_logs"  # the name Ray 2.60 gives its printing handler (ray._private.worker.connect)
+BAR_WIDTH = 20
+RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune")  # Ray Data and Train give theirs own handlers
 
 
 def say(message: str) -> None:
     # Ray Train routes print() through its logger, which echoes lines twice; the raw stream does not.
-    print(f"[tlray] {message}", file=sys.__stdout__, flush=True)
+    print(f"{MARK}{message}", file=sys.__stdout__, flush=True)
+
+
+class _Route:
+    """The one routing state of this process: the log file, verbosity, whether worker lines are shown."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.file: TextIO | None = None
+        self.pending: list[str] = []  # lines before the log file is known (Ray starts before the run folder)
+        self.verbose = False
+        self.show_worker_lines = True
+        self.installed = False
+        self.pinned = False
+
+
+_route = _Route()
+
+
+def set_verbose(verbose: bool) -> None:
+    _route.verbose = verbose
+
+
+def is_verbose() -> bool:
+    return _route.verbose
+
+
+def quiet_ray_loggers() -> None:
+    """After `import ray`, before `ray.init`: Ray's Python loggers on the driver write to the log file
+    instead of the console, unless verbose."""
+    import ray.data  # noqa: F401 — Ray Data sets up its loggers on import: replace them after that
+    import ray.train  # noqa: F401
+
+    if _route.verbose:
+        return
+    for name in RAY_LOGGERS:
+        ray_logger = logging.getLogger(name)
+        for handler in list(ray_logger.handlers):
+            ray_logger.removeHandler(handler)
+        ray_logger.addHandler(_FileLines())
+        ray_logger.propagate = False
+
+
+def capture_ray_output() -> None:
+    """After `ray.init`: forwarded worker output goes to the log file, `[tlray]` lines to the console."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher
+
+    if _route.installed:
+        return
+    if not _route.verbose:
+        global_worker_stdstream_dispatcher.remove_handler(RAY_HANDLER)
+    global_worker_stdstream_dispatcher.add_handler("tlray", _forwarded)
+    _route.installed = True
+
+
+def log_path_for(run: str) -> Path:
+    """`<run>/ray.log` for a local run folder; a local file named after the run for one in S3."""
+    if "://" not in run:
+        return Path(run, LOG_FILE)
+    return Path(tempfile.gettempdir(), "tlray-logs", run.rstrip("/").rsplit("/", 1)[-1], LOG_FILE)
+
+
+def log_to(path: str | Path, pin: bool = False) -> Path:
+    """Write Ray's output to `path` from now on (and what came before it); returns the path in use.
+
+    `pin`: keep this file for the rest of the process (`tlray demo`: one log for all its jobs)."""
+    path = Path(path)
+    with _route.lock:
+        if _route.pinned and _route.file is not None:
+            return Path(_route.file.name)
+        _route.pinned = pin
+        if _route.file is not None and Path(_route.file.name) == path:
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if _route.file is not None:
+            _route.file.close()
+        _route.file = path.open("a", encoding="utf-8")
+        _route.file.writelines(_route.pending)
+        _route.pending.clear()
+        _route.file.flush()
+    return path
+
+
+def show_worker_lines(show: bool) -> None:
+    """`tlray demo` runs many jobs and prints one line per job: their epoch lines go to the log only."""
+    _route.show_worker_lines = show
+
+
+def write_log(line: str) -> None:
+    with _route.lock:
+        if _route.file is None:
+            _route.pending.append(line)
+        else:
+            _route.file.write(line)
+            _route.file.flush()
+
+
+def progress_line(text: str, terminal: bool) -> str:
+    """An epoch line `epoch 3/10 ...` with a bar in front on a terminal, as is otherwise."""
+    epoch = re.search(r"\bepoch (\d+)/(\d+)", text)
+    if not terminal or epoch is None:
+        return text
+    done, total = int(epoch[1]), int(epoch[2])
+    filled = round(BAR_WIDTH * done / max(total, 1))
+    return f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {text}"
+
+
+def _forwarded(data: dict) -> None:
+    """Ray's dispatcher calls this with a batch of lines of one worker process."""
+    prefix = f"({data.get('actor_name') or data.get('task_name') or 'worker'} pid={data.get('pid')}) "
+    for line in data.get("lines", []):
+        write_log(prefix + line + "\n")
+        if MARK in line and _route.show_worker_lines and not _route.verbose:
+            text = line.split(MARK, 1)[1]
+            print(MARK + progress_line(text, sys.stdout.isatty()), flush=True)
+
+
+class _FileLines(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        write_log(f"({record.name}) {self.format(record)}\n")
+
+
+def start_ray(log_path: str | Path | None = None) -> None:
+    """Join the cluster (RAY_ADDRESS, or inside a Ray job) or start a local one. Ray's own output goes to
+    `log_path` (default: a file of this process under the temp folder), and with -v to the console too."""
+    import ray
+
+    path = log_to(log_path or Path(tempfile.gettempdir(), "tlray-logs", f"tlray-{os.getpid()}", LOG_FILE))
+    if ray.is_initialized():
+        return
+    started = time.perf_counter()
+    quiet_ray_loggers()
+    ray.init()
+    capture_ray_output()
+    resources = ray.cluster_resources()
+    print(
+        f"{MARK}Ray up in {time.perf_counter() - started:.1f} s: {resources.get('CPU', 0):g} CPU(s), "
+        f"{resources.get('GPU', 0):g} GPU(s) in the cluster; Ray's output: {path}",
+        flush=True,
+    )

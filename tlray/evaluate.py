@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from tlray import champion, data, publish, storage
+from tlray.console import start_ray
 from tlray.data import BAD_LABEL, DatasetIndex, DataSource
 from tlray.errors import UserError
 from tlray.models import Preprocessing
@@ -259,10 +260,3 @@ def write_report(report: dict, out: str, endpoint_url: str | None) -> None:
         (folder / "confusion_matrix.json").write_text(json.dumps(confusion, indent=2))
         plot_confusion({**confusion, "trial": ""}, folder / "confusion_matrix.png")
         storage.upload_dir(folder, storage.absolute_uri(out), endpoint_url)
-
-
-def start_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init()

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from tlray import data, storage
+from tlray.console import start_ray
 from tlray.data import BAD_LABEL
 from tlray.errors import UserError
-from tlray.evaluate import PublishedModel, load_published, start_ray
+from tlray.evaluate import PublishedModel, load_published
 from tlray.spec import DatasetSpec
 
 BAD_IMAGE_ERROR = "cannot decode image"

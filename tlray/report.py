@@ -204,3 +204,39 @@ td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}figure{{margin:1
 {figures}
 </body></html>
 """
+
+
+# ---------------------------------------------------------------------------------------
+# `tlray demo`: accuracy per mode and depth, and the learning curves, one panel per target
+# ---------------------------------------------------------------------------------------
+def demo_label(row: dict) -> str:
+    if row["mode"] == "partial":
+        return "full fine-tune" if row["freeze_depth"] == 0 else f"partial {row['freeze_depth']}"
+    return {"tune": f"tune: {row['freeze_depth']}, lr {row['lr']:.1g}"}.get(row["mode"], row["mode"])
+
+
+def plot_demo(rows: list[dict], folder: Path) -> None:
+    plt = _pyplot()
+    targets = list(dict.fromkeys(r["target"] for r in rows))
+    fig, axes = plt.subplots(1, len(targets), figsize=(6 * len(targets), 4.5), dpi=100, squeeze=False)
+    for ax, target in zip(axes[0], targets, strict=True):
+        mine = [r for r in rows if r["target"] == target]
+        colours = ["tab:grey" if r["mode"] == "random init" else "tab:blue" for r in mine]
+        bars = ax.bar(range(len(mine)), [r["val_accuracy"] for r in mine], color=colours)
+        ax.bar_label(bars, fmt="%.3f", fontsize=8)
+        ax.set_xticks(range(len(mine)), [demo_label(r) for r in mine], rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{target}: validation accuracy")
+    fig.tight_layout()
+    fig.savefig(folder / "accuracy.png")
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(targets), figsize=(6 * len(targets), 4.5), dpi=100, squeeze=False)
+    for ax, target in zip(axes[0], targets, strict=True):
+        for r in (r for r in rows if r["target"] == target and r["mode"] != "tune"):
+            ax.plot(range(1, len(r["curve"]) + 1), r["curve"], marker=".", label=demo_label(r))
+        ax.set(title=f"{target}: validation accuracy per epoch", xlabel="epoch", ylim=(0, 1.02))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / "learning_curves.png")
+    plt.close(fig)

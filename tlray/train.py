@@ -6,8 +6,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -21,11 +21,13 @@ from torch import nn
 from tlray import data, models, prefix_cache, storage
 from tlray.console import say
 from tlray.data import BAD_LABEL, MAX_BAD_FRACTION, DataError, DataSource
-from tlray.errors import UserError, user_error_inside
+from tlray.errors import user_error_inside
 from tlray.spec import JobSpec, TrainSpec
+from tlray.weights import fetch_weights
 
 CHECKPOINT_FILE = "state.pt"
 BAD_EXAMPLES = 5  # undecodable files named in the log and metadata
+REPORT_POLL_ENV, REPORT_POLL_SECONDS = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -168,8 +170,8 @@ def fine_tune(config: dict) -> None:
             images, seconds = all_reduce_sum(list(cache.take_fill_stats()), device)
             metrics |= {"feature_pass_images": int(images), "feature_pass_seconds": seconds / world_size}
         history.append(metrics)
-        if rank == 0:
-            say(format_metrics(metrics, spec.train.epochs))
+        if rank == 0:  # a trial of a search says which
+            say(trial_prefix(context.get_experiment_name()) + format_metrics(metrics, spec.train.epochs))
 
         # Ray 5: report metrics every epoch; rank 0 adds a checkpoint that Ray copies to the run's storage.
         with tempfile.TemporaryDirectory() as checkpoint_dir:
@@ -213,21 +215,6 @@ def weights_location(weights: str | None) -> str | None:
     if weights and not storage.is_s3(weights) and Path(weights).is_file():
         return storage.absolute_uri(weights)
     return weights
-
-
-def fetch_weights(weights: str | None, endpoint_url: str | None) -> str | None:
-    """A checkpoint in S3 is downloaded (once per worker process); other weights pass through."""
-    if not weights or not storage.is_s3(weights):
-        return weights
-    local = Path(tempfile.gettempdir(), "tlray-weights", hashlib.sha256(weights.encode()).hexdigest()[:16] + ".pt")
-    if not local.exists():
-        local.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            local.with_suffix(".part").write_bytes(storage.read_bytes(weights, endpoint_url))
-        except OSError as exc:
-            raise UserError(f"model.weights: cannot read {weights}: {exc}") from None
-        local.with_suffix(".part").rename(local)
-    return str(local)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -323,6 +310,11 @@ def run_frozen(frozen: nn.Module, preprocessing: models.Preprocessing, device, a
     return forward
 
 
+def trial_prefix(run_name: str) -> str:
+    """`tlray train` names its run "train"; a search names each trainer after its trial."""
+    return "" if run_name == "train" else f"trial {run_name}: "
+
+
 def format_metrics(metrics: dict, epochs: int) -> str:
     parts = [f"epoch {metrics['epoch']}/{epochs}"]
     parts += [f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"]
@@ -349,6 +341,9 @@ def make_trainer(spec: JobSpec, source: DataSource, weights: str | None, storage
     """
     from ray.train.torch import TorchTrainer
 
+    # Ray Train's controller takes each worker's report on its health-check poll (every 2 s by default), and
+    # a worker's next report waits for it: up to 2 s lost per epoch. The driver's value reaches the controller.
+    os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_SECONDS)
     filesystem, storage_path = storage.filesystem(storage_uri, spec.dataset.endpoint_url)
     return TorchTrainer(
         train_loop_per_worker,

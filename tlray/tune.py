@@ -76,9 +76,18 @@ def search(spec: JobSpec, source: DataSource, run: str) -> ray.tune.ResultGrid:
                 ),
                 scheduler=make_scheduler(spec, concurrency),
             ),
-            run_config=ray.tune.RunConfig(name="search", storage_path=path, storage_filesystem=filesystem, verbose=1),
+            run_config=ray.tune.RunConfig(
+                name="search", storage_path=path, storage_filesystem=filesystem, verbose=tune_verbosity()
+            ),
         )
     return tuner.fit()
+
+
+def tune_verbosity() -> int:
+    """Tune's trial table only with -v: tlray prints each trial's epochs itself."""
+    from tlray import console
+
+    return 1 if console.is_verbose() else 0
 
 
 def run_trial(config: dict, spec_json: dict, source: DataSource, weights: str | None, run: str) -> None:
