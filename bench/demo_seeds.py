@@ -37,7 +37,9 @@ def run_seed(seed: int, k: int) -> dict:
     if done.returncode != 0:
         sys.exit(f"tlray demo --seed {seed} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     results = json.loads((DEMO / "results.json").read_text())
-    shutil.copytree(DEMO, ROOT / "outputs" / f"demo-seed{seed}", dirs_exist_ok=True)
+    kept = ROOT / "outputs" / f"demo-seed{seed}"
+    shutil.copytree(DEMO, kept, dirs_exist_ok=True)
+    (kept / "console.txt").write_text(done.stdout + done.stderr)
     lines = (done.stdout + done.stderr).splitlines()
     return {**results, "wall_seconds": time.perf_counter() - started, "console_lines": len(lines)}
 

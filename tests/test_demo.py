@@ -37,7 +37,7 @@ def test_every_target_runs_in_the_three_modes_at_several_depths(tmp_path, target
 def test_the_search_keeps_the_target_specs_tune_section_and_quick_shrinks_it(tmp_path):
     target = demo.TARGETS[0]
     full = demo.job_spec(plan(tmp_path), target.spec, "/images", "model.weights=/w.pt")
-    assert full.tune.freeze_depth == [0, 2, 4, "all"] and full.tune.num_samples == 4 and full.train.epochs == 10
+    assert full.tune.freeze_depth == [0, 2, 4, "all"] and full.tune.num_samples == 4 and full.train.epochs == 8
     quick = demo.job_spec(plan(tmp_path, quick=True), target.spec, "/images", "model.weights=/w.pt")
     assert (quick.tune.freeze_depth, quick.tune.num_samples, quick.tune.grace_period) == ([0, "all"], 2, 1)
     assert quick.train.epochs == 2

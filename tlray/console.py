@@ -23,6 +23,8 @@ MARK = "[tlray] "
 LOG_FILE = "ray.log"
 RAY_HANDLER = "ray_print_logs"  # the name Ray 2.60 gives its printing handler (ray._private.worker.connect)
 BAR_WIDTH = 20
+# starting more worker processes than CPUs at once (a search's trials, each with a trainer) is expected here
+ROUTINE_RAYLET_MESSAGES = ("PYTHON worker processes have been started",)
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune")  # Ray Data and Train give theirs own handlers
 
 
@@ -73,12 +75,15 @@ def quiet_ray_loggers() -> None:
 
 def capture_ray_output() -> None:
     """After `ray.init`: forwarded worker output goes to the log file, `[tlray]` lines to the console."""
+    import ray._private.worker as ray_worker
     from ray._private.ray_logging import global_worker_stdstream_dispatcher
 
     if _route.installed:
         return
     if not _route.verbose:
         global_worker_stdstream_dispatcher.remove_handler(RAY_HANDLER)
+        # the raylet's messages to the driver (worker crashes, memory kills) bypass the dispatcher
+        ray_worker.print_to_stdstream = _raylet_message
     global_worker_stdstream_dispatcher.add_handler("tlray", _forwarded)
     _route.installed = True
 
@@ -143,6 +148,14 @@ def _forwarded(data: dict) -> None:
         if MARK in line and _route.show_worker_lines and not _route.verbose:
             text = line.split(MARK, 1)[1]
             print(MARK + progress_line(text, sys.stdout.isatty()), flush=True)
+
+
+def _raylet_message(data: dict, ignore_prefix: bool = False) -> None:
+    """Messages the raylet pushes to the driver: to the log, and shown unless they are routine."""
+    for line in data.get("lines", []):
+        write_log(f"(raylet) {line}\n")
+        if not any(routine in line for routine in ROUTINE_RAYLET_MESSAGES):
+            print(f"(raylet) {line}", file=sys.stderr, flush=True)
 
 
 class _FileLines(logging.Handler):

@@ -152,12 +152,10 @@ def run_search(plan: DemoPlan, target: Target, images: str, weights: str) -> Row
     spec = job_spec(plan, target.spec, images, f"model.weights={weights}", f"name={target.spec}-tune")
     started = time.perf_counter()
     with redirected(plan):
-        cli.search_and_publish(spec)
+        published = cli.search_and_publish(spec)  # this search's run (not latest.json: the champion gate decides)
     wall = time.perf_counter() - started
-    published_run = storage.read_json(storage.join(spec.job_uri, "latest.json"), plan.endpoint_url)["run"]
-    metadata = storage.read_json(storage.join(published_run, "metadata.json"), plan.endpoint_url)
-    hyper = metadata["hyperparameters"]
-    row = row_of(target, "tune", spec, published_run, wall, hyper["lr"])
+    metadata = storage.read_json(storage.join(published.uri, "metadata.json"), plan.endpoint_url)
+    row = row_of(target, "tune", spec, published.uri, wall, metadata["hyperparameters"]["lr"])
     console.say(
         f"{target.name:<12} tune: lr {row.lr:.2g}, depth {row.freeze_depth}: val_accuracy {row.val_accuracy:.4f}"
     )

@@ -54,7 +54,8 @@ def fine_tune(config: dict) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cpu":  # Ray sets 1 thread per reserved CPU; decoding uint8 leaves the node's others idle
-        torch.set_num_threads(cpu_threads(node_cpus(), context.get_local_world_size(), spec.scaling.cpus_per_worker))
+        workers_on_node = context.get_local_world_size() * config["runs_at_once"]  # a search's trials share the node
+        torch.set_num_threads(cpu_threads(node_cpus(), workers_on_node, spec.scaling.cpus_per_worker))
         if rank == 0:
             say(f"{world_size} CPU worker(s), {torch.get_num_threads()} torch thread(s) each")
 
@@ -332,9 +333,13 @@ def fit(spec: JobSpec, source: DataSource, run_uri: str) -> ray.train.Result:
     return make_trainer(spec, source, weights, run_uri, name="train").fit()
 
 
-def make_trainer(spec: JobSpec, source: DataSource, weights: str | None, storage_uri: str, name: str, callbacks=()):
+def make_trainer(
+    spec: JobSpec, source: DataSource, weights: str | None, storage_uri: str, name: str, callbacks=(), runs_at_once=1
+):
     """A TorchTrainer for one run of the loop; its checkpoints go to `<storage_uri>/<name>`.
 
+    `runs_at_once`: trainers sharing the cluster (a search's concurrent trials), so that CPU workers do not
+    start more torch threads than there are cores: oversubscribed, they run several times slower.
     `weights`: what `weights_location` made of the spec's weights in the driver's directory.
     Each worker builds its own Ray Data pipeline per epoch from `source` (data.iter_batches):
     that is what lets every epoch read a new global permutation of the keys.
@@ -347,7 +352,12 @@ def make_trainer(spec: JobSpec, source: DataSource, weights: str | None, storage
     filesystem, storage_path = storage.filesystem(storage_uri, spec.dataset.endpoint_url)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec.model_dump(mode="json"), "data": source, "weights": weights},
+        train_loop_config={
+            "spec": spec.model_dump(mode="json"),
+            "data": source,
+            "weights": weights,
+            "runs_at_once": runs_at_once,
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.scaling.num_workers,
             use_gpu=spec.scaling.use_gpu,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 import threading
 
 import ray
@@ -42,6 +43,7 @@ def check_searchable(spec: JobSpec, index: DatasetIndex) -> None:
 def search(spec: JobSpec, source: DataSource, run: str) -> ray.tune.ResultGrid:
     """Run (or resume) the search whose state lives in `<run>/search`; trials train into `<run>/trials`."""
     filesystem, path = storage.filesystem(run, spec.dataset.endpoint_url)
+    concurrency, verbosity = concurrent_trials(spec), tune_verbosity()
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(
             run_trial,
@@ -49,6 +51,7 @@ def search(spec: JobSpec, source: DataSource, run: str) -> ray.tune.ResultGrid:
             source=source,
             weights=weights_location(spec.model.builder_weights),  # resolved here: trials run elsewhere
             run=run,
+            trials_at_once=concurrency,
         ),
         TRIAL_DRIVER_RESOURCES,
     )
@@ -59,7 +62,6 @@ def search(spec: JobSpec, source: DataSource, run: str) -> ray.tune.ResultGrid:
             experiment, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=filesystem
         )
     else:
-        concurrency = concurrent_trials(spec)
         say(f"searching {trial_count(spec)} trials, {concurrency} at a time ({scheduler_name(spec)})")
         warn_if_no_cpu_left_for_data(spec, trials=concurrency)
         tuner = ray.tune.Tuner(
@@ -77,20 +79,26 @@ def search(spec: JobSpec, source: DataSource, run: str) -> ray.tune.ResultGrid:
                 scheduler=make_scheduler(spec, concurrency),
             ),
             run_config=ray.tune.RunConfig(
-                name="search", storage_path=path, storage_filesystem=filesystem, verbose=tune_verbosity()
+                name="search", storage_path=path, storage_filesystem=filesystem, verbose=verbosity
             ),
         )
     return tuner.fit()
 
 
 def tune_verbosity() -> int:
-    """Tune's trial table only with -v: tlray prints each trial's epochs itself."""
+    """Tune's trial table only with -v: tlray prints each trial's epochs itself. Tune's newer console output
+    prints its experiment banner even when silent; its classic reporter at verbosity 0 prints nothing."""
     from tlray import console
 
-    return 1 if console.is_verbose() else 0
+    if console.is_verbose():
+        return 1
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    return 0
 
 
-def run_trial(config: dict, spec_json: dict, source: DataSource, weights: str | None, run: str) -> None:
+def run_trial(
+    config: dict, spec_json: dict, source: DataSource, weights: str | None, run: str, trials_at_once: int
+) -> None:
     """One trial: the spec with this trial's hyper-parameters, trained by its own TorchTrainer.
 
     Tune pauses a trial (hyperband) or stops it by ending this actor, and a paused trial resumes by calling this
@@ -100,7 +108,7 @@ def run_trial(config: dict, spec_json: dict, source: DataSource, weights: str | 
     spec = trial_spec(JobSpec.model_validate(spec_json), config)
     trial_id = ray.tune.get_context().get_trial_id()
     epochs = EpochReports(spec.train.epochs)
-    trainer = make_trainer(spec, source, weights, storage.join(run, "trials"), trial_id, [epochs])
+    trainer = make_trainer(spec, source, weights, storage.join(run, "trials"), trial_id, [epochs], trials_at_once)
     failure: list[BaseException] = []
 
     def fit() -> None:
