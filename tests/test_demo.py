@@ -51,7 +51,7 @@ def test_with_s3_every_job_reads_and_writes_the_loopback_store(tmp_path, s3_env,
     for split, digit, n in (("train", 3, 1), ("val", 3, 2), ("val", 7, 3)):
         (folder / split / str(digit)).mkdir(parents=True, exist_ok=True)
         (folder / split / str(digit) / f"{n}.png").write_bytes(b"png")
-    uri = demo.upload(s3, folder, "digits-new-domain")
+    uri = demo.upload(s3, folder)
     assert uri == f"s3://{s3_bucket}/data/digits-new-domain"
     listed = raw_client(s3_env).list_objects_v2(Bucket=s3_bucket)["Contents"]
     keys = sorted(o["Key"] for o in listed if not o["Key"].endswith("/"))  # pyarrow also writes folder markers

@@ -77,8 +77,8 @@ def run_demo(plan: DemoPlan) -> list[Row]:
     console.start_ray(log)
     rows: list[Row] = []
     for target in TARGETS:
-        images = upload(plan, getattr(folders, target.folder), target.spec)
-        source_images = upload(plan, getattr(folders, target.source_folder), target.source_spec)
+        images = upload(plan, getattr(folders, target.folder))
+        source_images = upload(plan, getattr(folders, target.source_folder))
         weights = train_source(plan, target, source_images)  # 2. the source task
         for overrides in mode_overrides(plan, target, weights):  # 3. the three modes
             rows.append(run_row(plan, target, images, overrides))
@@ -92,10 +92,12 @@ def run_demo(plan: DemoPlan) -> list[Row]:
 # ---------------------------------------------------------------------------------------
 # The jobs
 # ---------------------------------------------------------------------------------------
+QUICK = ("train.epochs=2",)  # --quick: what CI runs
+QUICK_SEARCH = ("tune.freeze_depth=[0, all]", "tune.num_samples=2", "tune.grace_period=1")
+
+
 def job_spec(plan: DemoPlan, name: str, images: str, *overrides: str) -> JobSpec:
-    quick_tune = ("tune.freeze_depth=[0, all]", "tune.num_samples=2", "tune.grace_period=1")
-    sized = ("train.epochs=2", *quick_tune[: len(quick_tune) * has_tune(overrides)])
-    sized = sized if plan.quick else ()
+    sized = [*QUICK, *(QUICK_SEARCH if has_tune(overrides) else ())] if plan.quick else []
     where = [f"dataset.uri={images}", f"train.seed={plan.seed}"]
     if plan.s3:
         where += [f"output.uri={plan.s3}/outputs", f"dataset.endpoint_url={plan.endpoint_url}"]
@@ -210,7 +212,7 @@ def redirected(plan: DemoPlan):
 # ---------------------------------------------------------------------------------------
 # Where the images live: local folders, or the loopback S3 store with --s3
 # ---------------------------------------------------------------------------------------
-def upload(plan: DemoPlan, folder: Path, name: str) -> str:
+def upload(plan: DemoPlan, folder: Path) -> str:
     if not plan.s3:
         return str(folder)
     uri = f"{plan.s3}/data/{folder.name}"
