@@ -81,7 +81,9 @@ def search_and_publish(spec, if_data_changed: bool = False):
     from tlray.train import load_selected_checkpoint
 
     if spec.tune is None:
-        raise UserError("tune: the spec has no tune section; add one (see jobs/digits-tune.yaml) or use `tlray train`")
+        raise UserError(
+            "tune: the spec has no tune section; add one (see jobs/digits-new-domain.yaml) or use `tlray train`"
+        )
     prepared = prepare(spec, if_data_changed)  # 2-4. data, output, weights
     if prepared is None:  # --if-data-changed, and the champion was trained on exactly this data
         return None

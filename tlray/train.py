@@ -27,6 +27,7 @@ from tlray.weights import fetch_weights
 
 CHECKPOINT_FILE = "state.pt"
 BAD_EXAMPLES = 5  # undecodable files named in the log and metadata
+TRAIN_RUN = "train"  # the Ray Train run name of `tlray train` (a search names each trainer after its trial)
 REPORT_POLL_ENV, REPORT_POLL_SECONDS = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
 
 
@@ -312,8 +313,7 @@ def run_frozen(frozen: nn.Module, preprocessing: models.Preprocessing, device, a
 
 
 def trial_prefix(run_name: str) -> str:
-    """`tlray train` names its run "train"; a search names each trainer after its trial."""
-    return "" if run_name == "train" else f"trial {run_name}: "
+    return "" if run_name == TRAIN_RUN else f"trial {run_name}: "
 
 
 def format_metrics(metrics: dict, epochs: int) -> str:
@@ -330,7 +330,7 @@ def fit(spec: JobSpec, source: DataSource, run_uri: str) -> ray.train.Result:
     warn_if_no_cpu_left_for_data(spec, trials=1)
     # the run folder is already unique per spec, so a fixed name lets a re-run resume
     weights = weights_location(spec.model.builder_weights)
-    return make_trainer(spec, source, weights, run_uri, name="train").fit()
+    return make_trainer(spec, source, weights, run_uri, name=TRAIN_RUN).fit()
 
 
 def make_trainer(
