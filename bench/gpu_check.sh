@@ -14,8 +14,8 @@ export RAY_USAGE_STATS_ENABLED=0
 if [[ "${1:-}" == "--dry-run" ]]; then
   shift
   exec timeout 600 "$python" bench/transfer.py --only modes --section gpu --device cpu \
-    --arch resnet50 --image-size 64 --amp bf16 --channels-last \
-    --images 40 --epochs 2 --batch 8 --depths "" --ray-cpus 2 "$@"
+    --arch resnet50 --image-size 32 --amp bf16 --channels-last \
+    --images 24 --epochs 2 --batch 8 --depths "" --ray-cpus 2 "$@"
 fi
 
 "$python" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "gpu_check: no CUDA device (use --dry-run on CPU)")'

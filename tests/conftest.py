@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
 
@@ -66,6 +67,61 @@ def spec_dict(data_uri: str, output_uri: str, **sections) -> dict:
 def write_spec(path: Path, spec: dict) -> Path:
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
+
+
+class Driver:
+    """A `tlray` command in a subprocess, its output read line by line as it comes (stdout and stderr)."""
+
+    def __init__(self, *args: str, env: dict | None = None):
+        import queue
+        import subprocess
+        import sys
+        import threading
+
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tlray", *args],
+            env=env or dict(os.environ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def wait_for(self, pattern: str, timeout: float = 300) -> re.Match:
+        """The first line from now on that matches `pattern` (a regular expression)."""
+        import queue
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no line matching {pattern!r} within {timeout:.0f} s:\n" + self.output) from None
+            if line is None:
+                raise AssertionError(f"exited ({self.process.wait()}) before {pattern!r}:\n" + self.output)
+            self.lines.append(line)
+            if match := re.search(pattern, line):
+                return match
+
+    def finish(self, timeout: float = 600) -> int:
+        """Its exit code, once every line is read."""
+        code = self.process.wait(timeout=timeout)
+        while (line := self._queue.get(timeout=30)) is not None:
+            self.lines.append(line)
+        return code
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines[-80:])
 
 
 @pytest.fixture(autouse=True)

@@ -133,7 +133,7 @@ def epoch_rows(source, seed: int, epoch: int, workers: int, batch: int) -> set[i
     return {int(r) for rank in range(world) for r in data.train_rows(rows, seed, epoch, rank, world)[:per_worker]}
 
 
-@pytest.mark.parametrize("depth, workers", [(2, 1), (2, 2), ("all", 1), ("all", 2)])
+@pytest.mark.parametrize("depth, workers", [(2, 2), ("all", 1)])  # partial with two workers; the feature extractor
 def test_cached_training_gives_the_uncached_weights(job, tmp_path, depth, workers):
     _, _, source = job
     empty_the_cache()

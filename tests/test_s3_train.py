@@ -117,8 +117,7 @@ def test_more_than_five_percent_bad_images_stops_the_run(tmp_path, s3_env, s3_bu
     assert "cannot be decoded" in err and "more than 5%" in err
 
 
-@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
-def test_manifest_layout(tmp_path, s3_env, s3_bucket, fmt, capsys):
+def test_manifest_layout_csv_and_jsonl_index_alike_and_train(tmp_path, s3_env, s3_bucket, capsys):
     data = write_image_folder(tmp_path / "images" / "all", classes=2, per_class=10)
     upload_tree(s3_env, s3_bucket, "images/", tmp_path / "images")
     rows = [
@@ -131,13 +130,26 @@ def test_manifest_layout(tmp_path, s3_env, s3_bucket, fmt, capsys):
         }
         for i, p in enumerate(sorted(data.glob("*/*.png")))
     ]
-    if fmt == "csv":
-        body = "path,label,split\n" + "".join(f"{r['path']},{r['label']},{r['split']}\n" for r in rows)
-    else:
-        body = "".join(json.dumps(r) + "\n" for r in rows)
-    s3(s3_env).put_object(Bucket=s3_bucket, Key=f"images/index.{fmt}", Body=body.encode())
+    bodies = {
+        "csv": "path,label,split\n" + "".join(f"{r['path']},{r['label']},{r['split']}\n" for r in rows),
+        "jsonl": "".join(json.dumps(r) + "\n" for r in rows),
+    }
+    indexes = {}
+    for fmt, body in bodies.items():
+        s3(s3_env).put_object(Bucket=s3_bucket, Key=f"images/index.{fmt}", Body=body.encode())
+        dataset = DatasetSpec(
+            uri=f"s3://{s3_bucket}/images", layout="manifest", manifest=f"index.{fmt}", endpoint_url=s3_env
+        )
+        indexes[fmt] = build_index(dataset)
+    assert (indexes["csv"].classes, indexes["csv"].train, indexes["csv"].val) == (
+        indexes["jsonl"].classes,
+        indexes["jsonl"].train,
+        indexes["jsonl"].val,
+    )
+    assert indexes["csv"].classes == ["cat", "dog"] and (len(indexes["csv"].train), len(indexes["csv"].val)) == (15, 5)
+    # one training run: both formats index alike
     spec = s3_spec(
-        tmp_path, s3_env, s3_bucket, dataset={"layout": "manifest", "manifest": f"index.{fmt}"}, train={"epochs": 1}
+        tmp_path, s3_env, s3_bucket, dataset={"layout": "manifest", "manifest": "index.jsonl"}, train={"epochs": 1}
     )
     assert main(["validate", str(spec)]) == 0
     assert main(["train", str(spec)]) == 0

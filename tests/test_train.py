@@ -21,7 +21,7 @@ from tlray.data import build_index, open_rgb, train_rows
 from tlray.publish import run_uri
 from tlray.spec import load_spec
 
-from conftest import RAY_INTERNALS, spec_dict, write_image_folder, write_spec
+from conftest import RAY_INTERNALS, Driver, spec_dict, write_image_folder, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +85,7 @@ def test_two_worker_run_exports_a_model_plain_pytorch_loads(tmp_path, capsys):
     assert torch.equal(exported.argmax(1), expected.argmax(1))
 
 
-def test_run_stopped_after_first_epoch_resumes_from_its_checkpoint_and_frozen_prefix_cache(tmp_path):
+def test_run_terminated_after_first_epoch_resumes_from_its_checkpoint_and_frozen_prefix_cache(tmp_path):
     data = write_image_folder(tmp_path / "images", classes=3, per_class=40, size=24, seed=11)
     torch.manual_seed(0)
     torch.save(models.build_model("resnet18", None, 1000).state_dict(), tmp_path / "weights.pt")
@@ -94,25 +94,22 @@ def test_run_stopped_after_first_epoch_resumes_from_its_checkpoint_and_frozen_pr
         tmp_path / "job.yaml",
         spec_dict(str(data), str(tmp_path / "out"), model=model, train={"epochs": 4, "batch_size": 4}),
     )
-    snapshot = run_dir(spec_path) / "train" / "checkpoint_manager_snapshot.json"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
 
-    # 1. Start training (with -v: Ray's own output too); Ctrl-C it as soon as the first epoch's checkpoint is there.
-    first = subprocess.Popen(
-        [*TLRAY, "-v", "train", str(spec_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    deadline = time.monotonic() + 300
-    while latest_checkpoint_epoch(snapshot) < 1:
-        assert first.poll() is None, first.stdout.read()
-        assert time.monotonic() < deadline, "no checkpoint after 300 s"
-        time.sleep(0.2)
-    first.send_signal(signal.SIGINT)
-    first_output, _ = first.communicate(timeout=120)
-    assert first.returncode != 0, first_output
+    # 1. Start training (with -v: Ray's own output too); SIGTERM it, as Kubernetes preempts a pod, right after
+    # the first epoch's line: it stops well within Kubernetes' default 30 s grace, and that epoch is kept.
+    first = Driver("-v", "train", str(spec_path))
+    first.wait_for(r"\[tlray\] epoch 1/4")
+    signalled = time.monotonic()
+    first.process.send_signal(signal.SIGTERM)
+    assert first.finish(timeout=120) == 143, first.output
+    stop_seconds = time.monotonic() - signalled
+    assert stop_seconds < 30, f"SIGTERM to exit took {stop_seconds:.1f} s"
+    assert "tlray: terminated (SIGTERM)" in first.output
     assert not (run_dir(spec_path) / "metadata.json").exists(), "an interrupted run must not publish"
-    assert "Reporting training result" in first_output and "(RayTrainWorker" in first_output  # -v: shown live
-    resume_at = latest_checkpoint_epoch(snapshot)
-    assert 1 <= resume_at < 4, "the first run must stop before finishing"
+    assert "Reporting training result" in first.output and "(RayTrainWorker" in first.output  # -v: shown live
+    resume_at = newest_sealed_epoch(run_dir(spec_path) / "train")
+    assert 1 <= resume_at < 4, "the first run must stop before finishing, with its first epoch kept"
 
     # 2. The same command again continues from that checkpoint.
     second = subprocess.run([*TLRAY, "train", str(spec_path)], env=env, capture_output=True, text=True, timeout=600)
@@ -143,12 +140,9 @@ def test_run_stopped_after_first_epoch_resumes_from_its_checkpoint_and_frozen_pr
     assert sum(expected[resume_at:]) < len(index.train) / 10  # a cold cache would compute all train and val rows
 
 
-def latest_checkpoint_epoch(snapshot: Path) -> int:
-    try:
-        latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
-        return 0
-    return latest["metrics"]["epoch"] if latest else 0
+def newest_sealed_epoch(checkpoints: Path) -> int:
+    """The newest epoch whose checkpoint is complete (its seal written after its state)."""
+    return max((int(p.parent.name.split("_")[1]) for p in checkpoints.glob("epoch_*/sealed.json")), default=0)
 
 
 def test_data_problems_stop_before_ray_with_exit_2(tmp_path, capsys):

@@ -8,8 +8,11 @@ published; running it again resumes), 1 internal error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+import threading
 import time
 import traceback
 
@@ -19,6 +22,8 @@ from tlray.errors import ReadFailure, UserError, error_inside, user_error_inside
 log = logging.getLogger("tlray")
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_IO_FAILURE = 0, 1, 2, 3
+EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + 2, 128 + 15  # as a shell reports SIGINT and SIGTERM
+TERMINATED: list[int] = []  # the SIGTERM received, if any
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -76,7 +81,7 @@ def search_and_publish(spec, if_data_changed: bool = False):
     """Shared by `tune` and `demo`: search, publish the best trial; None when its data is unchanged."""
     import ray.train
 
-    from tlray import champion, report, storage, tune
+    from tlray import champion, nodes, report, storage, tune
     from tlray.publish import freeze_summary, is_sealed, publish, published_run, run_uri, write_manifest
     from tlray.train import load_selected_checkpoint
 
@@ -91,6 +96,7 @@ def search_and_publish(spec, if_data_changed: bool = False):
     tune.check_searchable(spec, index)
     run = run_uri(spec, index, "tune")
     console.start_ray(console.log_path_for(run))  # 5. join the cluster (RAY_ADDRESS / inside a job) or start one
+    nodes.check_every_node_sees_local_paths(spec, index)
     print(f"[tlray] search {run.rsplit('/', 1)[-1]}: trials, results, report and best model under {run}")
     source = data_source(spec, index)
     grid = tune.search(spec, source, run)  # 6. one TorchTrainer per trial, ASHA stops weak ones
@@ -213,7 +219,7 @@ def prepare(spec, if_data_changed: bool = False):
 
 def train_and_publish(spec, if_data_changed: bool = False):
     """Shared by `train` and `demo`; None when `if_data_changed` finds the champion's data unchanged."""
-    from tlray import champion
+    from tlray import champion, nodes
     from tlray.publish import freeze_summary, publish, run_uri
     from tlray.train import fit, load_selected_checkpoint
 
@@ -223,6 +229,7 @@ def train_and_publish(spec, if_data_changed: bool = False):
     spec, index = prepared
     run = run_uri(spec, index)
     console.start_ray(console.log_path_for(run))  # 5. join the cluster (RAY_ADDRESS / inside a job) or start one
+    nodes.check_every_node_sees_local_paths(spec, index)
     print(f"[tlray] run {run.rsplit('/', 1)[-1]}: checkpoints and model under {run}")
     source = data_source(spec, index)
     started = time.perf_counter()
@@ -284,7 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--k", type=int, default=10, help="labelled training images per class of a target (default 10)")
     demo.add_argument("--seed", type=int, default=0, help="which k images are labelled, and the training seed")
     demo.add_argument("--s3", action="store_true", help="run it all through a loopback S3 server (moto)")
-    demo.add_argument("--quick", action="store_true", help="a smoke-test size: few epochs and trials (used by CI)")
+    demo.add_argument(
+        "--quick", action="store_true", help="a smoke-test size: the new-domain target only, 2 epochs, 2 trials (CI)"
+    )
     tune = add(
         "tune",
         cmd_tune,
@@ -428,11 +437,20 @@ def main(argv: list[str] | None = None) -> int:
     console.set_verbose(args.verbose)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="[tlray] %(message)s")
     try:
-        return args.func(args)
-    except KeyboardInterrupt:
+        with sigterm_stops_the_run():
+            return args.func(args)
+    except (KeyboardInterrupt, SystemExit) as stop:
+        if isinstance(stop, SystemExit) and not TERMINATED:  # SystemExit: Ray Train's SIGINT handler may end so
+            raise
         stop_ray()
+        if TERMINATED:
+            print(
+                "tlray: terminated (SIGTERM); every complete checkpoint is kept: run the same command again to resume",
+                file=sys.stderr,
+            )
+            return EXIT_TERMINATED
         print("tlray: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 — the last line of defence: say whose fault it is
         user_error = user_error_inside(exc)  # also finds one raised on a Ray worker
         read_failure = error_inside(exc, ReadFailure)  # or in a Ray Data task under a worker
@@ -451,6 +469,34 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_IO_FAILURE
         print(f"tlray: internal error ({type(exc).__name__}); please report it with the output above", file=sys.stderr)
         return EXIT_INTERNAL
+
+
+@contextlib.contextmanager
+def sigterm_stops_the_run():
+    """SIGTERM (Kubernetes' preemption and eviction, `kill`) stops a run as Ctrl-C does, instead of killing the
+    process mid-call: Ray Train's SIGINT handler, while a run is on, aborts its workers. Checkpoints are sealed
+    (tlray.checkpoints), so the next run resumes from the newest complete one, whenever the signal came."""
+    TERMINATED.clear()
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals reach the main thread only
+        return
+
+    def on_sigterm(signum, frame):
+        TERMINATED.append(signum)
+        on_sigint = signal.getsignal(signal.SIGINT)
+        if getattr(on_sigint, "graceful", False):
+            on_sigint(signal.SIGINT, frame)  # tlray.tune's: the search saves its state and returns
+            return
+        if callable(on_sigint) and on_sigint is not signal.default_int_handler:
+            on_sigint(signal.SIGINT, frame)  # Ray Train's: abort the run's controller and workers
+        raise KeyboardInterrupt
+
+    previous = console.handle_sigterm(on_sigterm)
+    try:
+        yield
+    finally:
+        console.handle_sigterm(None)
+        signal.signal(signal.SIGTERM, previous)
 
 
 def stop_ray() -> None:

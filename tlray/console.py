@@ -163,6 +163,29 @@ class _FileLines(logging.Handler):
         write_log(f"({record.name}) {self.format(record)}\n")
 
 
+SIGTERM_HANDLER: list = []  # the one tlray runs under (tlray.cli: a SIGTERM stops the run as Ctrl-C does)
+
+
+def handle_sigterm(handler) -> object:
+    """Install `handler` for SIGTERM (None: put back what was there) and keep it installed across ray.init."""
+    import signal
+
+    if handler is None:
+        SIGTERM_HANDLER.clear()
+        return None
+    SIGTERM_HANDLER[:] = [handler]
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def reinstall_sigterm_handler() -> None:
+    """ray.init installs its own SIGTERM handler (exit at once, killing a local cluster's processes); tlray's
+    stops the run, then shuts Ray down itself."""
+    import signal
+
+    if SIGTERM_HANDLER and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, SIGTERM_HANDLER[0])
+
+
 def start_ray(log_path: str | Path | None = None) -> None:
     """Join the cluster (RAY_ADDRESS, or inside a Ray job) or start a local one. Ray's own output goes to
     `log_path` (default: a file of this process under the temp folder), and with -v to the console too."""
@@ -174,6 +197,7 @@ def start_ray(log_path: str | Path | None = None) -> None:
     started = time.perf_counter()
     quiet_ray_loggers()
     ray.init()
+    reinstall_sigterm_handler()
     capture_ray_output()
     resources = ray.cluster_resources()
     print(

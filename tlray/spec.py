@@ -193,6 +193,11 @@ class ScalingSpec(_Section):
     max_failures: int = Field(
         0, ge=-1, description="Worker failures to recover from (restart from the last checkpoint); -1 = unlimited."
     )
+    placement: Literal["pack", "spread"] = Field(
+        "pack",
+        description="`pack` puts workers on as few nodes as fit (fast all-reduce); `spread`, one per node where it "
+        "can (a lost node takes fewer workers); either way a run restarted after losing a node uses what is left.",
+    )
 
 
 class LrRange(_Section):

@@ -18,14 +18,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tlray import data, models, prefix_cache, storage
+from tlray import checkpoints, data, models, prefix_cache, storage
 from tlray.console import say
 from tlray.data import BAD_LABEL, MAX_BAD_FRACTION, DataError, DataSource
 from tlray.errors import user_error_inside
 from tlray.spec import JobSpec, TrainSpec
 from tlray.weights import fetch_weights
 
-CHECKPOINT_FILE = "state.pt"
+CHECKPOINT_FILE = checkpoints.STATE_FILE
 BAD_EXAMPLES = 5  # undecodable files named in the log and metadata
 TRAIN_RUN = "train"  # the Ray Train run name of `tlray train` (a search names each trainer after its trial)
 REPORT_POLL_ENV, REPORT_POLL_SECONDS = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
@@ -54,11 +54,12 @@ def fine_tune(config: dict) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    nodes = count_nodes(world_size)
     if device.type == "cpu":  # Ray sets 1 thread per reserved CPU; decoding uint8 leaves the node's others idle
         workers_on_node = context.get_local_world_size() * config["runs_at_once"]  # a search's trials share the node
         torch.set_num_threads(cpu_threads(node_cpus(), workers_on_node, spec.scaling.cpus_per_worker))
         if rank == 0:
-            say(f"{world_size} CPU worker(s), {torch.get_num_threads()} torch thread(s) each")
+            say(f"{world_size} CPU worker(s) on {nodes} node(s), {torch.get_num_threads()} torch thread(s) each")
 
     # Load weights, new head, then freeze — all on the bare model, before DDP wraps it.
     weights = fetch_weights(config["weights"], spec.dataset.endpoint_url)
@@ -89,12 +90,12 @@ def fine_tune(config: dict) -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=spec.train.label_smoothing, ignore_index=BAD_LABEL)
 
-    # Ray 3: a re-run of the same run name (or a restarted worker group) resumes from the latest checkpoint.
-    start_epoch, history, bad_examples = 0, [], []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as checkpoint_dir:
-            state = torch.load(Path(checkpoint_dir, CHECKPOINT_FILE), map_location=device, weights_only=False)
+    # Ray 3: a re-run of the same run name (or a restarted worker group) resumes: from the newest complete
+    # checkpoint in the run's storage, never older than the one Ray recorded (tlray.checkpoints says why).
+    start_epoch, history, bad_examples, resumes = 0, [], [], 0
+    state = resume_state(config["checkpoints"], spec.dataset.endpoint_url, rank, world_size)
+    if state:
+        resumes = state.get("resumes", 0) + 1  # each epoch's metrics say how many restarts came before it
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -166,14 +167,14 @@ def fine_tune(config: dict) -> None:
             "epoch_seconds": time.perf_counter() - epoch_started,  # feature pass, training and validation
             "lr": optimizer.param_groups[0]["lr"],
             "bad_images": int(bad),
+            "resumes": resumes,
+            "nodes": nodes,  # the worker group's, which a restart after losing a node may shrink
             **{k: v for k, v in val.items() if k != "rows"},
         }
         if cache:  # activations computed this epoch (not found in the cache), and the seconds that took
             images, seconds = all_reduce_sum(list(cache.take_fill_stats()), device)
             metrics |= {"feature_pass_images": int(images), "feature_pass_seconds": seconds / world_size}
         history.append(metrics)
-        if rank == 0:  # a trial of a search says which
-            say(trial_prefix(context.get_experiment_name()) + format_metrics(metrics, spec.train.epochs))
 
         # Ray 5: report metrics every epoch; rank 0 adds a checkpoint that Ray copies to the run's storage.
         with tempfile.TemporaryDirectory() as checkpoint_dir:
@@ -187,10 +188,13 @@ def fine_tune(config: dict) -> None:
                     "epoch": epoch,
                     "history": history,
                     "bad_image_examples": bad_examples,
+                    "resumes": resumes,
                 }
-                torch.save(state, Path(checkpoint_dir, CHECKPOINT_FILE))
+                checkpoints.write(state, checkpoint_dir)  # the state, then its seal
                 checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir)
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoints.folder_name(epoch))
+        if rank == 0:  # once its checkpoint is stored: a run stopped after this line resumes after this epoch
+            say(trial_prefix(context.get_experiment_name()) + format_metrics(metrics, spec.train.epochs))
         epoch_started = time.perf_counter()
 
 
@@ -217,6 +221,26 @@ def weights_location(weights: str | None) -> str | None:
     if weights and not storage.is_s3(weights) and Path(weights).is_file():
         return storage.absolute_uri(weights)
     return weights
+
+
+def resume_state(checkpoints_uri: str, endpoint_url: str | None, rank: int, world_size: int) -> dict | None:
+    """The newest complete checkpoint's state, else the one Ray recorded (older checkpoints have no seal); None
+    for a new run. Rank 0 reads it and hands it to the others: one download per restart, not one per worker."""
+    state = None
+    if rank == 0:
+        found = checkpoints.newest_complete(checkpoints_uri, endpoint_url)
+        if found is None:
+            recorded = ray.train.get_checkpoint()
+            state = load_checkpoint_state(recorded) if recorded else None
+        else:
+            state = found.state
+            if found.skipped:
+                say(f"checkpoints not resumed from, being incomplete: {', '.join(found.skipped)}")
+    if world_size > 1:
+        holder = [state]
+        dist.broadcast_object_list(holder, src=0)
+        state = holder[0]
+    return state
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -255,6 +279,14 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
         return torch.bfloat16
     return torch.float16
+
+
+def count_nodes(world_size: int) -> int:
+    """The Ray nodes the worker group is on, by node ID (Ray Train's local ranks go by IP address)."""
+    node_ids = [ray.get_runtime_context().get_node_id()] * world_size
+    if world_size > 1:
+        dist.all_gather_object(node_ids, node_ids[0])
+    return len(set(node_ids))
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -357,11 +389,13 @@ def make_trainer(
             "data": source,
             "weights": weights,
             "runs_at_once": runs_at_once,
+            "checkpoints": storage.join(storage_uri, name),  # where the run resumes from (Ray 3)
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.scaling.num_workers,
             use_gpu=spec.scaling.use_gpu,
             resources_per_worker=worker_resources(spec),
+            placement_strategy=spec.scaling.placement.upper(),  # soft: SPREAD packs what no other node can take
         ),
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
@@ -404,14 +438,9 @@ def load_selected_checkpoint(latest: ray.train.Checkpoint, select_metric: str) -
     history = state["history"]
     selected = select_epoch(history, select_metric).epoch
     if selected != state["epoch"] + 1:
-        sibling = f"{str(latest.path).rstrip('/').rsplit('/', 1)[0]}/{checkpoint_dir_name(selected - 1)}"
+        sibling = f"{str(latest.path).rstrip('/').rsplit('/', 1)[0]}/{checkpoints.folder_name(selected - 1)}"
         state = load_checkpoint_state(ray.train.Checkpoint(sibling, filesystem=latest.filesystem))
     return state, history
-
-
-def checkpoint_dir_name(epoch: int) -> str:
-    """The folder of the checkpoint taken after 0-based `epoch` (as the loop's ray.train.report names it)."""
-    return f"epoch_{epoch + 1:04d}"
 
 
 def warn_if_no_cpu_left_for_data(spec: JobSpec, trials: int) -> None:

@@ -8,10 +8,12 @@ holding a CPU per trial is what starves the trainers' workers on a small cluster
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
 import os
+import signal
 import threading
 
 import ray
@@ -82,7 +84,44 @@ def search(spec: JobSpec, source: DataSource, run: str) -> ray.tune.ResultGrid:
                 name="search", storage_path=path, storage_filesystem=filesystem, verbose=verbosity
             ),
         )
-    return tuner.fit()
+    with ctrl_c_stops_the_search():
+        return tuner.fit()
+
+
+STOP_REQUESTED = threading.Event()  # set by Ctrl-C or SIGTERM during the search: what Tune ran is not all
+
+
+@contextlib.contextmanager
+def ctrl_c_stops_the_search():
+    """Ctrl-C (and tlray's SIGTERM, which calls the SIGINT handler) asks Tune to save its state and return, as
+    Tune's own handler does, and records that it did: Tune marks the trials it stopped as terminated, so its
+    result alone reads like a finished search. Tune's SIGUSR1 handler is its graceful stop."""
+    STOP_REQUESTED.clear()
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigint(signum, frame):
+        if STOP_REQUESTED.is_set():
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        STOP_REQUESTED.set()
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    on_sigint.graceful = True  # it returns, and the search then stops (tlray.cli's SIGTERM handler reads this)
+
+    saved = os.environ.get(TUNE_OWN_SIGINT), signal.signal(signal.SIGINT, on_sigint)
+    os.environ[TUNE_OWN_SIGINT] = "1"  # Tune leaves SIGINT to this handler
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, saved[1])
+        if saved[0] is None:
+            os.environ.pop(TUNE_OWN_SIGINT)
+        else:
+            os.environ[TUNE_OWN_SIGINT] = saved[0]
+
+
+TUNE_OWN_SIGINT = "TUNE_DISABLE_SIGINT_HANDLER"
 
 
 def tune_verbosity() -> int:
@@ -354,7 +393,7 @@ def write_results(rows: list[dict], run: str, spec: JobSpec) -> None:
 
 def raise_if_interrupted(grid: ray.tune.ResultGrid, spec: JobSpec) -> None:
     """Tune answers Ctrl-C by saving its state and returning: a search with trials still to run is not done."""
-    if grid.num_terminated + grid.num_errors < trial_count(spec):
+    if STOP_REQUESTED.is_set() or grid.num_terminated + grid.num_errors < trial_count(spec):
         raise KeyboardInterrupt
 
 
