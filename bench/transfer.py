@@ -127,6 +127,7 @@ def plain_loop(images: Path, weights: Path, args, depth: int, cached: bool) -> d
 def tlray_run(images: Path, weights: Path, args, depth: int, cache: str, out: Path) -> dict:
     from tlray import models
     from tlray.data import build_index, data_source
+    from tlray.plan import plan_run
     from tlray.spec import JobSpec
     from tlray.train import load_checkpoint_state, make_trainer
 
@@ -149,7 +150,8 @@ def tlray_run(images: Path, weights: Path, args, depth: int, cache: str, out: Pa
     )
     index = build_index(spec.dataset)
     source = data_source(index, spec.dataset, models.preprocessing(args.arch, args.image_size))
-    result = make_trainer(spec, source, str(weights), str(out), f"d{depth}-{cache}").fit()
+    model = models.build_model(args.arch, None, len(source.classes))
+    result = make_trainer(plan_run(spec, source, str(out / f"d{depth}-{cache}"), model)).fit()
     history = load_checkpoint_state(result.checkpoint)["history"]
     return {
         "epoch_s": [h["train_images"] / h["images_per_second"] for h in history],

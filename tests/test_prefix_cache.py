@@ -16,6 +16,7 @@ import torch
 
 from tlray import models, prefix_cache
 from tlray.data import build_index, data_source
+from tlray.plan import plan_run
 from tlray.prefix_cache import decide
 from tlray.spec import JobSpec
 from tlray.train import load_checkpoint_state, make_trainer
@@ -114,7 +115,8 @@ def train(job, tmp_path: Path, name: str, depth, workers: int, cache: str) -> di
         "scaling": {**spec_data["scaling"], "num_workers": workers, "cpus_per_worker": 0.5},  # a CPU left for Ray Data
     }
     spec = JobSpec.model_validate(spec_data)
-    result = make_trainer(spec, source, weights, str(tmp_path / "runs"), name).fit()
+    model = models.build_model(spec.model.arch, None, len(source.classes))
+    result = make_trainer(plan_run(spec, source, str(tmp_path / "runs" / name), model)).fit()
     return load_checkpoint_state(result.checkpoint)
 
 

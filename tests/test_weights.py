@@ -204,3 +204,22 @@ def test_a_missing_checkpoint_is_a_user_error_naming_the_uri(s3_env, s3_bucket):
     uri = f"s3://{s3_bucket}/models/missing.pt"
     with pytest.raises(UserError, match=rf"^model\.weights: cannot read {re.escape(uri)}: .*404"):
         weights.fetch_weights(uri, s3_env)
+
+
+# ---------------------------------------------------------------------------------------
+# The run plan's identity
+# ---------------------------------------------------------------------------------------
+def test_a_checkpoint_replaced_after_the_run_was_planned_is_refused(checkpoint, s3_env, s3_bucket):
+    import hashlib
+
+    checkpoint.put(b"version one")
+    planned = weights.identity(weights.head(checkpoint.uri, s3_env))
+    assert planned == f"etag {hashlib.md5(b'version one').hexdigest()}"
+    assert Path(weights.fetch_weights(checkpoint.uri, s3_env, planned)).read_bytes() == b"version one"
+
+    checkpoint.put(b"version two")
+    with pytest.raises(UserError) as error:
+        weights.fetch_weights(checkpoint.uri, s3_env, planned)
+    now = f"etag {hashlib.md5(b'version two').hexdigest()}"
+    assert str(error.value).startswith(f"model.weights: {checkpoint.uri} changed since this run was planned")
+    assert f"({planned}, now {now})" in str(error.value)

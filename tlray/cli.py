@@ -82,7 +82,8 @@ def search_and_publish(spec, if_data_changed: bool = False):
     import ray.train
 
     from tlray import champion, nodes, report, storage, tune
-    from tlray.publish import freeze_summary, is_sealed, publish, published_run, run_uri, write_manifest
+    from tlray.plan import plan_run
+    from tlray.publish import is_sealed, publish, published_run, run_uri, write_manifest
     from tlray.train import load_selected_checkpoint
 
     if spec.tune is None:
@@ -92,37 +93,36 @@ def search_and_publish(spec, if_data_changed: bool = False):
     prepared = prepare(spec, if_data_changed)  # 2-4. data, output, weights
     if prepared is None:  # --if-data-changed, and the champion was trained on exactly this data
         return None
-    spec, index = prepared
+    spec, index, model = prepared
     tune.check_searchable(spec, index)
     run = run_uri(spec, index, "tune")
     console.start_ray(console.log_path_for(run))  # 5. join the cluster (RAY_ADDRESS / inside a job) or start one
     nodes.check_every_node_sees_local_paths(spec, index)
     print(f"[tlray] search {run.rsplit('/', 1)[-1]}: trials, results, report and best model under {run}")
-    source = data_source(spec, index)
-    grid = tune.search(spec, source, run)  # 6. one TorchTrainer per trial, ASHA stops weak ones
+    plan = plan_run(spec, data_source(spec, index), run, model)  # 6. the run plan, each trial's from it
+    grid = tune.search(plan)  # 7. one TorchTrainer per trial, ASHA stops weak ones
     tune.raise_if_interrupted(grid, spec)  # Ctrl-C: nothing is published, the same command resumes
     tune.raise_if_no_trial_finished(grid)
     rows = tune.result_rows(grid, spec)
     print(tune.results_table(rows, spec))
     best = tune.best_trial(rows)
-    best_spec = tune.best_trial_spec(spec, best)
+    best_plan = plan.for_best_trial(tune.best_trial_spec(spec, best), model)
     endpoint = spec.dataset.endpoint_url
     if is_sealed(run, endpoint):  # a finished search, run again: its published files stay as they are
         published = published_run(run, endpoint)
     else:
         tune.write_results(rows, run, spec)
-        # 7. publish the best trial's selected epoch exactly as `tlray train` would
+        # 8. publish the best trial's selected epoch exactly as `tlray train` would
         filesystem, _ = storage.filesystem(run, endpoint)
         checkpoint = ray.train.Checkpoint(best["checkpoint"], filesystem=filesystem)
         state, history = load_selected_checkpoint(checkpoint, spec.train.select_metric)
-        confusion = report.confusion_matrix_of(best_spec, source, state)  # 8. the report
+        confusion = report.confusion_matrix_of(model, plan.data, state)  # 9. the report
         storage.write_json(storage.join(run, "confusion_matrix.json"), {**confusion, "trial": best["trial"]}, endpoint)
-        summary = freeze_summary(best_spec, len(index.classes))
-        hyperparameters = {"lr": best["lr"], "freeze_depth": summary.depth, "trial": best["trial"]}
-        published = publish(best_spec, index, summary, state, run, hyperparameters, history, seal=False)
+        hyperparameters = {"lr": best["lr"], "freeze_depth": best_plan.freeze.depth, "trial": best["trial"]}
+        published = publish(best_plan, model, state, hyperparameters, history, seal=False)
         write_manifest(run, endpoint)  # last: from now on the run is complete
     page = report.write_report(run, endpoint)  # report/ is not in the manifest: `tlray report` redraws it
-    champion.decide(best_spec, run, source)  # 9. the champion gate
+    champion.decide(best_plan.spec, run, plan.data)  # 10. the champion gate
     print(
         f"[tlray] best trial {best['trial']}: lr {best['lr']:.3g}, freeze_depth {best['freeze_depth']}, "
         f"{spec.tune.metric} {best['metric']:.4f}"
@@ -194,8 +194,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def prepare(spec, if_data_changed: bool = False):
     """Every check before cluster work, shared by train and tune: data index, output, weights.
 
-    Returns (spec, index), the spec's warm-start weights (`latest`, a run) resolved to a checkpoint;
-    or None with `if_data_changed` when the champion was trained on exactly this data.
+    Returns (spec, index, model): the spec's warm-start weights (`latest`, a run) resolved to a checkpoint, and
+    the run's one model on the driver, built from those weights (they load); or None with `if_data_changed`
+    when the champion was trained on exactly this data.
     """
     from tlray import champion, models, warmstart
     from tlray.data import build_index
@@ -213,32 +214,32 @@ def prepare(spec, if_data_changed: bool = False):
     check_selectable(spec, index)
     spec = warmstart.resolve(spec, index)  # model.weights: latest -> the champion's checkpoint
     weights = fetch_weights(spec.model.builder_weights, spec.dataset.endpoint_url)
-    models.build_model(spec.model.arch, weights, len(index.classes))  # the weights load
-    return spec, index
+    model = models.build_model(spec.model.arch, weights, len(index.classes))  # the weights load
+    return spec, index, model
 
 
 def train_and_publish(spec, if_data_changed: bool = False):
     """Shared by `train` and `demo`; None when `if_data_changed` finds the champion's data unchanged."""
     from tlray import champion, nodes
-    from tlray.publish import freeze_summary, publish, run_uri
+    from tlray.plan import plan_run
+    from tlray.publish import publish, run_uri
     from tlray.train import fit, load_selected_checkpoint
 
     prepared = prepare(spec, if_data_changed)  # 2-4. data, output, weights
     if prepared is None:
         return None
-    spec, index = prepared
+    spec, index, model = prepared
     run = run_uri(spec, index)
     console.start_ray(console.log_path_for(run))  # 5. join the cluster (RAY_ADDRESS / inside a job) or start one
     nodes.check_every_node_sees_local_paths(spec, index)
     print(f"[tlray] run {run.rsplit('/', 1)[-1]}: checkpoints and model under {run}")
-    source = data_source(spec, index)
+    plan = plan_run(spec, data_source(spec, index), run, model)  # 6. the run plan: all the workers get
     started = time.perf_counter()
-    result = fit(spec, source, run)  # 6. fine-tune on Ray Train workers, data streamed by Ray Data
+    result = fit(plan)  # 7. fine-tune on Ray Train workers, data streamed by Ray Data
     print(f"[tlray] trained in {time.perf_counter() - started:.1f} s", flush=True)
     state, history = load_selected_checkpoint(result.checkpoint, spec.train.select_metric)  # the best epoch
-    summary = freeze_summary(spec, len(index.classes))
-    published = publish(spec, index, summary, state, run, history=history)  # 7. export, describe, MANIFEST last
-    champion.decide(spec, run, source)  # 8. the champion gate: move latest.json only for a better model
+    published = publish(plan, model, state, history=history)  # 8. export, describe, MANIFEST last
+    champion.decide(spec, run, plan.data)  # 9. the champion gate: move latest.json only for a better model
     return published
 
 

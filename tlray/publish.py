@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 
 import tlray
-from tlray import models, storage
+from tlray import storage
 from tlray.data import DatasetIndex
 from tlray.errors import UserError
+from tlray.plan import RunPlan
 from tlray.spec import JobSpec
 
 EXPORT_BATCH = 2  # example batch for torch.export; the batch dimension is exported as dynamic
@@ -108,30 +109,28 @@ def runs_uri(spec: JobSpec) -> str:
 
 
 def publish(
-    spec: JobSpec,
-    index: DatasetIndex,
-    summary: models.FreezeSummary,
+    plan: RunPlan,
+    model: torch.nn.Module,
     state: dict,
-    destination: str,
     hyperparameters: dict | None = None,
     history: list[dict] | None = None,
     seal: bool = True,
 ) -> PublishedRun:
     """Export the weights in `state` (the selected epoch's training checkpoint) and describe the run.
 
+    `model`: the driver's one model of the plan's arch and classes, which takes the weights.
     `history`: every epoch's metrics (the latest checkpoint's); default: the history in `state`.
     With `seal`, MANIFEST.json is written last; otherwise the caller adds files and calls `write_manifest`.
     A run that is already sealed is left as it is: re-running a finished job never rewrites a model that
     `latest.json` may point at.
     """
-    endpoint = spec.dataset.endpoint_url
+    spec, summary, destination, endpoint = plan.spec, plan.freeze, plan.run_uri, plan.endpoint_url
     if is_sealed(destination, endpoint):
         return published_run(destination, endpoint)
     storage.delete_file(storage.join(destination, MANIFEST), endpoint)  # a stale one would vouch for new files
-    model = models.build_model(spec.model.arch, None, len(index.classes))
     model.load_state_dict(state["model"])
     model.eval()
-    preprocessing = models.preprocessing(spec.model.arch, spec.dataset.image_size)
+    preprocessing = plan.preprocessing
     history = history or state["history"]
     selection = select_epoch(history, spec.train.select_metric)
     selected, final = history[selection.epoch - 1], history[-1]
@@ -150,11 +149,12 @@ def publish(
     storage.write_json(storage.join(destination, "metrics.json"), metrics, endpoint)
     metadata = {
         "format_version": FORMAT_VERSION,
-        "run_id": destination.rstrip("/").rsplit("/", 1)[-1],
+        "run_id": plan.run_id,
         "created_at": now(),
-        "classes": index.classes,
+        "classes": list(plan.classes),
         "arch": spec.model.arch,
         "weights": spec.model.weights,
+        "weights_identity": plan.weights.identity if plan.weights else None,
         "mode": spec.model.mode,
         "freeze_depth": summary.depth,
         "frozen_blocks": summary.frozen_blocks,
@@ -165,10 +165,10 @@ def publish(
         "selection": selection.to_dict(len(history)),
         "epochs_run": len(history),
         "dataset": {
-            "uri": index.root,
-            "fingerprint": index.fingerprint,
-            "train_images": len(index.train),
-            "val_images": len(index.val),
+            "uri": plan.data.root,
+            "fingerprint": plan.data.fingerprint,
+            "train_images": plan.data.counts["train"],
+            "val_images": plan.data.counts["val"],
             "bad_images": bad_images,
         },
         "files": {"program": "model/model.pt2", "state_dict": "model/state_dict.pt"},
@@ -262,12 +262,6 @@ def manifest_digest(run: str, endpoint_url: str | None = None) -> str:
 # ---------------------------------------------------------------------------------------
 # Export and checks
 # ---------------------------------------------------------------------------------------
-def freeze_summary(spec: JobSpec, num_classes: int) -> models.FreezeSummary:
-    """What the spec freezes, counted on a freshly built model (for metadata.json)."""
-    model = models.build_model(spec.model.arch, None, num_classes)
-    return models.freeze(model, spec.model.arch, spec.freeze_depth, spec.model.batchnorm)
-
-
 def check_output(spec: JobSpec) -> None:
     """An S3 output must exist and be listable now, not after hours of training. Writes nothing."""
     if storage.is_s3(spec.output.uri):

@@ -25,11 +25,9 @@ PLOTS = {
 }
 
 
-def confusion_matrix_of(spec, source, state: dict) -> dict:
-    """The trained weights in `state` over the validation split (decoded by Ray Data, as in training)."""
-    from tlray import models
-
-    model = models.build_model(spec.model.arch, None, len(source.classes))
+def confusion_matrix_of(model, source, state: dict) -> dict:
+    """The trained weights in `state`, loaded into `model` (the driver's), over the validation split (decoded
+    by Ray Data, as in training)."""
     model.load_state_dict(state["model"])
     return {"classes": list(source.classes), "matrix": confusion_matrix(model, source)}
 

@@ -20,14 +20,14 @@ from torch import nn
 
 from tlray import checkpoints, data, models, prefix_cache, storage
 from tlray.console import say
-from tlray.data import BAD_LABEL, MAX_BAD_FRACTION, DataError, DataSource
+from tlray.data import BAD_LABEL, MAX_BAD_FRACTION, DataError
 from tlray.errors import user_error_inside
+from tlray.plan import TRAIN_RUN, RunPlan
 from tlray.spec import JobSpec, TrainSpec
 from tlray.weights import fetch_weights
 
 CHECKPOINT_FILE = checkpoints.STATE_FILE
 BAD_EXAMPLES = 5  # undecodable files named in the log and metadata
-TRAIN_RUN = "train"  # the Ray Train run name of `tlray train` (a search names each trainer after its trial)
 REPORT_POLL_ENV, REPORT_POLL_SECONDS = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
 
 
@@ -46,8 +46,8 @@ def train_loop_per_worker(config: dict) -> None:
 
 def fine_tune(config: dict) -> None:
     """One worker's share of the fine-tune: plain PyTorch, plus the steps marked "Ray n"."""
-    spec = JobSpec.model_validate(config["spec"])
-    source: DataSource = config["data"]  # classes, counts and a reference to the keys; never the index
+    plan: RunPlan = config["plan"]  # everything the driver resolved (tlray.plan): the worker's only input
+    spec, source = plan.spec, plan.data  # the data: classes, counts and a reference to the keys; never the index
     torch.manual_seed(spec.train.seed)  # same init on every rank; DDP also broadcasts rank 0's weights
 
     # Ray 1: this worker's place in the group and its device (cuda:N or cpu).
@@ -56,14 +56,14 @@ def fine_tune(config: dict) -> None:
     device = ray.train.torch.get_device()
     nodes = count_nodes(world_size)
     if device.type == "cpu":  # Ray sets 1 thread per reserved CPU; decoding uint8 leaves the node's others idle
-        workers_on_node = context.get_local_world_size() * config["runs_at_once"]  # a search's trials share the node
+        workers_on_node = context.get_local_world_size() * plan.runs_at_once  # a search's trials share the node
         torch.set_num_threads(cpu_threads(node_cpus(), workers_on_node, spec.scaling.cpus_per_worker))
         if rank == 0:
             say(f"{world_size} CPU worker(s) on {nodes} node(s), {torch.get_num_threads()} torch thread(s) each")
 
     # Load weights, new head, then freeze — all on the bare model, before DDP wraps it.
-    weights = fetch_weights(config["weights"], spec.dataset.endpoint_url)
-    model = models.build_model(spec.model.arch, weights, len(source.classes))
+    weights = fetch_weights(plan.weights.location, plan.endpoint_url, plan.weights.identity) if plan.weights else None
+    model = models.build_model(spec.model.arch, weights, len(plan.classes))
     models.freeze(model, spec.model.arch, spec.freeze_depth, spec.model.batchnorm)  # logs the counts
     parts = models.split(model, spec.model.arch, spec.freeze_depth)  # the frozen blocks | the rest
     frozen, trained = parts.prefix, parts.rest
@@ -93,7 +93,7 @@ def fine_tune(config: dict) -> None:
     # Ray 3: a re-run of the same run name (or a restarted worker group) resumes: from the newest complete
     # checkpoint in the run's storage, never older than the one Ray recorded (tlray.checkpoints says why).
     start_epoch, history, bad_examples, resumes = 0, [], [], 0
-    state = resume_state(config["checkpoints"], spec.dataset.endpoint_url, rank, world_size)
+    state = resume_state(plan.checkpoints_uri, plan.endpoint_url, rank, world_size)
     if state:
         resumes = state.get("resumes", 0) + 1  # each epoch's metrics say how many restarts came before it
         model.load_state_dict(state["model"])
@@ -214,13 +214,6 @@ def node_cpus() -> float:
     """CPUs Ray gives this node (from its cgroup limits in a container, unlike os.cpu_count())."""
     node_id = ray.get_runtime_context().get_node_id()
     return next((n["Resources"].get("CPU", 1.0) for n in ray.nodes() if n["NodeID"] == node_id), 1.0)
-
-
-def weights_location(weights: str | None) -> str | None:
-    """A local checkpoint path made absolute: workers run in other directories."""
-    if weights and not storage.is_s3(weights) and Path(weights).is_file():
-        return storage.absolute_uri(weights)
-    return weights
 
 
 def resume_state(checkpoints_uri: str, endpoint_url: str | None, rank: int, world_size: int) -> dict | None:
@@ -357,23 +350,19 @@ def format_metrics(metrics: dict, epochs: int) -> str:
 # ---------------------------------------------------------------------------------------
 # Driver side
 # ---------------------------------------------------------------------------------------
-def fit(spec: JobSpec, source: DataSource, run_uri: str) -> ray.train.Result:
-    """Run the loop on `scaling.num_workers` Ray Train workers; checkpoints go to `<run_uri>/train`."""
-    warn_if_no_cpu_left_for_data(spec, trials=1)
-    # the run folder is already unique per spec, so a fixed name lets a re-run resume
-    weights = weights_location(spec.model.builder_weights)
-    return make_trainer(spec, source, weights, run_uri, name=TRAIN_RUN).fit()
+def fit(plan: RunPlan) -> ray.train.Result:
+    """Run the loop on `scaling.num_workers` Ray Train workers; checkpoints go to `plan.checkpoints_uri`."""
+    warn_if_no_cpu_left_for_data(plan.spec, trials=1)
+    return make_trainer(plan).fit()
 
 
-def make_trainer(
-    spec: JobSpec, source: DataSource, weights: str | None, storage_uri: str, name: str, callbacks=(), runs_at_once=1
-):
-    """A TorchTrainer for one run of the loop; its checkpoints go to `<storage_uri>/<name>`.
+def make_trainer(plan: RunPlan, callbacks=()):
+    """A TorchTrainer for one run of the loop; its checkpoints go to `plan.checkpoints_uri`, named after its last
+    part, so that running the same plan again resumes.
 
-    `runs_at_once`: trainers sharing the cluster (a search's concurrent trials), so that CPU workers do not
+    `plan.runs_at_once`: trainers sharing the cluster (a search's concurrent trials), so that CPU workers do not
     start more torch threads than there are cores: oversubscribed, they run several times slower.
-    `weights`: what `weights_location` made of the spec's weights in the driver's directory.
-    Each worker builds its own Ray Data pipeline per epoch from `source` (data.iter_batches):
+    Each worker builds its own Ray Data pipeline per epoch from `plan.data` (data.iter_batches):
     that is what lets every epoch read a new global permutation of the keys.
     """
     from ray.train.torch import TorchTrainer
@@ -381,16 +370,12 @@ def make_trainer(
     # Ray Train's controller takes each worker's report on its health-check poll (every 2 s by default), and
     # a worker's next report waits for it: up to 2 s lost per epoch. The driver's value reaches the controller.
     os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_SECONDS)
-    filesystem, storage_path = storage.filesystem(storage_uri, spec.dataset.endpoint_url)
+    spec = plan.spec
+    storage_uri, name = plan.checkpoints_uri.rsplit("/", 1)
+    filesystem, storage_path = storage.filesystem(storage_uri, plan.endpoint_url)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "spec": spec.model_dump(mode="json"),
-            "data": source,
-            "weights": weights,
-            "runs_at_once": runs_at_once,
-            "checkpoints": storage.join(storage_uri, name),  # where the run resumes from (Ray 3)
-        },
+        train_loop_config={"plan": plan},
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.scaling.num_workers,
             use_gpu=spec.scaling.use_gpu,

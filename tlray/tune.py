@@ -25,10 +25,11 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from tlray import storage
-from tlray.data import DatasetIndex, DataSource
+from tlray.data import DatasetIndex
 from tlray.errors import UserError, user_error_inside
+from tlray.plan import RunPlan
 from tlray.spec import JobSpec
-from tlray.train import make_trainer, say, warn_if_no_cpu_left_for_data, weights_location, worker_resources
+from tlray.train import make_trainer, say, warn_if_no_cpu_left_for_data, worker_resources
 
 TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 64 * 1024**2}  # Tune needs a non-empty request
 RESULT_COLUMNS = ("trial", "lr", "freeze_depth", "epochs", "metric", "best_metric", "stopped_early", "status")
@@ -42,19 +43,13 @@ def check_searchable(spec: JobSpec, index: DatasetIndex) -> None:
         )
 
 
-def search(spec: JobSpec, source: DataSource, run: str) -> ray.tune.ResultGrid:
+def search(plan: RunPlan) -> ray.tune.ResultGrid:
     """Run (or resume) the search whose state lives in `<run>/search`; trials train into `<run>/trials`."""
-    filesystem, path = storage.filesystem(run, spec.dataset.endpoint_url)
+    spec, run = plan.spec, plan.run_uri
+    filesystem, path = storage.filesystem(run, plan.endpoint_url)
     concurrency, verbosity = concurrent_trials(spec), tune_verbosity()
     trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(
-            run_trial,
-            spec_json=spec.model_dump(mode="json"),
-            source=source,
-            weights=weights_location(spec.model.builder_weights),  # resolved here: trials run elsewhere
-            run=run,
-            trials_at_once=concurrency,
-        ),
+        ray.tune.with_parameters(run_trial, plan=plan, trials_at_once=concurrency),
         TRIAL_DRIVER_RESOURCES,
     )
     experiment = storage.join(path, "search")
@@ -135,19 +130,17 @@ def tune_verbosity() -> int:
     return 0
 
 
-def run_trial(
-    config: dict, spec_json: dict, source: DataSource, weights: str | None, run: str, trials_at_once: int
-) -> None:
+def run_trial(config: dict, plan: RunPlan, trials_at_once: int) -> None:
     """One trial: the spec with this trial's hyper-parameters, trained by its own TorchTrainer.
 
     Tune pauses a trial (hyperband) or stops it by ending this actor, and a paused trial resumes by calling this
     function again: the trainer's run is named after the trial, so it resumes from its latest checkpoint, as a
     resumed search does. The trainer fits in a second thread while this one hands its epochs to Tune.
     """
-    spec = trial_spec(JobSpec.model_validate(spec_json), config)
     trial_id = ray.tune.get_context().get_trial_id()
-    epochs = EpochReports(spec.train.epochs)
-    trainer = make_trainer(spec, source, weights, storage.join(run, "trials"), trial_id, [epochs], trials_at_once)
+    trial = plan.for_trial(trial_spec(plan.spec, config), trial_id, trials_at_once)
+    epochs = EpochReports(trial.spec.train.epochs)
+    trainer = make_trainer(trial, [epochs])
     failure: list[BaseException] = []
 
     def fit() -> None:

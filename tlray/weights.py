@@ -53,13 +53,27 @@ def cache_dir() -> Path:
     return Path(tempfile.gettempdir(), CACHE_FOLDER)
 
 
-def fetch_weights(weights: str | None, endpoint_url: str | None) -> str | None:
-    """The local path of an S3 checkpoint (downloaded once per node and version); other weights pass through."""
+def identity(stored: StoredCheckpoint) -> str:
+    """What the run plan records of an S3 checkpoint's version (tlray.plan.Weights.identity)."""
+    return f"etag {stored.etag}" + (f" version {stored.version_id}" if stored.version_id else "")
+
+
+def fetch_weights(weights: str | None, endpoint_url: str | None, planned: str | None = None) -> str | None:
+    """The local path of an S3 checkpoint (downloaded once per node and version); other weights pass through.
+
+    `planned`: the identity the run was planned with; a checkpoint replaced since then is refused, so that every
+    worker of a run, and every restart, starts from the same weights.
+    """
     if not weights or not storage.is_s3(weights):
         return weights
     problem = ""
     for _ in range(ATTEMPTS):
         stored = head(weights, endpoint_url)  # again after a failure: the object may have been replaced
+        if planned and identity(stored) != planned:
+            raise UserError(
+                f"model.weights: {weights} changed since this run was planned ({planned}, now {identity(stored)}); "
+                "run the command again to plan it anew"
+            )
         local = cache_dir() / stored.cache_name
         if local.is_file() and local.stat().st_size == stored.size:
             return str(local)

@@ -1,0 +1,94 @@
+"""The run plan: everything a run needs, resolved once on the driver into one immutable object.
+
+It is the whole contract between the driver and what runs elsewhere. Ray Train's workers get it as their only
+config; a search's trials get it with their own hyper-parameters (`for_trial`); publishing reads the run's
+classes, preprocessing, freeze summary and data from it. The driver builds the model once, to check that the
+weights load and to count what the freeze depth freezes (tlray.cli.prepare); the workers build their own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from tlray import models, storage
+from tlray.data import DataSource
+from tlray.spec import JobSpec
+
+TRAIN_RUN = "train"  # the Ray Train run of `tlray train`, under its run folder (a trial's is named after it)
+
+
+@dataclass(frozen=True)
+class Weights:
+    """The starting weights: where workers load them from, and which version the run was planned with."""
+
+    location: str  # an absolute path, an s3:// URI, or a torchvision weights name
+    identity: str  # "etag <ETag>[ version <id>]" of an S3 object, "sha256 <hex>" of a file, or the name itself
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    spec: JobSpec  # validated; `model.weights: latest` resolved to the champion's checkpoint
+    run_uri: str  # <output.uri>/<name>/runs/<run id>
+    weights: Weights | None  # None: random init
+    classes: tuple[str, ...]
+    preprocessing: models.Preprocessing
+    freeze: models.FreezeSummary  # of spec.freeze_depth, counted on the driver's model
+    data: DataSource  # the dataset's keys in Ray's object store, and how to read them
+    checkpoints_uri: str  # this trainer's Ray Train storage: <run>/train, or a trial's <run>/trials/<trial id>
+    runs_at_once: int = 1  # trainers sharing the cluster (a search's concurrent trials)
+
+    @property
+    def run_id(self) -> str:
+        return self.run_uri.rsplit("/", 1)[-1]
+
+    @property
+    def endpoint_url(self) -> str | None:
+        return self.spec.dataset.endpoint_url
+
+    def for_trial(self, spec: JobSpec, trial_id: str, runs_at_once: int) -> RunPlan:
+        """A search's trial: its spec (the search's with the trial's lr and freeze depth), its own checkpoints."""
+        checkpoints = storage.join(self.run_uri, "trials", trial_id)
+        return dataclasses.replace(self, spec=spec, checkpoints_uri=checkpoints, runs_at_once=runs_at_once)
+
+    def for_best_trial(self, spec: JobSpec, model: nn.Module) -> RunPlan:
+        """What publishing the best trial needs: its spec, and its freeze depth counted on the driver's model."""
+        return dataclasses.replace(self, spec=spec, freeze=freeze_summary(spec, model))
+
+
+def plan_run(spec: JobSpec, source: DataSource, run_uri: str, model: nn.Module) -> RunPlan:
+    """The plan of `tlray train` (and of a search, whose trials each derive their own). `model`: the driver's."""
+    return RunPlan(
+        spec=spec,
+        run_uri=run_uri,
+        weights=weights_of(spec),
+        classes=tuple(source.classes),
+        preprocessing=source.preprocessing,
+        freeze=freeze_summary(spec, model),
+        data=source,
+        checkpoints_uri=storage.join(run_uri, TRAIN_RUN),
+    )
+
+
+def freeze_summary(spec: JobSpec, model: nn.Module) -> models.FreezeSummary:
+    """What `spec` freezes, counted on `model` (freezing it: a later call re-freezes it from scratch)."""
+    return models.freeze(model, spec.model.arch, spec.freeze_depth, spec.model.batchnorm)
+
+
+def weights_of(spec: JobSpec) -> Weights | None:
+    """Where the workers read the starting weights, and the identity of what is there now."""
+    from tlray import weights
+
+    name = spec.model.builder_weights
+    if not name:
+        return None
+    if storage.is_s3(name):
+        stored = weights.head(name, spec.dataset.endpoint_url)
+        return Weights(name, weights.identity(stored))
+    if Path(name).is_file():  # workers run in other directories
+        location = storage.absolute_uri(name)
+        return Weights(location, f"sha256 {storage.sha256_of(location)}")
+    return Weights(name, name)  # torchvision's weights, by name
