@@ -267,9 +267,11 @@ def newest_sealed(run: str, endpoint: str) -> int:
 def assert_same_final_metrics(history: list[dict], reference: list[dict]) -> None:
     """Same seed, same order of images, restored optimizer and schedule: the gap is float noise."""
     last, expected = history[-1], reference[-1]
-    assert last["val_loss"] == pytest.approx(expected["val_loss"], rel=0.05)
-    assert abs(last["val_accuracy"] - expected["val_accuracy"]) <= 0.05
-    assert last["train_loss"] == pytest.approx(expected["train_loss"], rel=0.05)
+    gaps = {k: round(last[k] - expected[k], 6) for k in ("val_loss", "val_accuracy", "train_loss")}
+    print(f"final metrics minus the undisturbed run's: {gaps}")
+    assert last["val_loss"] == pytest.approx(expected["val_loss"], abs=0.01)  # measured: 0.0002
+    assert abs(last["val_accuracy"] - expected["val_accuracy"]) <= 0.05  # 16 images: the same count correct
+    assert last["train_loss"] == pytest.approx(expected["train_loss"], abs=0.01)  # measured: 0.0004
 
 
 def test_a_node_that_cannot_see_a_local_path_stops_the_run_before_training(two_nodes, tmp_path, capsys):
