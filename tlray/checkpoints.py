@@ -53,15 +53,17 @@ def newest_complete(checkpoints_uri: str, endpoint_url: str | None, map_location
     folders = sorted({top for rel in files if EPOCH_FOLDER.match(top := rel.split("/", 1)[0])}, reverse=True)
     skipped = []
     for name in folders:
-        state, problem = read_sealed(storage.join(checkpoints_uri, name), files, name, endpoint_url, map_location)
+        folder = storage.join(checkpoints_uri, name)
+        state, problem = read_sealed(folder, name, files, endpoint_url, map_location)
         if state is not None:
-            return Found(state, storage.join(checkpoints_uri, name), tuple(skipped))
+            return Found(state, folder, tuple(skipped))
         skipped.append(f"{name} ({problem})")
     return None
 
 
-def read_sealed(folder: str, files: dict[str, int], name: str, endpoint_url: str | None, map_location):
-    """(state, None) when the folder's state matches its seal, else (None, what is wrong)."""
+def read_sealed(folder: str, name: str, files: dict[str, int], endpoint_url: str | None, map_location):
+    """(state, None) when the folder's state matches its seal, else (None, what is wrong). `files`: the listing
+    of the storage folder above, by path relative to it (`name` is the folder's)."""
     if f"{name}/{SEAL_FILE}" not in files:
         return None, "no seal: its upload did not finish"
     seal = storage.read_json(storage.join(folder, SEAL_FILE), endpoint_url)
