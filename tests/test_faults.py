@@ -32,6 +32,12 @@ pytestmark = pytest.mark.slow
 EPOCHS = 6
 # small checkpoints (about 9 MiB with the optimizer's state): moto serves a GET at a few MB/s
 ARCH = "mobilenet_v3_small"
+# After losing a node the group keeps its size (scaling.num_workers is part of the run's identity): the 2 workers
+# restart on the head node, so the data order, the ranks' random streams and the DDP sums are those of the
+# undisturbed run. What differs is the torch threads per worker (2 -> 1, a node's CPUs shared by two workers), which
+# may reorder float sums inside a convolution. Measured gap: 0.0 on every metric; the bound is float32 noise over
+# 6 epochs, as for the same-node restart.
+NODE_LOSS_TOLERANCE = 1e-4
 
 
 @dataclass
@@ -183,7 +189,8 @@ def test_a_worker_killed_mid_epoch_restarts_from_the_last_checkpoint_and_ends_as
     resumes = [h["resumes"] for h in history]  # the restart shows in the history
     resumed_at = resumes.index(1)
     assert 1 <= resumed_at < EPOCHS and resumes == [0] * resumed_at + [1] * (EPOCHS - resumed_at)
-    assert_same_final_metrics(history, history_of(undisturbed[0], s3_server))
+    # the same group size, data order, optimizer, schedule and random streams (tlray.rng): the same numbers
+    assert_same_final_metrics(history, history_of(undisturbed[0], s3_server), tolerance=1e-4)
 
 
 def test_losing_the_worker_node_mid_run_finishes_on_the_head_node(
@@ -206,7 +213,7 @@ def test_losing_the_worker_node_mid_run_finishes_on_the_head_node(
     history = history_of(spec_path, s3_server)
     assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
     assert history[0]["nodes"] == 2 and history[-1]["nodes"] == 1 and history[-1]["resumes"] == 1
-    assert_same_final_metrics(history, history_of(undisturbed[0], s3_server))
+    assert_same_final_metrics(history, history_of(undisturbed[0], s3_server), tolerance=NODE_LOSS_TOLERANCE)
 
 
 def test_stopped_drivers_resume_from_the_newest_complete_checkpoint_into_one_run(
@@ -264,14 +271,13 @@ def newest_sealed(run: str, endpoint: str) -> int:
     return found.state["epoch"] + 1 if found else 0
 
 
-def assert_same_final_metrics(history: list[dict], reference: list[dict]) -> None:
-    """Same seed, same order of images, restored optimizer and schedule: the gap is float noise."""
+def assert_same_final_metrics(history: list[dict], reference: list[dict], tolerance: float) -> None:
+    """The final metrics of a disturbed run against the undisturbed run's, within `tolerance`."""
     last, expected = history[-1], reference[-1]
-    gaps = {k: round(last[k] - expected[k], 6) for k in ("val_loss", "val_accuracy", "train_loss")}
+    gaps = {k: last[k] - expected[k] for k in ("val_loss", "val_accuracy", "train_loss")}
     print(f"final metrics minus the undisturbed run's: {gaps}")
-    assert last["val_loss"] == pytest.approx(expected["val_loss"], abs=0.01)  # measured: 0.0002
-    assert abs(last["val_accuracy"] - expected["val_accuracy"]) <= 0.05  # 16 images: the same count correct
-    assert last["train_loss"] == pytest.approx(expected["train_loss"], abs=0.01)  # measured: 0.0004
+    for key, gap in gaps.items():
+        assert abs(gap) <= tolerance, f"{key}: {last[key]} against {expected[key]} undisturbed"
 
 
 def test_a_node_that_cannot_see_a_local_path_stops_the_run_before_training(two_nodes, tmp_path, capsys):

@@ -44,8 +44,9 @@ def test_the_plan_holds_what_workers_and_publish_need_and_derives_each_trials(tm
         deeper,
     )
     assert trial.freeze == plan.freeze  # a trial's workers count their own; publishing the best recounts:
-    best = plan.for_best_trial(deeper, driver_model)
+    best = plan.for_best_trial(deeper, driver_model, "abc_00001")
     assert (best.freeze.depth, best.freeze.frozen_blocks) == (4, ["stem", "layer1", "layer2", "layer3"])
+    assert best.checkpoints_uri == trial.checkpoints_uri  # what publish reads the best epoch from
     assert best.freeze.trainable_params < plan.freeze.trainable_params
 
 

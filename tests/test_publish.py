@@ -55,22 +55,26 @@ def test_checkpoint_config_keeps_the_best_by_the_select_metric():
 
 
 def test_the_selected_epochs_checkpoint_is_loaded_not_the_latest(tmp_path):
-    """The latest checkpoint holds the whole history; the weights come from the selected epoch's sibling."""
-    import ray.train
+    """The newest complete checkpoint holds the whole history; the weights come from the selected epoch's."""
     import torch
 
-    from tlray.train import CHECKPOINT_FILE, load_selected_checkpoint
+    from tlray import checkpoints
+    from tlray.train import load_selected_checkpoint
 
     for epoch in range(3):
-        folder = tmp_path / "train" / f"epoch_{epoch + 1:04d}"
+        folder = tmp_path / "train" / checkpoints.folder_name(epoch)
         folder.mkdir(parents=True)
         state = {"model": {"w": torch.tensor([float(epoch)])}, "epoch": epoch, "history": HISTORY[: epoch + 1]}
-        torch.save(state, folder / CHECKPOINT_FILE)
-    latest = ray.train.Checkpoint(str(tmp_path / "train" / "epoch_0003"))
-    state, history = load_selected_checkpoint(latest, "val_accuracy")
+        checkpoints.write(state, folder)
+    (tmp_path / "train" / checkpoints.folder_name(3)).mkdir()  # an upload that never finished: no seal
+    state, history = load_selected_checkpoint(str(tmp_path / "train"), None, "val_accuracy")
     assert (state["epoch"], state["model"]["w"].item(), history) == (1, 1.0, HISTORY)
-    state, _ = load_selected_checkpoint(latest, "last")
+    state, _ = load_selected_checkpoint(str(tmp_path / "train"), None, "last")
     assert state["model"]["w"].item() == 2.0
+
+    (tmp_path / "train" / checkpoints.folder_name(1) / checkpoints.STATE_FILE).write_bytes(b"cut")
+    with pytest.raises(RuntimeError, match="epoch_0002: state.pt has 3 of"):  # the selected one is checked too
+        load_selected_checkpoint(str(tmp_path / "train"), None, "val_accuracy")
 
 
 # ---------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import torch
 from tlray import models
 from tlray.cli import main
 from tlray.data import build_index, open_rgb, train_rows
-from tlray.publish import run_uri
+from tlray.publish import run_uri, select_epoch
 from tlray.spec import load_spec
 
 from conftest import RAY_INTERNALS, Driver, spec_dict, write_image_folder, write_spec
@@ -138,6 +138,22 @@ def test_run_terminated_after_first_epoch_resumes_from_its_checkpoint_and_frozen
     # (the stopped run may already have filled the next epoch's few new rows before it stopped)
     assert all(0 <= c <= e for c, e in zip(computed[resume_at:], expected[resume_at:], strict=True)), computed
     assert sum(expected[resume_at:]) < len(index.train) / 10  # a cold cache would compute all train and val rows
+
+    # 4. A stop after the last checkpoint was sealed, before Ray recorded it (and so before publish), leaves Ray's
+    # record of the run behind its storage; here it lost every epoch. The same command has no epoch left to
+    # train, and publishes from every sealed epoch, not from Ray's record.
+    run = run_dir(spec_path)
+    (run / "train" / "checkpoint_manager_snapshot.json").unlink()  # Ray Train's record of the checkpoints
+    for published in ("metadata.json", "metrics.json", "MANIFEST.json"):
+        (run / published).unlink()
+    third = subprocess.run([*TLRAY, "train", str(spec_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert "resuming after epoch 4 of 4" in third.stdout and "after 4 epochs" in third.stdout
+    assert not re.findall(r"\[tlray\] epoch \d+/4", third.stdout)  # nothing trained twice
+    assert json.loads((run / "metrics.json").read_text())["history"] == history
+    selection = json.loads((run / "metadata.json").read_text())["selection"]
+    assert selection["epoch"] == select_epoch(history, load_spec(spec_path).train.select_metric).epoch
+    assert selection["reason"].endswith("of 4")
 
 
 def newest_sealed_epoch(checkpoints: Path) -> int:

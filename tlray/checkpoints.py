@@ -61,6 +61,16 @@ def newest_complete(checkpoints_uri: str, endpoint_url: str | None, map_location
     return None
 
 
+def read_epoch(checkpoints_uri: str, epoch: int, endpoint_url: str | None, map_location="cpu") -> dict:
+    """The state of 0-based `epoch`'s checkpoint under `checkpoints_uri`, checked against its seal."""
+    name = folder_name(epoch)
+    files = storage.list_tree(checkpoints_uri, endpoint_url)
+    state, problem = read_sealed(storage.join(checkpoints_uri, name), name, files, endpoint_url, map_location)
+    if state is None:
+        raise RuntimeError(f"checkpoint {storage.join(checkpoints_uri, name)}: {problem}")
+    return state
+
+
 def read_sealed(folder: str, name: str, files: dict[str, int], endpoint_url: str | None, map_location):
     """(state, None) when the folder's state matches its seal, else (None, what is wrong). `files`: the listing
     of the storage folder above, by path relative to it (`name` is the folder's)."""

@@ -79,8 +79,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def search_and_publish(spec, if_data_changed: bool = False):
     """Shared by `tune` and `demo`: search, publish the best trial; None when its data is unchanged."""
-    import ray.train
-
     from tlray import champion, nodes, report, storage, tune
     from tlray.plan import plan_run
     from tlray.publish import is_sealed, publish, published_run, run_uri, write_manifest
@@ -106,16 +104,14 @@ def search_and_publish(spec, if_data_changed: bool = False):
     rows = tune.result_rows(grid, spec)
     print(tune.results_table(rows, spec))
     best = tune.best_trial(rows)
-    best_plan = plan.for_best_trial(tune.best_trial_spec(spec, best), model)
+    best_plan = plan.for_best_trial(tune.best_trial_spec(spec, best), model, best["trial"])
     endpoint = spec.dataset.endpoint_url
     if is_sealed(run, endpoint):  # a finished search, run again: its published files stay as they are
         published = published_run(run, endpoint)
     else:
         tune.write_results(rows, run, spec)
         # 8. publish the best trial's selected epoch exactly as `tlray train` would
-        filesystem, _ = storage.filesystem(run, endpoint)
-        checkpoint = ray.train.Checkpoint(best["checkpoint"], filesystem=filesystem)
-        state, history = load_selected_checkpoint(checkpoint, spec.train.select_metric)
+        state, history = load_selected_checkpoint(best_plan.checkpoints_uri, endpoint, spec.train.select_metric)
         confusion = report.confusion_matrix_of(model, plan.data, state)  # 9. the report
         storage.write_json(storage.join(run, "confusion_matrix.json"), {**confusion, "trial": best["trial"]}, endpoint)
         hyperparameters = {"lr": best["lr"], "freeze_depth": best_plan.freeze.depth, "trial": best["trial"]}
@@ -235,9 +231,10 @@ def train_and_publish(spec, if_data_changed: bool = False):
     print(f"[tlray] run {run.rsplit('/', 1)[-1]}: checkpoints and model under {run}")
     plan = plan_run(spec, data_source(spec, index), run, model)  # 6. the run plan: all the workers get
     started = time.perf_counter()
-    result = fit(plan)  # 7. fine-tune on Ray Train workers, data streamed by Ray Data
+    fit(plan)  # 7. fine-tune on Ray Train workers, data streamed by Ray Data
     print(f"[tlray] trained in {time.perf_counter() - started:.1f} s", flush=True)
-    state, history = load_selected_checkpoint(result.checkpoint, spec.train.select_metric)  # the best epoch
+    # the best epoch of every sealed one
+    state, history = load_selected_checkpoint(plan.checkpoints_uri, spec.dataset.endpoint_url, spec.train.select_metric)
     published = publish(plan, model, state, history=history)  # 8. export, describe, MANIFEST last
     champion.decide(spec, run, plan.data)  # 9. the champion gate: move latest.json only for a better model
     return published

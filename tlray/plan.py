@@ -51,12 +51,17 @@ class RunPlan:
 
     def for_trial(self, spec: JobSpec, trial_id: str, runs_at_once: int) -> RunPlan:
         """A search's trial: its spec (the search's with the trial's lr and freeze depth), its own checkpoints."""
-        checkpoints = storage.join(self.run_uri, "trials", trial_id)
+        checkpoints = self.trial_checkpoints_uri(trial_id)
         return dataclasses.replace(self, spec=spec, checkpoints_uri=checkpoints, runs_at_once=runs_at_once)
 
-    def for_best_trial(self, spec: JobSpec, model: nn.Module) -> RunPlan:
-        """What publishing the best trial needs: its spec, and its freeze depth counted on the driver's model."""
-        return dataclasses.replace(self, spec=spec, freeze=freeze_summary(spec, model))
+    def for_best_trial(self, spec: JobSpec, model: nn.Module, trial_id: str) -> RunPlan:
+        """What publishing the best trial needs: its spec, its checkpoints, and its freeze depth counted on the
+        driver's model."""
+        checkpoints = self.trial_checkpoints_uri(trial_id)
+        return dataclasses.replace(self, spec=spec, freeze=freeze_summary(spec, model), checkpoints_uri=checkpoints)
+
+    def trial_checkpoints_uri(self, trial_id: str) -> str:
+        return storage.join(self.run_uri, "trials", trial_id)
 
 
 def plan_run(spec: JobSpec, source: DataSource, run_uri: str, model: nn.Module) -> RunPlan:

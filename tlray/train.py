@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tlray import checkpoints, data, models, prefix_cache, storage
+from tlray import checkpoints, data, models, prefix_cache, rng, storage
 from tlray.console import say
 from tlray.data import BAD_LABEL, MAX_BAD_FRACTION, DataError
 from tlray.errors import user_error_inside
@@ -66,6 +66,7 @@ def fine_tune(config: dict) -> None:
     model = models.build_model(spec.model.arch, weights, len(plan.classes))
     models.freeze(model, spec.model.arch, spec.freeze_depth, spec.model.batchnorm)  # logs the counts
     parts = models.split(model, spec.model.arch, spec.freeze_depth)  # the frozen blocks | the rest
+    rng.seed_worker(spec.train.seed, rank, device)  # built alike on every rank; from here each its own stream
     frozen, trained = parts.prefix, parts.rest
     optimizer = make_optimizer(models.trainable_parameters(model), spec.train)
     amp_dtype = autocast_dtype(spec.train.amp, device)
@@ -96,13 +97,11 @@ def fine_tune(config: dict) -> None:
     state = resume_state(plan.checkpoints_uri, plan.endpoint_url, rank, world_size)
     if state:
         resumes = state.get("resumes", 0) + 1  # each epoch's metrics say how many restarts came before it
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        restore(state, model, optimizer, scheduler, scaler)
         start_epoch, history, bad_examples = state["epoch"] + 1, state["history"], state["bad_image_examples"]
         if rank == 0:
             say(f"resuming after epoch {start_epoch} of {spec.train.epochs}")
+            say_how_streams_resume(state.get("rng"), world_size)
 
     # Ray 4: this worker's share of each epoch's global shuffle, decoded to uint8 by Ray Data tasks; one
     # pipeline runs on across epochs, so the next epoch's batches are ready when this one ends. With the
@@ -110,25 +109,13 @@ def fine_tune(config: dict) -> None:
     reader = cache or data  # the cache answers the pipeline's two calls with activations in place of images
     epochs = range(start_epoch, spec.train.epochs)
     epoch_started = time.perf_counter()
+    if state:  # each rank goes on with its own random streams (dropout masks), as if never stopped
+        rng.resume(state.get("rng"), spec.train.seed, start_epoch, rank, device)
     for epoch, batches in reader.train_epochs(source, spec.train.seed, epochs, rank, world_size, batch_size, device):
-        model.train()  # frozen blocks stay in eval mode (models.freeze)
-        started, seen, loss_sum, bad_rows = time.perf_counter(), 0, 0.0, []
-        for batch in batches:
-            labels = batch["label"]
-            good = int((labels != BAD_LABEL).sum())  # the step's one read-back from the device
-            if good < len(labels):
-                bad_rows += batch["row"][labels == BAD_LABEL].tolist()
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                logits = trained(features(batch["image"]))
-                # an all-bad batch still runs backward, so DDP's gradient sync stays in step
-                loss = loss_fn(logits, labels) if good else logits.sum() * 0.0
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            seen, loss_sum = seen + good, loss_sum + loss.detach() * good
-        loss_sum = float(loss_sum)
+        started = time.perf_counter()
+        loss_sum, seen, bad_rows = train_epoch(
+            model, trained, features, batches, optimizer, scheduler, scaler, loss_fn, amp_dtype
+        )
         elapsed = time.perf_counter() - started
 
         val_rows = data.val_rows(source.counts["val"], rank, world_size)
@@ -179,17 +166,9 @@ def fine_tune(config: dict) -> None:
         # Ray 5: report metrics every epoch; rank 0 adds a checkpoint that Ray copies to the run's storage.
         with tempfile.TemporaryDirectory() as checkpoint_dir:
             checkpoint = None
+            rank_rngs = rng.gather(device, world_size)  # every rank's streams, so each resumes its own
             if rank == 0:
-                state = {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "epoch": epoch,
-                    "history": history,
-                    "bad_image_examples": bad_examples,
-                    "resumes": resumes,
-                }
+                state = snapshot(model, optimizer, scheduler, scaler, epoch, history, bad_examples, resumes, rank_rngs)
                 checkpoints.write(state, checkpoint_dir)  # the state, then its seal
                 checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoints.folder_name(epoch))
@@ -201,6 +180,67 @@ def fine_tune(config: dict) -> None:
 # ---------------------------------------------------------------------------------------
 # Small pure helpers
 # ---------------------------------------------------------------------------------------
+def train_epoch(model, trained, features, batches, optimizer, scheduler, scaler, loss_fn, amp_dtype):
+    """One pass over this worker's batches: (summed loss, images trained on, rows of undecodable images).
+
+    `model` is the whole model (switched to train mode; frozen blocks stay in eval, models.freeze), `trained`
+    its trained part (DDP-wrapped on several workers), `features` uint8 images (or cached activations) -> its
+    input. Plain PyTorch: runs without Ray.
+    """
+    model.train()
+    device = next(model.parameters()).device
+    seen, loss_sum, bad_rows = 0, torch.zeros((), device=device), []
+    for batch in batches:
+        labels = batch["label"]
+        good = int((labels != BAD_LABEL).sum())  # the step's one read-back from the device
+        if good < len(labels):
+            bad_rows += batch["row"][labels == BAD_LABEL].tolist()
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = trained(features(batch["image"]))
+            # an all-bad batch still runs backward, so DDP's gradient sync stays in step
+            loss = loss_fn(logits, labels) if good else logits.sum() * 0.0
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        seen, loss_sum = seen + good, loss_sum + loss.detach().float() * good
+    return float(loss_sum), seen, bad_rows
+
+
+def snapshot(model, optimizer, scheduler, scaler, epoch, history, bad_examples, resumes, rank_rngs) -> dict:
+    """What a checkpoint holds: everything a resumed run needs to go on exactly as an undisturbed one."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "epoch": epoch,  # 0-based, the last one trained
+        "history": history,
+        "bad_image_examples": bad_examples,
+        "resumes": resumes,
+        "rng": rank_rngs,  # every rank's random streams (tlray.rng)
+    }
+
+
+def restore(state: dict, model, optimizer, scheduler, scaler) -> None:
+    """Load a `snapshot` into freshly built training objects (the random streams: tlray.rng.resume)."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+
+
+def say_how_streams_resume(saved: rng.RankStates | None, world_size: int) -> None:
+    restored = min(len(saved or ()), world_size)
+    if restored < world_size:
+        say(
+            f"random streams: {restored} of {world_size} rank(s) resume their own; the others start new ones "
+            "from train.seed, the epoch and their rank (the checkpoint was saved by a group of "
+            f"{len(saved or ())} rank(s))"
+        )
+
+
 def cpu_threads(node_cpus: float, workers_on_node: int, cpus_per_worker: float) -> int:
     """Torch threads of a CPU worker: its share of the node's CPUs, never fewer than it reserved.
 
@@ -411,20 +451,22 @@ def checkpoint_config(train: TrainSpec) -> ray.train.CheckpointConfig:
     )
 
 
-def load_selected_checkpoint(latest: ray.train.Checkpoint, select_metric: str) -> tuple[dict, list[dict]]:
-    """(state of the epoch `select_metric` picks, every epoch's metrics), from a run's latest checkpoint.
+def load_selected_checkpoint(checkpoints_uri: str, endpoint_url: str | None, select_metric: str):
+    """(state of the epoch `select_metric` picks, every epoch's metrics), from a trainer's storage folder.
 
-    The latest checkpoint holds the whole history; the selected epoch's checkpoint is its sibling
-    `epoch_NNNN` folder, which checkpoint_config kept.
+    The newest complete checkpoint holds the whole history: it, not the one Ray recorded, since a run stopped
+    between sealing its last checkpoint and Ray recording it (and then run again, with no epoch left to train)
+    has that epoch in storage only. The selected epoch's checkpoint is a sibling that checkpoint_config kept.
     """
     from tlray.publish import select_epoch
 
-    state = load_checkpoint_state(latest)
-    history = state["history"]
+    found = checkpoints.newest_complete(checkpoints_uri, endpoint_url)
+    if found is None:
+        raise RuntimeError(f"no complete checkpoint under {checkpoints_uri}: nothing to publish")
+    state, history = found.state, found.state["history"]
     selected = select_epoch(history, select_metric).epoch
     if selected != state["epoch"] + 1:
-        sibling = f"{str(latest.path).rstrip('/').rsplit('/', 1)[0]}/{checkpoints.folder_name(selected - 1)}"
-        state = load_checkpoint_state(ray.train.Checkpoint(sibling, filesystem=latest.filesystem))
+        state = checkpoints.read_epoch(checkpoints_uri, selected - 1, endpoint_url)
     return state, history
 
 
@@ -450,8 +492,3 @@ def worker_resources(spec: JobSpec) -> dict[str, float]:
 def load_checkpoint_state(checkpoint: ray.train.Checkpoint) -> dict:
     with checkpoint.as_directory() as checkpoint_dir:
         return torch.load(Path(checkpoint_dir, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
-
-
-def load_checkpoint_at(path: str, filesystem) -> dict:
-    """A training checkpoint's state from its folder in the run's storage (as Tune reports it)."""
-    return load_checkpoint_state(ray.train.Checkpoint(path, filesystem=filesystem))
