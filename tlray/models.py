@@ -344,10 +344,13 @@ class FreezeSummary:
 def _train_locked_in_eval(module: nn.Module, mode: bool = True) -> nn.Module:
     # Stands in for nn.Module.train on a module of a frozen block: whatever model.train()
     # asks, it stays in eval mode, so BatchNorm normalises with its running statistics and
-    # never updates them, and Dropout and StochasticDepth do nothing. It need not recurse:
-    # every module under a frozen block is locked too. Kept as a module-level function behind
-    # functools.partial (not a bound method) so that copy.deepcopy and pickle rebind it to the copy.
+    # never updates them, and Dropout and StochasticDepth do nothing. It passes the call on to
+    # its children, which are locked too, except BatchNorm layers with `model.batchnorm: train`.
+    # Kept as a module-level function behind functools.partial (not a bound method) so that
+    # copy.deepcopy and pickle rebind it to the copy.
     module.training = False
+    for child in module.children():
+        child.train(mode)
     return module
 
 
@@ -368,8 +371,9 @@ def freeze(model: nn.Module, arch: str, depth: int | str, batchnorm: str = "froz
     `split(model, arch, depth).prefix` runs (the frozen blocks, and at the full depth the
     pooling after them) also stays in eval mode through model.train(): BatchNorm keeps its
     running statistics, Dropout and StochasticDepth are off, so the frozen prefix is a pure
-    function of the image (its output can be cached). With batchnorm="train", those layers
-    follow model.train()/eval() as usual (BatchNorm statistics keep updating).
+    function of the image (its output can be cached). With batchnorm="train", only the BatchNorm
+    layers follow model.train()/eval() (their statistics keep updating); Dropout and StochasticDepth
+    in frozen blocks stay off.
 
     Call it on the bare model, before DDP wrapping: DDP records which parameters need
     gradients when it is built, so changing that afterwards breaks its reduction.
@@ -394,8 +398,9 @@ def freeze(model: nn.Module, arch: str, depth: int | str, batchnorm: str = "froz
         for path in paths:
             for p in _params_at(model, path):
                 p.requires_grad_(False)
-    if batchnorm == "frozen":
-        for m in split(model, arch, depth).prefix.modules():
+    for m in split(model, arch, depth).prefix.modules():
+        # "train": only BatchNorm follows model.train(); Dropout and StochasticDepth in frozen blocks stay off
+        if batchnorm == "frozen" or not isinstance(m, nn.modules.batchnorm._BatchNorm):
             _lock_eval(m)
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -161,6 +161,7 @@ def publish(
         "trainable_parameters": summary.trainable_params,
         "frozen_parameters": summary.frozen_params,
         "preprocessing": preprocessing.to_dict(),
+        "precision": state.get("precision"),  # train.amp as the workers resolved it on their device
         "metrics": selected,
         "selection": selection.to_dict(len(history)),
         "epochs_run": len(history),

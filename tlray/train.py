@@ -10,6 +10,7 @@ import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray.train
@@ -69,7 +70,10 @@ def fine_tune(config: dict) -> None:
     rng.seed_worker(spec.train.seed, rank, device)  # built alike on every rank; from here each its own stream
     frozen, trained = parts.prefix, parts.rest
     optimizer = make_optimizer(models.trainable_parameters(model), spec.train)
-    amp_dtype = autocast_dtype(spec.train.amp, device)
+    precision = mixed_precision(spec.train.amp, device)
+    amp_dtype = precision.dtype
+    if rank == 0:
+        say(f"mixed precision: {precision.description}")
 
     # Ray 2: move to the device and wrap the trained part in DistributedDataParallel (when world_size > 1):
     # gradients exist, and are all-reduced, for the trained blocks only.
@@ -169,6 +173,7 @@ def fine_tune(config: dict) -> None:
             rank_rngs = rng.gather(device, world_size)  # every rank's streams, so each resumes its own
             if rank == 0:
                 state = snapshot(model, optimizer, scheduler, scaler, epoch, history, bad_examples, resumes, rank_rngs)
+                state["precision"] = precision.description  # metadata.json records it
                 checkpoints.write(state, checkpoint_dir)  # the state, then its seal
                 checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoints.folder_name(epoch))
@@ -205,7 +210,27 @@ def train_epoch(model, trained, features, batches, optimizer, scheduler, scaler,
         scaler.update()
         scheduler.step()
         seen, loss_sum = seen + good, loss_sum + loss.detach().float() * good
+    average_buffers(model)
     return float(loss_sum), seen, bad_rows
+
+
+def average_buffers(model: nn.Module) -> None:
+    """Every rank's floating-point buffers (BatchNorm's running statistics) set to their mean over the group.
+
+    DDP syncs the trained part's buffers only from rank 0 at each forward, and the frozen blocks are not in DDP: with
+    `model.batchnorm: train` their statistics drift apart per rank. Averaged after each epoch, every rank validates
+    and checkpoints the same model (a collective: every rank calls it once per epoch).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    if not buffers:
+        return
+    flat = torch.cat([b.detach().reshape(-1).double() for b in buffers])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for buffer, mean in zip(buffers, flat.split([b.numel() for b in buffers]), strict=True):
+        buffer.copy_(mean.view_as(buffer))
 
 
 def snapshot(model, optimizer, scheduler, scaler, epoch, history, bad_examples, resumes, rank_rngs) -> dict:
@@ -258,22 +283,24 @@ def node_cpus() -> float:
 
 def resume_state(checkpoints_uri: str, endpoint_url: str | None, rank: int, world_size: int) -> dict | None:
     """The newest complete checkpoint's state, else the one Ray recorded (older checkpoints have no seal); None
-    for a new run. Rank 0 reads it and hands it to the others: one download per restart, not one per worker."""
-    state = None
+    for a new run. Rank 0 picks the checkpoint and hands the others its epoch; each rank reads it into CPU memory.
+    A broadcast of the state itself would stage model and optimizer state on every GPU (NCCL's object collectives
+    pickle through device memory): with AdamW three times the parameters, on top of the model."""
+    state, chosen = None, None
     if rank == 0:
         found = checkpoints.newest_complete(checkpoints_uri, endpoint_url)
-        if found is None:
-            recorded = ray.train.get_checkpoint()
-            state = load_checkpoint_state(recorded) if recorded else None
-        else:
-            state = found.state
+        if found is not None:
+            state, chosen = found.state, found.state["epoch"]
             if found.skipped:
                 say(f"checkpoints not resumed from, being incomplete: {', '.join(found.skipped)}")
     if world_size > 1:
-        holder = [state]
-        dist.broadcast_object_list(holder, src=0)
-        state = holder[0]
-    return state
+        holder = [chosen]
+        dist.broadcast_object_list(holder, src=0)  # an int
+        chosen = holder[0]
+    if chosen is None:
+        recorded = ray.train.get_checkpoint()  # every rank has it
+        return load_checkpoint_state(recorded) if recorded else None
+    return state if rank == 0 else checkpoints.read_epoch(checkpoints_uri, chosen, endpoint_url)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -305,13 +332,30 @@ def make_lr_schedule(optimizer: torch.optim.Optimizer, train: TrainSpec, steps_p
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """None = full precision. `auto` is bf16 on GPUs that have it, fp16 on older ones, off on CPU."""
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return None
-    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return torch.float16
+@dataclass(frozen=True)
+class Precision:
+    dtype: torch.dtype | None  # autocast's dtype; None: full precision
+    description: str  # what a person reads in the log and in metadata.json
+
+
+def mixed_precision(amp: str, device: torch.device) -> Precision:
+    """`train.amp` on this device. `auto`: bf16 where the GPU computes it natively (compute capability 8.0 and up),
+    fp16 with a GradScaler below that, off on CPU. torch.cuda.is_bf16_supported() would also count the emulated
+    bf16 of a T4 or V100, several times slower than their fp16."""
+    if amp == "off":
+        return Precision(None, "off (train.amp: off)")
+    if amp in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+        return Precision(dtype, f"{amp} (train.amp: {amp})")
+    if device.type != "cuda":
+        return Precision(None, "off (train.amp: auto, on CPU)")
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) >= (8, 0):
+        return Precision(torch.bfloat16, f"bf16 (train.amp: auto, native on compute capability {major}.{minor})")
+    return Precision(
+        torch.float16,
+        f"fp16 with loss scaling (train.amp: auto, compute capability {major}.{minor} < 8.0 has no native bf16)",
+    )
 
 
 def count_nodes(world_size: int) -> int:
