@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from PIL import Image
 from tlray.data import DataError, DatasetIndex, build_index, in_val_split, open_rgb
 from tlray.spec import DatasetSpec
 
-from conftest import write_image_folder
+from conftest import spec_dict, write_image_folder
 
 
 def index_of(root: Path, **options) -> DatasetIndex:
@@ -67,6 +68,23 @@ def test_hidden_and_system_files_are_ignored(image_folder):
 
 def test_same_data_same_fingerprint(image_folder):
     assert index_of(image_folder).fingerprint == index_of(image_folder).fingerprint
+
+
+def test_a_same_size_rewrite_is_new_data(tmp_path):
+    from tlray.spec import JobSpec
+
+    root = write_image_folder(tmp_path / "data", classes=2, per_class=6)
+    image = root / "class_0" / "000.bmp"  # uncompressed: any content of the same size is the same length
+    Image.new("RGB", (16, 16), (10, 20, 30)).save(image)
+    before = index_of(root)
+    time.sleep(0.05)  # a later write, as a relabelled or re-exported image comes later
+    Image.new("RGB", (16, 16), (200, 0, 0)).save(image)
+    after = index_of(root)
+    assert image.stat().st_size == 16 * 16 * 3 + 54  # the same size before and after
+    assert after.fingerprint != before.fingerprint
+    spec = JobSpec.model_validate(spec_dict(str(root), str(tmp_path / "out")))
+    # a new run (not a resume of the old one), and --if-data-changed retrains
+    assert spec.run_id_for("train", after.fingerprint) != spec.run_id_for("train", before.fingerprint)
 
 
 @pytest.mark.parametrize(

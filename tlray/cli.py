@@ -244,7 +244,8 @@ def data_source(spec, index):
     """The index's keys into Ray's object store: what workers and trials read the data through."""
     from tlray import data, models
 
-    return data.data_source(index, spec.dataset, models.preprocessing(spec.model.arch, spec.dataset.image_size))
+    preprocessing = models.preprocessing(spec.model.arch, spec.dataset.image_size)
+    return data.data_source(index, spec.dataset, preprocessing, seed=spec.train.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:

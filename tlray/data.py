@@ -119,8 +119,10 @@ def list_files(uri: str, endpoint_url: str | None) -> list[StoredObject]:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
         for name in sorted(filenames):
-            path = Path(dirpath, name)
-            out.append(StoredObject(path.relative_to(root).as_posix(), str(path.stat().st_size)))
+            path, stat = Path(dirpath, name), Path(dirpath, name).stat()
+            # size and modification time, as make and rsync judge a file: a same-size rewrite (a BMP, a re-encoded
+            # JPEG) is new data, which a fingerprint of sizes alone would miss (S3 has ETags for this)
+            out.append(StoredObject(path.relative_to(root).as_posix(), f"{stat.st_size}:{stat.st_mtime_ns}"))
     return out
 
 
@@ -275,6 +277,7 @@ class DataSource:
     on_bad_image: str
     read_concurrency: int
     read_retry_seconds: float
+    seed: int = 0  # train.seed: with the epoch and the row, the seed of an image's random augmentation
 
     def key(self, split: str, row: int) -> str:
         return key_tables(self.tables)[split].key(row)
@@ -283,7 +286,7 @@ class DataSource:
         return storage.join(self.root, self.key(split, row))
 
 
-def data_source(index: DatasetIndex, dataset: DatasetSpec, preprocessing: Preprocessing) -> DataSource:
+def data_source(index: DatasetIndex, dataset: DatasetSpec, preprocessing: Preprocessing, seed: int = 0) -> DataSource:
     """Put the index's keys into Ray's object store (needs a connected Ray) and describe how to read them."""
     import ray
 
@@ -300,6 +303,7 @@ def data_source(index: DatasetIndex, dataset: DatasetSpec, preprocessing: Prepro
         on_bad_image=dataset.on_bad_image,
         read_concurrency=dataset.read_concurrency,
         read_retry_seconds=dataset.read_retry_seconds,
+        seed=seed,
     )
 
 
@@ -347,7 +351,8 @@ def train_epochs(source: DataSource, seed: int, epochs: range, rank: int, world_
     for first in range(0, len(epochs), chunk):
         group = epochs[first : first + chunk]
         rows = [train_rows(source.counts["train"], seed, epoch, rank, world_size)[:per_epoch] for epoch in group]
-        stream = iter(iter_batches(source, "train", np.concatenate(rows), batch_size, device))
+        epoch_of_row = np.repeat(group, [len(r) for r in rows])  # seeds the rows' random augmentation
+        stream = iter(iter_batches(source, "train", np.concatenate(rows), batch_size, device, epoch_of_row))
         for epoch in group:
             yield epoch, itertools.islice(stream, steps)
 
@@ -360,31 +365,40 @@ def val_rows(rows: int, rank: int, world_size: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------
 # The Ray Data pipeline: row numbers in, uint8 images out
 # ---------------------------------------------------------------------------------------
-def image_dataset(source: DataSource, split: str, rows: np.ndarray, batch_size: int, cluster_cpus: float):
+def image_dataset(source: DataSource, split: str, rows: np.ndarray, batch_size: int, cluster_cpus: float, epochs=None):
     """A lazy Ray Dataset of {"image": uint8 N x 3 x H x W, "label": int64, "row": int64}, in `rows`' order.
 
     Blocks hold a whole number of batches, so no batch straddles two blocks, and there are
     at least 4 blocks per CPU of the cluster (when the rows allow), so every CPU has work.
     "row" is the image's row in the split, so the consumer can name an undecodable file.
+    `epochs`: each row's epoch (default 0), which with the row seeds its random augmentation.
     """
     import ray.data
 
     batches_per_block = max(1, len(rows) // (batch_size * 4 * max(1, int(cluster_cpus))))
     block_rows = batch_size * batches_per_block
-    blocks = [rows[i : i + block_rows].astype(np.int64) for i in range(0, len(rows), block_rows)] or [rows[:0]]
+    epochs = np.zeros(len(rows), np.int64) if epochs is None else np.asarray(epochs, np.int64)
+    pairs = np.stack([np.asarray(rows, np.int64), epochs], axis=1)  # (row, epoch)
+    blocks = [pairs[i : i + block_rows] for i in range(0, len(pairs), block_rows)] or [pairs[:0]]
     decode = DecodeBatch(source, split)
     return ray.data.from_numpy(blocks).map_batches(decode, batch_size=batch_size)
 
 
-def iter_batches(source: DataSource, split: str, rows: np.ndarray, batch_size: int, device):
-    """Batches of `image_dataset` as tensors on `device`, images still uint8 (normalise on the device)."""
+def iter_batches(source: DataSource, split: str, rows: np.ndarray, batch_size: int, device, epochs=None):
+    """Batches of `image_dataset` as tensors on `device`, images still uint8 (normalise on the device).
+
+    To a GPU they go from pinned memory, without blocking the host (Ray Data's copy is non_blocking).
+    """
     import ray
     import torch
 
     configure_ray_data()
-    dataset = image_dataset(source, split, rows, batch_size, ray.cluster_resources().get("CPU", 1))
+    cpus = ray.cluster_resources().get("CPU", 1)
+    dataset = image_dataset(source, split, rows, batch_size, cpus, epochs)
     dtypes = {"image": torch.uint8, "label": torch.int64, "row": torch.int64}
-    return dataset.iter_torch_batches(batch_size=batch_size, dtypes=dtypes, device=device, prefetch_batches=2)
+    return dataset.iter_torch_batches(
+        batch_size=batch_size, dtypes=dtypes, device=device, prefetch_batches=2, pin_memory=device.type == "cuda"
+    )
 
 
 def configure_ray_data() -> None:
@@ -405,10 +419,12 @@ class DecodeBatch:
 
     def __init__(self, source: DataSource, split: str):
         self.source, self.split = source, split
-        self.transform = source.preprocessing.uint8_transform(source.augment and split == "train")
+        self.augment = source.augment and split == "train"
+        self.transform = source.preprocessing.uint8_transform(self.augment)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        source, rows = self.source, batch["data"].astype(np.int64)
+        source, pairs = self.source, batch["data"].astype(np.int64)
+        rows, epochs = pairs[:, 0], pairs[:, 1]
         table = key_tables(source.tables)[self.split]
         keys = [table.key(r) for r in rows]
         crop = source.preprocessing.crop_size
@@ -421,7 +437,7 @@ class DecodeBatch:
         )
         for i, blob in reads:
             try:
-                images[i] = self.transform(open_rgb(blob)).numpy()
+                images[i] = self.decode(blob, int(epochs[i]), int(rows[i]))
             except (OSError, ValueError, Image.DecompressionBombError) as exc:
                 if source.on_bad_image == "fail":
                     raise DataError(
@@ -430,6 +446,18 @@ class DecodeBatch:
                     ) from None
                 labels[i] = BAD_LABEL
         return {"image": images, "label": labels, "row": rows}
+
+    def decode(self, blob: bytes, epoch: int, row: int) -> np.ndarray:
+        """One image as uint8 C x H x W. A random augmentation draws from a stream of (train.seed, epoch, row)
+        alone: the same in every run, whichever task or batch the image lands in."""
+        if not self.augment:
+            return self.transform(open_rgb(blob)).numpy()
+        import torch
+
+        seed = int(np.random.SeedSequence([self.source.seed, epoch, row]).generate_state(1, np.uint64)[0] >> 1)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(open_rgb(blob)).numpy()
 
 
 def open_rgb(source: bytes | str) -> Image.Image:
