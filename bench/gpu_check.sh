@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The transfer benchmark (bench/transfer.py) on one CUDA GPU: ResNet-50 at 224 px, bf16 autocast,
 # channels_last; full fine-tune, two partial depths and the feature extractor, with and without the
-# frozen-prefix cache, tlray against a plain loop. At most 5 minutes on one GPU.
+# frozen-prefix cache, tlray against a plain loop. At most 5 minutes on one GPU. Each tlray row records what
+# train.amp resolved to on the card (`precision`: bf16 only where native, compute capability >= 8.0), images/s,
+# whether the group used the frozen-prefix cache (`cache`) and the workers' peak GPU memory (`gpu_peak_mib`, per
+# epoch; the first epoch after a resume includes the checkpoint's load).
 #
 #   bench/gpu_check.sh                 # on a machine with a GPU: section "gpu" of bench/results.json
 #   bench/gpu_check.sh --dry-run       # on CPU at toy sizes: full fine-tune and feature extractor (the suite runs it)

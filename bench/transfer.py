@@ -152,8 +152,12 @@ def tlray_run(images: Path, weights: Path, args, depth: int, cache: str, out: Pa
     source = data_source(index, spec.dataset, models.preprocessing(args.arch, args.image_size))
     model = models.build_model(args.arch, None, len(source.classes))
     result = make_trainer(plan_run(spec, source, str(out / f"d{depth}-{cache}"), model)).fit()
-    history = load_checkpoint_state(result.checkpoint)["history"]
+    state = load_checkpoint_state(result.checkpoint)
+    history = state["history"]
     return {
+        "precision": state["precision"],  # what train.amp resolved to on the worker's device
+        "cache": "feature_pass_images" in history[-1],  # the group's decision (the cache's fill stats are reported)
+        "gpu_peak_mib": max((h.get("gpu_peak_mib", 0.0) for h in history), default=0.0),
         "epoch_s": [h["train_images"] / h["images_per_second"] for h in history],
         "feature_pass_s": sum(h.get("feature_pass_seconds", 0.0) for h in history),
         "images_per_second": [h["images_per_second"] for h in history],

@@ -48,6 +48,8 @@ def test_gpu_check_dry_run_measures_every_mode_on_cpu(tmp_path):
         assert len(row["tlray"]["epoch_s"]) == len(row["plain"]["epoch_s"]) == 2
         assert all(t > 0 for t in row["tlray"]["epoch_s"] + row["plain"]["epoch_s"])
         assert (row["tlray"]["feature_pass_s"] > 0) == (row["plain"]["feature_pass_s"] > 0) == row["cached"]
+        assert row["tlray"]["precision"] == "bf16 (train.amp: bf16)" and row["tlray"]["cache"] == row["cached"]
+        assert row["tlray"]["gpu_peak_mib"] == 0.0  # CPU: the GPU rows of a real check record their peak
     assert rows[0]["tlray"]["speedup"] == 1.0
     assert rows[0]["phi"] == 0 < rows[1]["phi"] == rows[2]["phi"] <= 1
     table = bench_run.table({"transfer": section})

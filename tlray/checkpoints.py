@@ -40,6 +40,11 @@ def write(state: dict, folder: str | Path) -> None:
     Path(folder, SEAL_FILE).write_text(json.dumps(seal))
 
 
+def epoch_folders(files: dict[str, int]) -> dict[str, int]:
+    """The checkpoint folders in a listing of a trainer's storage folder (paths relative to it): name -> epoch."""
+    return {top: int(m[1]) for rel in files if (m := EPOCH_FOLDER.match(top := rel.split("/", 1)[0]))}
+
+
 @dataclass(frozen=True)
 class Found:
     state: dict
@@ -50,7 +55,7 @@ class Found:
 def newest_complete(checkpoints_uri: str, endpoint_url: str | None, map_location="cpu") -> Found | None:
     """The newest checkpoint under `checkpoints_uri` (a trainer's storage folder) whose state matches its seal."""
     files = storage.list_tree(checkpoints_uri, endpoint_url)
-    folders = sorted({top for rel in files if EPOCH_FOLDER.match(top := rel.split("/", 1)[0])}, reverse=True)
+    folders = sorted(epoch_folders(files), reverse=True)
     skipped = []
     for name in folders:
         folder = storage.join(checkpoints_uri, name)

@@ -48,6 +48,7 @@ def train_loop_per_worker(config: dict) -> None:
 def fine_tune(config: dict) -> None:
     """One worker's share of the fine-tune: plain PyTorch, plus the steps marked "Ray n"."""
     plan: RunPlan = config["plan"]  # everything the driver resolved (tlray.plan): the worker's only input
+    epoch_sink = config.get("epoch_sink")  # a search's trial reads each epoch's metrics from it (tlray.tune)
     spec, source = plan.spec, plan.data  # the data: classes, counts and a reference to the keys; never the index
     torch.manual_seed(spec.train.seed)  # same init on every rank; DDP also broadcasts rank 0's weights
 
@@ -162,6 +163,9 @@ def fine_tune(config: dict) -> None:
             "nodes": nodes,  # the worker group's, which a restart after losing a node may shrink
             **{k: v for k, v in val.items() if k != "rows"},
         }
+        if device.type == "cuda":  # this epoch's peak, the first after a resume with the checkpoint's load in it
+            metrics["gpu_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+            torch.cuda.reset_peak_memory_stats(device)
         if cache:  # activations computed this epoch (not found in the cache), and the seconds that took
             images, seconds = all_reduce_sum(list(cache.take_fill_stats()), device)
             metrics |= {"feature_pass_images": int(images), "feature_pass_seconds": seconds / world_size}
@@ -177,6 +181,8 @@ def fine_tune(config: dict) -> None:
                 checkpoints.write(state, checkpoint_dir)  # the state, then its seal
                 checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoints.folder_name(epoch))
+        if rank == 0 and epoch_sink is not None:  # a search's trial: the epoch, its checkpoint sealed, goes to Tune
+            epoch_sink.put(metrics)
         if rank == 0:  # once its checkpoint is stored: a run stopped after this line resumes after this epoch
             say(trial_prefix(context.get_experiment_name()) + format_metrics(metrics, spec.train.epochs))
         epoch_started = time.perf_counter()
@@ -440,7 +446,7 @@ def fit(plan: RunPlan) -> ray.train.Result:
     return make_trainer(plan).fit()
 
 
-def make_trainer(plan: RunPlan, callbacks=()):
+def make_trainer(plan: RunPlan, epoch_sink=None):
     """A TorchTrainer for one run of the loop; its checkpoints go to `plan.checkpoints_uri`, named after its last
     part, so that running the same plan again resumes.
 
@@ -448,6 +454,8 @@ def make_trainer(plan: RunPlan, callbacks=()):
     start more torch threads than there are cores: oversubscribed, they run several times slower.
     Each worker builds its own Ray Data pipeline per epoch from `plan.data` (data.iter_batches):
     that is what lets every epoch read a new global permutation of the keys.
+    `epoch_sink`: a queue (ray.util.queue.Queue) that rank 0 puts each epoch's metrics in, once its checkpoint is
+    stored: how a search's trial hands its epochs to Tune.
     """
     from ray.train.torch import TorchTrainer
 
@@ -459,7 +467,7 @@ def make_trainer(plan: RunPlan, callbacks=()):
     filesystem, storage_path = storage.filesystem(storage_uri, plan.endpoint_url)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"plan": plan},
+        train_loop_config={"plan": plan, "epoch_sink": epoch_sink},
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.scaling.num_workers,
             use_gpu=spec.scaling.use_gpu,
@@ -473,7 +481,6 @@ def make_trainer(plan: RunPlan, callbacks=()):
             storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=spec.scaling.max_failures),
             checkpoint_config=checkpoint_config(spec.train),
-            callbacks=list(callbacks),
         ),
     )
 

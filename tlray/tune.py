@@ -1,7 +1,7 @@
 """The search: Ray Tune over learning rate x freeze depth, one TorchTrainer per trial.
 
 Ray 2.60 pattern: a Tune *function* trainable builds and fits a TorchTrainer
-(`Tuner(trainer)` is gone) and hands Tune the trainer's epochs (EpochReports). The
+(`Tuner(trainer)` is gone) and hands Tune the trainer's epochs (run_trial). The
 trial's driver function only waits on its trainer, so it reserves memory, not a CPU:
 holding a CPU per trial is what starves the trainers' workers on a small cluster.
 """
@@ -24,7 +24,8 @@ from ray.tune.experiment import Trial
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from tlray import storage
+from tlray import checkpoints, storage
+from tlray.compat import ray as compat_ray
 from tlray.data import DatasetIndex
 from tlray.errors import UserError, user_error_inside
 from tlray.plan import RunPlan
@@ -135,12 +136,19 @@ def run_trial(config: dict, plan: RunPlan, trials_at_once: int) -> None:
 
     Tune pauses a trial (hyperband) or stops it by ending this actor, and a paused trial resumes by calling this
     function again: the trainer's run is named after the trial, so it resumes from its latest checkpoint, as a
-    resumed search does. The trainer fits in a second thread while this one hands its epochs to Tune.
+    resumed search does. The trainer fits in a second thread; its rank 0 puts each epoch's metrics in a queue once
+    the epoch's checkpoint is stored, and this thread hands them to Tune, in order.
+
+    The workers never wait for Tune: while Tune decides on an epoch (and pauses the trial), they may train the
+    next ones. Before each report, the trial records the epoch it hands to Tune (`tune_reported.json`); a resumed
+    trial first drops the checkpoints of epochs Tune never saw, so that it resumes from the last one Tune did, and
+    Tune gets every epoch once, in order.
     """
     trial_id = ray.tune.get_context().get_trial_id()
     trial = plan.for_trial(trial_spec(plan.spec, config), trial_id, trials_at_once)
-    epochs = EpochReports(trial.spec.train.epochs)
-    trainer = make_trainer(trial, [epochs])
+    drop_epochs_tune_never_saw(trial.checkpoints_uri, trial.endpoint_url)
+    reports = ray.util.queue.Queue(actor_options={"num_cpus": 0})  # unbounded: a worker's put never waits
+    trainer = make_trainer(trial, epoch_sink=reports)
     failure: list[BaseException] = []
 
     def fit() -> None:
@@ -149,41 +157,41 @@ def run_trial(config: dict, plan: RunPlan, trials_at_once: int) -> None:
         except BaseException as error:  # raised below, in Tune's thread
             failure.append(error)
         finally:
-            epochs.reports.put(None)
+            reports.put(None)  # after every worker's put: the workers have ended
 
     threading.Thread(target=fit, name=f"fit-{trial_id}", daemon=True).start()
-    while (metrics := epochs.reports.get()) is not None:
-        ray.tune.report(metrics)  # returns when Tune runs the trial on; a paused or stopped trial ends here
-        epochs.go_on.put(True)
+    while (metrics := reports.get()) is not None:
+        epoch = metrics["epoch"]
+        storage.write_json(storage.join(trial.checkpoints_uri, REPORTED_FILE), {"epoch": epoch}, trial.endpoint_url)
+        checkpoint = storage.join(trial.checkpoints_uri, checkpoints.folder_name(epoch - 1))
+        # training_iteration is the epoch itself: Tune counts a resumed trial's reports from 1 again
+        ray.tune.report({**metrics, "training_iteration": epoch, CHECKPOINT_PATH_KEY: checkpoint})
     if failure:
         raise failure[0]
 
 
-class EpochReports(ray.train.UserCallback):
-    """Hands each epoch's metrics from the trainer to its trial, then holds the trainer until Tune runs the trial on.
+REPORTED_FILE = "tune_reported.json"  # beside a trial's checkpoints: the last epoch handed to Tune
 
-    Ray's TuneReportCallback lets the trainer run on while Tune decides, so a trial that hyperband pauses could
-    resume from an epoch Tune never saw. Held here, after the trainer has recorded the epoch's checkpoint and before
-    it takes in the next, the trainer's latest checkpoint is the last epoch Tune saw: a resumed trial reports the
-    next one. `training_iteration` is the epoch itself, since Tune counts a resumed trial's reports from 1 again.
-    The last epoch is not held, so that the trainer finishes (and frees its workers) as it did before.
-    """
 
-    def __init__(self, epochs: int) -> None:
-        self.epochs = epochs
-        self.reports = ray.util.queue.Queue(1, actor_options={"num_cpus": 0})
-        self.go_on = ray.util.queue.Queue(1, actor_options={"num_cpus": 0})
-
-    def after_report(self, run_context, metrics: list[dict], checkpoint: ray.train.Checkpoint | None) -> None:
-        result = {**metrics[0], "training_iteration": metrics[0]["epoch"]}  # rank 0's, like TuneReportCallback
-        if checkpoint:
-            result[CHECKPOINT_PATH_KEY] = checkpoint.path
-        try:
-            self.reports.put(result)
-            if result["epoch"] < self.epochs:
-                self.go_on.get()
-        except ray.exceptions.RayActorError:
-            pass  # Tune ended the trial (early stop or pause), and its queues with it: this trainer ends too
+def drop_epochs_tune_never_saw(checkpoints_uri: str, endpoint_url: str | None) -> None:
+    """Delete a resumed trial's checkpoints newer than the last epoch it handed to Tune, and Ray Train's record of
+    its checkpoints (Ray would otherwise prune a re-trained epoch's folder as the stale one of the same name)."""
+    reported_uri = storage.join(checkpoints_uri, REPORTED_FILE)
+    if not storage.exists(reported_uri, endpoint_url):
+        return
+    reported = storage.read_json(reported_uri, endpoint_url)["epoch"]
+    files = storage.list_tree(checkpoints_uri, endpoint_url)
+    ahead = sorted(name for name, epoch in checkpoints.epoch_folders(files).items() if epoch > reported)
+    if not ahead:
+        return
+    say(
+        f"trial {checkpoints_uri.rsplit('/', 1)[-1]}: dropping {', '.join(ahead)}, "
+        "trained past the last epoch the search saw"
+    )
+    for rel in files:
+        if rel.split("/", 1)[0] in ahead:
+            storage.delete_file(storage.join(checkpoints_uri, rel), endpoint_url)
+    storage.delete_file(storage.join(checkpoints_uri, compat_ray.CHECKPOINT_MANAGER_SNAPSHOT), endpoint_url)
 
 
 # ---------------------------------------------------------------------------------------
@@ -241,7 +249,7 @@ def make_scheduler(spec: JobSpec, concurrency: int):
     """The early-stopping scheduler; the Tuner's TuneConfig gives it the metric and mode."""
     if spec.tune.scheduler == "asha":
         return ray.tune.schedulers.ASHAScheduler(
-            time_attr="training_iteration",  # one report per epoch, numbered by the epoch (EpochReports)
+            time_attr="training_iteration",  # one report per epoch, numbered by the epoch (run_trial)
             max_t=spec.train.epochs,
             grace_period=spec.tune.grace_period,
             reduction_factor=spec.tune.reduction_factor,

@@ -1,0 +1,1 @@
+"""Uses of other projects' private APIs, one module per project, each with the version it was checked against."""
