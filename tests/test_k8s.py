@@ -689,4 +689,7 @@ def test_readme_admission_policy_is_valid_and_pins_image_and_account():
     expressions = " ".join(v["expression"] for v in policy["spec"]["validations"])
     assert "serviceAccountName" in expressions and "image" in expressions
     assert binding["spec"]["policyName"] == policy["metadata"]["name"]
-    assert binding["spec"]["matchResources"]["objectSelector"]["matchExpressions"][0]["key"] == k8s.TEMPLATE_LABEL
+    # it holds whatever the launcher's ServiceAccount creates, label or not
+    (condition,) = policy["spec"]["matchConditions"]
+    assert "system:serviceaccount:tlray:pets-launcher" in condition["expression"]
+    assert "launcher" in k8s.launcher_rbac("pets")[0]["metadata"]["name"]
