@@ -208,7 +208,9 @@ def test_overlay_renders_and_validates(overlay, mode, tmp_path):
         (job,) = rayjobs
         spec = job["spec"]
         assert spec["submissionMode"] == "K8sJobMode" and spec["shutdownAfterJobFinishes"] is True
-        assert spec["ttlSecondsAfterFinished"] == k8s.CLUSTER_TTL_SECONDS and spec["backoffLimit"] >= 0
+        assert spec["ttlSecondsAfterFinished"] == k8s.CLUSTER_TTL_SECONDS
+        # every attempt (KubeRay retries a missed preRunningDeadlineSeconds) adds its deadline: 30 minutes in all
+        assert (spec["backoffLimit"] + 1) * spec["preRunningDeadlineSeconds"] == 1800
         assert 0 < spec["preRunningDeadlineSeconds"] < spec["activeDeadlineSeconds"]
         assert spec["rayClusterSpec"]["authOptions"] == {"mode": "token"}
         assert spec["entrypoint"].startswith("tlray tune job.yaml")
