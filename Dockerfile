@@ -7,9 +7,12 @@
 # built on NVIDIA's CUDA devel images, a second CUDA that torch never loads, pulled onto every node. They
 # also set NVIDIA_VISIBLE_DEVICES=all, which can hand every GPU of a node to pods that asked for none.
 #
-# The base is pinned by digest, the tag says what it is. To set or refresh the pin (needs a registry):
-#   docker buildx imagetools inspect rayproject/ray:2.60.0-py311-cpu --format '{{json .Manifest.Digest}}'
-#   (or `crane digest rayproject/ray:2.60.0-py311-cpu`) and put the sha256:... in RAY_DIGEST below.
+# The base is named by tag; RAY_DIGEST, when set, pins it by digest as well (FROM ...-cpu@sha256:...).
+# It ships empty: no registry is reachable where this file is tested. To pin it (needs a registry):
+#   sed -i "s|^ARG RAY_DIGEST=.*|ARG RAY_DIGEST=$(crane digest rayproject/ray:2.60.0-py311-cpu)|" Dockerfile
+# or per build: docker build --build-arg RAY_DIGEST=sha256:... .
+# CPU architecture: linux/amd64 only. The rayproject/ray tag above is x86_64 (Ray publishes aarch64
+# images under separate -aarch64 tags), and the torch index below is for x86_64.
 # tests/test_dockerfile.py checks its form, and that these versions agree with pyproject.toml.
 ARG RAY_VERSION=2.60.0
 ARG PYTHON_TAG=py311

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import shutil
 import subprocess
 from functools import cache
@@ -39,6 +40,8 @@ CLUSTER_COMPONENTS = {
     "irsa": ("--irsa-role-arn", "arn:aws:iam::111122223333:role/tlray-s3-access"),
     "priority-class": ("--priority-class", "tlray-training"),
     "kueue": ("--queue", "tlray"),
+    "egress-port": ("--egress-port", "9000"),
+    "gpu-node-selector": ("--node-selector", "karpenter.k8s.aws/instance-gpu-name=l4"),
 }
 SECRET_NAME_HINTS = ("SECRET", "PASSWORD", "TOKEN", "ACCESS_KEY", "CREDENTIAL")
 
@@ -72,8 +75,14 @@ def kustomize(overlay: str, mode: str | None, workdir: Path, *components: str) -
 
 
 def rendered(capsys, spec: Path, *args: str) -> list[dict]:
+    return rendered_and_said(capsys, spec, *args)[0]
+
+
+def rendered_and_said(capsys, spec: Path, *args: str) -> tuple[list[dict], str]:
+    """The objects `tlray render` prints, and what it says on stderr."""
     assert main(["render", str(spec), "--image", "registry.example.com/tlray:1.0", *args]) == 0
-    return [o for o in yaml.safe_load_all(capsys.readouterr().out) if o]
+    out, err = capsys.readouterr()
+    return [o for o in yaml.safe_load_all(out) if o], err
 
 
 @cache
@@ -199,7 +208,9 @@ def test_overlay_renders_and_validates(overlay, mode, tmp_path):
         (job,) = rayjobs
         spec = job["spec"]
         assert spec["submissionMode"] == "K8sJobMode" and spec["shutdownAfterJobFinishes"] is True
-        assert spec["ttlSecondsAfterFinished"] == k8s.CLUSTER_TTL_SECONDS and spec["backoffLimit"] >= 0
+        assert spec["ttlSecondsAfterFinished"] == k8s.CLUSTER_TTL_SECONDS
+        # every attempt (KubeRay retries a missed preRunningDeadlineSeconds) adds its deadline: 30 minutes in all
+        assert (spec["backoffLimit"] + 1) * spec["preRunningDeadlineSeconds"] == 1800
         assert 0 < spec["preRunningDeadlineSeconds"] < spec["activeDeadlineSeconds"]
         assert spec["rayClusterSpec"]["authOptions"] == {"mode": "token"}
         assert spec["entrypoint"].startswith("tlray tune job.yaml")
@@ -215,17 +226,26 @@ def test_overlay_renders_and_validates(overlay, mode, tmp_path):
         assert cron["spec"]["concurrencyPolicy"] == "Forbid" and cron["spec"]["startingDeadlineSeconds"] > 0
         assert cron["spec"]["successfulJobsHistoryLimit"] and cron["spec"]["failedJobsHistoryLimit"]
         pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
-        assert pod["containers"][0]["command"] == ["tlray", "launch", "pets-template"]
+        # the data check runs in this pod, on the spec the runs mount, before any Ray cluster exists
+        assert pod["containers"][0]["command"] == [
+            *("tlray", "launch", "pets-template", "--if-data-changed", "--spec", "/etc/tlray/job.yaml")
+        ]
+        assert {"name": "job-spec", "configMap": {"name": "pets-spec"}} in pod["volumes"]
+        assert pod["containers"][0]["envFrom"] == [{"secretRef": {"name": k8s.S3_SECRET, "optional": True}}]
         (role,) = by_kind(objects, "Role")
-        assert role["rules"] == [
+        assert role["rules"] == [  # exactly the calls tlray.launch makes
             {
                 "apiGroups": ["ray.io"],
                 "resources": ["raycronjobs"],
                 "resourceNames": ["pets-template"],
                 "verbs": ["get"],
             },
-            {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["get", "list", "create", "delete"]},
+            {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["list", "create", "delete"]},
         ]
+        launcher_policy = next(p for p in by_kind(objects, "NetworkPolicy") if p["metadata"]["name"] == "pets-launcher")
+        assert launcher_policy["spec"]["ingress"] == [] and launcher_policy["spec"]["podSelector"] == {
+            "matchLabels": k8s.labels("pets", "launcher")
+        }
         (binding,) = by_kind(objects, "RoleBinding")
         assert binding["subjects"][0] == {
             "kind": "ServiceAccount",
@@ -244,10 +264,12 @@ def test_overlay_renders_and_validates(overlay, mode, tmp_path):
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
         if overlay == "gpu-prod":
             assert limits["nvidia.com/gpu"] == "1" and group["maxReplicas"] == 4
-            assert group["template"]["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
-            assert group["template"]["spec"]["nodeSelector"]
+            # placed by the GPU request and the taint's toleration: no label that exists only after a node joins
+            assert group["template"]["spec"]["tolerations"] == [k8s.GPU_TOLERATION]
+            assert "nodeSelector" not in group["template"]["spec"]
         else:
             assert "nvidia.com/gpu" not in limits and group["maxReplicas"] == 1
+            assert "tolerations" not in group["template"]["spec"]
             if obj["kind"] != "RayCluster":
                 entrypoint = (obj["spec"].get("jobTemplate") or obj["spec"])["entrypoint"]
                 assert "--set scaling.use_gpu=false" in entrypoint
@@ -270,7 +292,10 @@ def egress_ports(policy: dict) -> dict[str, set[tuple[str, int]]]:
 
 def test_network_policy_keeps_the_job_api_inside():
     policy = k8s.network_policy("pets")
-    own = {"podSelector": {"matchLabels": k8s.labels("pets")}}
+    own = {"podSelector": k8s.ray_pods("pets")}  # this job's Ray pods, not its launcher
+    assert own["podSelector"]["matchExpressions"] == [
+        {"key": "app.kubernetes.io/component", "operator": "NotIn", "values": ["launcher"]}
+    ]
     assert policy["spec"]["podSelector"] == own["podSelector"]
     assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
     opened = {}
@@ -315,26 +340,34 @@ def test_cluster_components_do_what_the_render_flags_do(component, mode, tmp_pat
     check_all(objects)
     flags = ("--kind", mode or "rayjob", *CLUSTER_COMPONENTS[component])
     expected = rendered(capsys, ROOT / "jobs" / "pets-s3.yaml", *flags)
-    for kind in ("NetworkPolicy", "ServiceAccount"):
-        ours = [o for o in by_kind(objects, kind) if o["metadata"]["name"] == "pets-ray"]
-        assert ours[0].get("spec") == by_kind(expected, kind)[0].get("spec")
-        annotations = by_kind(expected, kind)[0]["metadata"].get("annotations")
-        assert ours[0]["metadata"].get("annotations") == annotations
+    for kind in ("NetworkPolicy", "ServiceAccount"):  # the Ray pods' and, with cronjob, the launcher's
+        ours = {o["metadata"]["name"]: o for o in by_kind(objects, kind)}
+        theirs = {o["metadata"]["name"]: o for o in by_kind(expected, kind)}
+        assert set(ours) == set(theirs)
+        for name, obj in theirs.items():
+            assert ours[name].get("spec") == obj.get("spec"), name
+            assert ours[name]["metadata"].get("annotations") == obj["metadata"].get("annotations"), name
     for got, want in zip(scheduling(objects), scheduling(expected), strict=True):
         assert got == want
     if component == "priority-class":
-        assert {"tlray-training"} == {p for _, _, classes in scheduling(objects) for p in classes}
+        assert {"tlray-training"} == {p for _, _, classes, _ in scheduling(objects) for p in classes}
     if component == "kueue":
-        assert {"tlray"} == {queue for _, queue, _ in scheduling(objects)}
+        assert {"tlray"} == {queue for _, queue, _, _ in scheduling(objects)}
+    if component == "gpu-node-selector":
+        assert {(("karpenter.k8s.aws/instance-gpu-name", "l4"),)} == {s for *_, s in scheduling(objects)}
+    if component == "egress-port":
+        for policy in by_kind(objects, "NetworkPolicy"):
+            assert policy["spec"]["egress"][-1] == {"ports": [{"protocol": "TCP", "port": 9000}]}
 
 
-def scheduling(objects: list[dict]) -> list[tuple[str, str | None, set]]:
-    """(kind, Kueue queue, PriorityClasses of the Ray pods) of each Ray object."""
+def scheduling(objects: list[dict]) -> list[tuple]:
+    """(kind, Kueue queue, PriorityClasses of the Ray pods, the workers' node selector) of each Ray object."""
     return [
         (
             o["kind"],
             o["metadata"]["labels"].get(k8s.KUEUE_QUEUE_LABEL),
             {p.get("priorityClassName") for p in k8s.pod_specs(o)},
+            tuple(worker_group(o)["template"]["spec"].get("nodeSelector", {}).items()),
         )
         for o in objects
         if o["kind"] in CRD_FILES
@@ -347,8 +380,14 @@ def test_runs_release_their_gpus_and_give_up_when_unschedulable():
     assert job["shutdownAfterJobFinishes"] is True and job["ttlSecondsAfterFinished"] <= 60
     # deletionRules need shutdownAfterJobFinishes: false, which KubeRay refuses on a suspended (Kueue) RayJob
     assert "deletionStrategy" not in job
-    # workers that cannot all be placed fail the run in 30 minutes, not after the 24 h active deadline
-    assert job["preRunningDeadlineSeconds"] == 1800 and job["activeDeadlineSeconds"] == 86400
+    # KubeRay retries a missed preRunningDeadlineSeconds (only DeadlineExceeded and JobStatusCheckTimeoutExceeded
+    # are final) and restarts its clock each time: workers that cannot all be placed hold what they got for
+    # (backoffLimit + 1) x the deadline, 30 minutes, not three times the deadline nor the 24 h active deadline
+    attempts = job["backoffLimit"] + 1
+    assert (attempts, job["preRunningDeadlineSeconds"]) == (3, 600)
+    assert attempts * job["preRunningDeadlineSeconds"] == k8s.UNPLACEABLE_HOLD_SECONDS == 1800
+    assert job["activeDeadlineSeconds"] == 86400
+    assert "30 minutes" in (ROOT / "README.md").read_text().split("## Run on Kubernetes")[1]
     cron = k8s.ray_cron_job("pets", "img:1", k8s.Sizing(4, 9, 1, 48), "tlray tune job.yaml", "0 3 * * 1")
     assert cron["spec"]["jobTemplate"] == job
 
@@ -533,3 +572,126 @@ def test_scheduled_runs_retrain_only_when_the_data_changed(overlay, tmp_path, ca
     for mode in ("raycronjob", "cronjob"):
         (scheduled,) = by_kind(kustomize(overlay, mode, tmp_path / mode), "RayCronJob")
         assert scheduled["spec"]["jobTemplate"]["entrypoint"].startswith("tlray tune job.yaml --if-data-changed")
+
+
+# ---------------------------------------------------------------------------------------
+# What real clusters do: stores on their own ports, Kueue, preemption, disks, GPU placement
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("endpoint", "opened"),
+    [
+        ("http://minio.storage:9000", 9000),
+        ("http://ceph-rgw.storage", 80),  # http without a port: 80
+        ("https://s3.example.com:8443", 8443),
+        ("https://s3.example.com", None),  # https without a port: 443, open already
+    ],
+)
+@pytest.mark.parametrize("kind", ["rayjob", "cronjob"])
+def test_render_opens_egress_to_the_store_the_spec_names(endpoint, opened, kind, capsys):
+    objects, err = rendered_and_said(
+        capsys, ROOT / "jobs" / "pets-s3.yaml", "--kind", kind, "--set", f"dataset.endpoint_url={endpoint}"
+    )
+    check_all(objects)
+    policies = by_kind(objects, "NetworkPolicy")
+    assert len(policies) == (2 if kind == "cronjob" else 1)  # the launcher reads the store too
+    for policy in policies:
+        anywhere = egress_ports(policy)["anywhere"]
+        if opened:
+            assert ("TCP", opened) in anywhere, policy["metadata"]["name"]
+            assert policy["spec"]["egress"][-1] == {"ports": [{"protocol": "TCP", "port": opened}]}
+        else:
+            assert anywhere == {("UDP", 53), ("TCP", 53), ("TCP", 443), ("TCP", 6443)}
+    if opened:
+        assert f"egress to TCP {opened} opened for dataset.endpoint_url {endpoint}" in err
+    else:
+        assert f"dataset.endpoint_url {endpoint} is on 443, which is open already" in err
+
+
+def test_render_egress_port_flag_opens_more_and_says_so(capsys):
+    pets = ROOT / "jobs" / "pets-s3.yaml"
+    objects, err = rendered_and_said(
+        capsys, pets, "--egress-port", "5000", "--set", "dataset.endpoint_url=http://minio:9000"
+    )
+    (policy,) = by_kind(objects, "NetworkPolicy")
+    assert policy["spec"]["egress"][-1] == {
+        "ports": [{"protocol": "TCP", "port": 9000}, {"protocol": "TCP", "port": 5000}]
+    }
+    assert "egress to TCP 9000 opened for dataset.endpoint_url http://minio:9000" in err
+    assert "egress to TCP 5000 opened for --egress-port" in err
+    assert main(["render", str(pets), "--image", "t:1", "--node-selector", "no-value"]) == 2
+    assert "--node-selector: 'no-value' is not LABEL=VALUE" in capsys.readouterr().err
+
+
+def test_kueue_never_gets_an_autoscaling_raycluster(tmp_path, capsys):
+    pets = str(ROOT / "jobs" / "pets-s3.yaml")
+    assert main(["render", pets, "--image", "t:1", "--kind", "raycluster", "--queue", "q"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "a kueue managed job should not use autoscaling" in err and "--kind rayjob" in err
+    objects = kustomize("gpu-prod", "raycluster", tmp_path, "kueue")
+    (cluster,) = by_kind(objects, "RayCluster")
+    assert cluster["spec"]["enableInTreeAutoscaling"] is True
+    assert k8s.KUEUE_QUEUE_LABEL not in cluster["metadata"]["labels"], "the kueue component leaves it unqueued"
+
+
+def test_raycronjob_warns_that_it_starts_the_cluster_every_tick(capsys):
+    _, err = rendered_and_said(capsys, ROOT / "jobs" / "pets-s3.yaml", "--kind", "raycronjob")
+    assert "starts the whole Ray cluster, GPU workers included, at every tick" in err and "--kind cronjob" in err
+
+
+@pytest.mark.parametrize("kind", ["rayjob", "raycluster", "raycronjob", "cronjob"])
+def test_the_head_forwards_sigterm_to_the_driver_and_the_cache_has_a_volume(kind, capsys):
+    budget = 20
+    objects = rendered(
+        capsys, ROOT / "jobs" / "pets-s3.yaml", "--kind", kind, "--set", f"train.cache_budget_gb={budget}"
+    )
+    (ray,) = [o for o in objects if o["kind"] in CRD_FILES]
+    spec = ray["spec"].get("jobTemplate", ray["spec"])
+    cluster = spec.get("rayClusterSpec", spec)
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    assert head["containers"][0]["lifecycle"] == {"preStop": {"exec": {"command": k8s.PRESTOP_COMMAND}}}
+    assert k8s.PRESTOP_COMMAND == ["python", "-m", "tlray.prestop", "--wait", "90"]
+    # the hook's wait, then the kubelet's SIGTERM (ignored by bash) and the SIGKILL
+    assert head["terminationGracePeriodSeconds"] == 120 > k8s.PRESTOP_WAIT_SECONDS
+    worker = cluster["workerGroupSpecs"][0]["template"]["spec"]
+    assert "terminationGracePeriodSeconds" not in worker and "lifecycle" not in worker["containers"][0]
+    for pod in (head, worker):
+        main_container = pod["containers"][0]
+        assert {"name": "TLRAY_CACHE_DIR", "value": "/var/cache/tlray"} in main_container["env"]
+        assert {"name": "tlray-cache", "mountPath": "/var/cache/tlray"} in main_container["volumeMounts"]
+        # the budget plus a quarter: the entry being written, rounded up to GiB
+        assert {"name": "tlray-cache", "emptyDir": {"sizeLimit": "25Gi"}} in pod["volumes"]
+
+
+def test_only_an_opt_in_selector_names_a_node_label(capsys):
+    objects = rendered(capsys, ROOT / "jobs" / "pets-s3.yaml")
+    (job,) = by_kind(objects, "RayJob")
+    worker = worker_group(job)["template"]["spec"]
+    assert "nodeSelector" not in worker and worker["tolerations"] == [k8s.GPU_TOLERATION]
+    assert "nvidia.com/gpu.present" not in k8s.to_yaml(objects)
+    gke = rendered(
+        capsys, ROOT / "jobs" / "pets-s3.yaml", "--node-selector", "cloud.google.com/gke-accelerator=nvidia-l4"
+    )
+    (job,) = by_kind(gke, "RayJob")
+    assert worker_group(job)["template"]["spec"]["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    assert "nodeSelector" not in head and "tolerations" not in head  # the head needs no GPU node
+
+
+def test_readme_admission_policy_is_valid_and_pins_image_and_account():
+    """The optional ValidatingAdmissionPolicy the README shows, checked against the core schemas."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```yaml\n(# ValidatingAdmissionPolicy.*?)```", text, flags=re.S)
+    assert block, "README shows the ValidatingAdmissionPolicy"
+    objects = [o for o in yaml.safe_load_all(block[1]) if o]
+    assert [o["kind"] for o in objects] == ["ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]
+    for obj in objects:
+        check_core(obj)
+    policy, binding = objects
+    assert policy["spec"]["matchConstraints"]["resourceRules"][0]["resources"] == ["rayjobs"]
+    expressions = " ".join(v["expression"] for v in policy["spec"]["validations"])
+    assert "serviceAccountName" in expressions and "image" in expressions
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+    # it holds whatever the launcher's ServiceAccount creates, label or not
+    (condition,) = policy["spec"]["matchConditions"]
+    assert "system:serviceaccount:tlray:pets-launcher" in condition["expression"]
+    assert "launcher" in k8s.launcher_rbac("pets")[0]["metadata"]["name"]

@@ -162,14 +162,53 @@ def test_launch_prunes_finished_runs_beyond_keep(api):
     assert deletes == [f"{RAYJOBS}/pets-x0001", f"{RAYJOBS}/pets-x0002"]
 
 
-def test_a_suspended_run_does_not_block_the_schedule(api, capsys):
+def test_a_run_suspended_by_hand_does_not_block_the_schedule(api, capsys):
     assert launch_cli(api) == 0
-    api.rayjobs["pets-x0001"]["status"] = {"jobDeploymentStatus": "Suspended"}  # queued by Kueue, or paused
+    api.rayjobs["pets-x0001"]["status"] = {"jobDeploymentStatus": "Suspended"}  # paused by hand: no queue
     assert launch_cli(api) == 0
     assert sorted(api.rayjobs) == ["pets-x0002"], "the new run replaces the suspended one"
-    assert "deleted suspended RayJob pets-x0001: pets-x0002 replaces it" in capsys.readouterr().out
+    assert "deleted RayJob pets-x0001, suspended by hand: pets-x0002 replaces it" in capsys.readouterr().out
     api.rayjobs["pets-x0002"]["status"] = {"jobDeploymentStatus": "Initializing"}  # still going: wait
     assert launch_cli(api) == 0 and sorted(api.rayjobs) == ["pets-x0002"]
+
+
+@pytest.mark.parametrize(
+    ("held", "says"),
+    [
+        ({"labels": {k8s.KUEUE_QUEUE_LABEL: "gpu"}, "status": "Suspended"}, "pets-x0001 (LocalQueue gpu)"),
+        # as Kueue's webhook creates it: spec.suspend set before KubeRay has written any status
+        ({"labels": {k8s.KUEUE_QUEUE_LABEL: "gpu"}, "status": None}, "pets-x0001 (LocalQueue gpu)"),
+        (
+            {"managedBy": "kueue.x-k8s.io/multikueue", "status": "Suspended"},
+            "pets-x0001 (managed by kueue.x-k8s.io/multikueue)",
+        ),
+    ],
+    ids=["queue-label", "not-yet-reconciled", "multikueue"],
+)
+def test_a_run_kueue_holds_keeps_its_place_in_the_queue(api, capsys, held, says):
+    assert launch_cli(api) == 0
+    run = api.rayjobs["pets-x0001"]
+    run["metadata"]["labels"].update(held.get("labels", {}))
+    run["spec"]["suspend"] = True
+    if "managedBy" in held:
+        run["spec"]["managedBy"] = held["managedBy"]
+    if held["status"]:
+        run["status"] = {"jobDeploymentStatus": held["status"]}
+    for _tick in range(3):  # steady contention: tick after tick, the queued run is left alone
+        assert launch_cli(api) == 0
+        out = capsys.readouterr().out
+        assert f"{says} from pets-template still queued by Kueue; leaving it its place, skipping this run" in out
+    assert sorted(api.rayjobs) == ["pets-x0001"]
+    assert not [r for r in api.requests if r[0] == "DELETE"] and api.created == 1
+    run["spec"]["suspend"] = False  # Kueue admits it; it runs, then finishes
+    run["status"] = {"jobDeploymentStatus": "Complete"}
+    assert launch_cli(api) == 0 and "pets-x0002" in api.rayjobs
+
+
+def test_spec_overrides_are_the_entrypoints_set_values():
+    entrypoint = "tlray tune job.yaml --if-data-changed --set scaling.use_gpu=false --set 'train.lr=0.01' --set=a.b=1"
+    assert launch.spec_overrides(entrypoint) == ["scaling.use_gpu=false", "train.lr=0.01", "a.b=1"]
+    assert launch.spec_overrides("tlray train job.yaml") == []
 
 
 def test_launch_errors_name_the_problem(api, capsys):
@@ -219,5 +258,79 @@ def test_the_rendered_cronjob_launches_its_own_template(capsys):
     (template,) = [o for o in objects if o["kind"] == "RayCronJob"]
     (cron,) = [o for o in objects if o["kind"] == "CronJob"]
     command = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"]
-    assert command == ["tlray", "launch", template["metadata"]["name"]] and template["spec"]["suspend"] is True
+    assert command[:3] == ["tlray", "launch", template["metadata"]["name"]] and template["spec"]["suspend"] is True
+    assert command[3:] == ["--if-data-changed", "--spec", "/etc/tlray/job.yaml"]
     assert launch.run_from_template(template)["metadata"]["generateName"] == "pets-"
+
+
+# ---------------------------------------------------------------------------------------
+# --if-data-changed in the launcher pod: the data check, run for real against S3 on loopback
+# ---------------------------------------------------------------------------------------
+def test_launcher_creates_no_rayjob_while_the_data_is_unchanged(api, s3_bucket, s3_env, tmp_path):
+    """A scheduled tick on unchanged data: the launcher lists the data and reads latest.json in a fresh,
+    small process (no torch, no Ray), and no RayJob, so no Ray cluster or GPU node, comes into being."""
+    from test_light_cli import probe
+
+    from tlray import champion, storage
+    from tlray.data import build_index
+    from tlray.spec import load_spec
+
+    from conftest import spec_dict, write_image_folder, write_spec
+    from s3_fixtures import upload_tree
+
+    upload_tree(s3_env, s3_bucket, "images/", write_image_folder(tmp_path / "images"))
+    spec = spec_dict(f"s3://{s3_bucket}/elsewhere", f"s3://{s3_bucket}/runs")
+    spec["dataset"]["endpoint_url"] = s3_env
+    spec_path = write_spec(tmp_path / "job.yaml", spec)
+    # the run's entrypoint points the spec at the data: the launcher must read what the run will read
+    template = api.raycronjobs["pets-template"]["spec"]["jobTemplate"]
+    template["entrypoint"] = f"tlray train job.yaml --if-data-changed --set dataset.uri=s3://{s3_bucket}/images"
+    loaded = load_spec(spec_path, [f"dataset.uri=s3://{s3_bucket}/images"])
+    fingerprint = build_index(loaded.dataset).fingerprint
+    pointer = champion.Pointer(
+        f"{loaded.job_uri}/runs/r1", "r1", "val_accuracy", 0.9, fingerprint, "0" * 64, "2026-01-01T00:00:00Z"
+    )
+    storage.write_bytes(champion.latest_uri(loaded.job_uri), pointer.to_json(), s3_env)
+
+    argv = ("launch", "pets-template", "--if-data-changed", "--spec", str(spec_path))
+    argv += ("--namespace", NAMESPACE, "--api-server", api.url)
+    same = probe(*argv)
+    assert same["code"] == 0 and api.created == 0, same
+    assert not {"torch", "torchvision", "ray"} & set(same["heavy"]), same  # the launcher pod has 0.5 GiB
+    assert same["peak_mb"] < 300, same
+    print(f"launcher data check: {same['peak_mb']:.0f} MB peak, {same['seconds']:.1f} s CPU")
+
+    raw = (tmp_path / "images" / "class_0" / "000.png").read_bytes()
+    from s3_fixtures import raw_client
+
+    raw_client(s3_env).put_object(Bucket=s3_bucket, Key="images/class_1/new.png", Body=raw)  # new data
+    changed = probe(*argv)
+    assert changed["code"] == 0 and api.created == 1, changed
+    (created,) = api.rayjobs.values()
+    assert created["spec"]["entrypoint"] == template["entrypoint"]  # the run checks once more, in its driver
+
+
+def test_launcher_data_check_prints_what_it_found(api, s3_bucket, s3_env, tmp_path, capsys):
+    from tlray import champion, storage
+    from tlray.data import build_index
+    from tlray.spec import load_spec
+
+    from conftest import spec_dict, write_image_folder, write_spec
+    from s3_fixtures import upload_tree
+
+    upload_tree(s3_env, s3_bucket, "images/", write_image_folder(tmp_path / "images"))
+    spec = spec_dict(f"s3://{s3_bucket}/images", f"s3://{s3_bucket}/runs")
+    spec["dataset"]["endpoint_url"] = s3_env
+    spec_path = write_spec(tmp_path / "job.yaml", spec)
+    assert launch_cli(api, "--if-data-changed", "--spec", str(spec_path)) == 0
+    assert api.created == 1, "no champion yet: the first run trains"
+    api.rayjobs["pets-x0001"]["status"] = {"jobDeploymentStatus": "Complete"}
+    loaded = load_spec(spec_path)
+    fingerprint = build_index(loaded.dataset).fingerprint
+    pointer = champion.Pointer("s3://x/r1", "r1", "val_accuracy", 0.9, fingerprint, "0" * 64, "2026-01-01T00:00:00Z")
+    storage.write_bytes(champion.latest_uri(loaded.job_uri), pointer.to_json(), s3_env)
+    capsys.readouterr()
+    assert launch_cli(api, "--if-data-changed", "--spec", str(spec_path)) == 0
+    out = capsys.readouterr().out
+    assert api.created == 1 and "[tlray] dataset: 3 classes" in out
+    assert f"dataset unchanged since the champion r1 (fingerprint {fingerprint[:12]})" in out

@@ -147,10 +147,14 @@ def cmd_render(args: argparse.Namespace) -> int:
         irsa_role_arn=args.irsa_role_arn,
         priority_class=args.priority_class,
         queue=args.queue,
+        egress_ports=tuple(args.egress_port),
+        node_selector=tuple(k8s.node_selector_pair(pair) for pair in args.node_selector),
     )
     objects = k8s.render(spec, spec_yaml, args.image, args.kind, args.namespace, args.schedule, options)
     for warning in k8s.kind_warnings(args.kind):
         print(f"tlray: warning: {warning}", file=sys.stderr)
+    for note in k8s.egress_notes(spec, options):
+        print(f"tlray: {note}", file=sys.stderr)
     print(k8s.to_yaml(objects), end="")
     return EXIT_OK
 
@@ -159,7 +163,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from tlray import launch
 
     api = launch.KubernetesApi(args.api_server) if args.api_server else launch.KubernetesApi.in_cluster()
-    launch.launch(api, args.namespace or launch.current_namespace(), args.template, keep=args.keep)
+    data_check = launch.data_check(args.spec) if args.if_data_changed else None
+    launch.launch(api, args.namespace or launch.current_namespace(), args.template, args.keep, data_check)
     return EXIT_OK
 
 
@@ -348,8 +353,24 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument(
         "--queue",
         metavar="NAME",
-        help="Kueue LocalQueue: the kueue.x-k8s.io/queue-name label of the RayJob (the RayCluster, or each run of "
-        "--kind cronjob)",
+        help="Kueue LocalQueue: the kueue.x-k8s.io/queue-name label of the RayJob (or of each run of --kind cronjob)",
+    )
+    cluster.add_argument(
+        "--egress-port",
+        type=int,
+        action="append",
+        default=[],
+        metavar="PORT",
+        help="also let the pods reach TCP PORT anywhere (a store or server the spec does not name); the port of "
+        "dataset.endpoint_url is opened without it",
+    )
+    cluster.add_argument(
+        "--node-selector",
+        action="append",
+        default=[],
+        metavar="LABEL=VALUE",
+        help="place the workers on nodes with this label, one the autoscaler knows before the node exists "
+        "(Karpenter: karpenter.k8s.aws/instance-gpu-name=l4; GKE: cloud.google.com/gke-accelerator=nvidia-l4)",
     )
     launch = add(
         "launch",
@@ -361,6 +382,16 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--namespace", help="default: the pod's own namespace")
     launch.add_argument("--keep", type=int, default=5, help="finished runs kept; older ones are deleted (default 5)")
     launch.add_argument("--api-server", help="API server URL (default: in-cluster, with the pod's ServiceAccount)")
+    launch.add_argument(
+        "--if-data-changed",
+        action="store_true",
+        help="create no RayJob when the dataset's fingerprint equals the champion's (read here, with --spec)",
+    )
+    launch.add_argument(
+        "--spec",
+        default=f"{k8s.SPEC_DIR}/{k8s.SPEC_FILE}",
+        help="the job spec for --if-data-changed (default: the mounted ConfigMap); the template's --set apply",
+    )
     sub = add(
         "report",
         cmd_report,

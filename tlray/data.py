@@ -21,6 +21,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -28,9 +29,11 @@ from PIL import Image
 from tlray import storage
 from tlray.errors import READ_FAILURE_PREFIX, UserError
 from tlray.fetch import read_as_completed
-from tlray.models import Preprocessing
 from tlray.s3 import S3Error, StoredObject
 from tlray.spec import DatasetSpec
+
+if TYPE_CHECKING:  # torch stays out of the index: `tlray launch --if-data-changed` builds one in a small pod
+    from tlray.models import Preprocessing
 
 log = logging.getLogger("tlray")
 

@@ -5,9 +5,14 @@ plain `batch/v1` CronJob runs this command in the tlray image. It copies the job
 RayCronJob named TEMPLATE (kept `suspend: true`, so KubeRay creates nothing for it, and a kind Kueue
 does not manage) into a new RayJob with a generated name, unless a run made from the same template
 is still going (a CronJob's `concurrencyPolicy: Forbid` only covers this short pod, not the RayJob it
-creates). A run left suspended (Kueue still queueing it, or paused by hand) does not block: the new
-run replaces it. It then deletes the oldest finished runs beyond `keep`. Only the standard library:
-the Kubernetes API over HTTPS with the pod's ServiceAccount token, in a pod of 0.5 GiB.
+creates) or still queued by Kueue (Kueue creates the RayJobs it manages suspended: replacing one would
+send the run to the back of the queue at every tick). A run suspended by hand does not block: the new
+run replaces it. It then deletes the oldest finished runs beyond `keep`.
+
+With `--if-data-changed`, the pod first lists the dataset and reads the job's latest.json, and creates
+no RayJob when the champion was trained on exactly this data: a scheduled tick on unchanged data then
+costs this 0.5 GiB pod, not a GPU cluster. That check loads the spec, the S3 client and pyarrow (no torch,
+no Ray); without it, only the standard library: the Kubernetes API over HTTPS with the pod's token.
 """
 
 from __future__ import annotations
@@ -19,10 +24,13 @@ import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from tlray.errors import UserError
-from tlray.k8s import FINISHED_STATES, SUSPENDED_STATES, TEMPLATE_LABEL
+from tlray.k8s import FINISHED_STATES, KUEUE_QUEUE_LABEL, SUSPENDED_STATES, TEMPLATE_LABEL
+
+KUEUE_MANAGER_PREFIX = "kueue.x-k8s.io/"  # spec.managedBy of a RayJob that MultiKueue dispatches
 
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 TIMEOUT_SECONDS = 30
@@ -97,8 +105,15 @@ def _message(body: bytes) -> str:
         return text
 
 
-def launch(api: KubernetesApi, namespace: str, template: str, keep: int = 5) -> str | None:
-    """Create a RayJob from the RayCronJob `template`; None when a run from it is still going."""
+def launch(
+    api: KubernetesApi,
+    namespace: str,
+    template: str,
+    keep: int = 5,
+    data_check: Callable[[dict], str | None] | None = None,
+) -> str | None:
+    """Create a RayJob from the RayCronJob `template`; None when a run from it is still going or queued, or
+    when `data_check` (given the template) returns the line that says the data is unchanged."""
     rayjobs = f"/apis/ray.io/v1/namespaces/{namespace}/rayjobs"
     source = api.call("GET", f"/apis/ray.io/v1/namespaces/{namespace}/raycronjobs/{template}")
     runs = api.call("GET", rayjobs, query={"labelSelector": f"{TEMPLATE_LABEL}={template}"}).get("items", [])
@@ -106,16 +121,49 @@ def launch(api: KubernetesApi, namespace: str, template: str, keep: int = 5) -> 
     if going:
         print(f"[tlray] {', '.join(going)} from {template} still running; skipping this run")
         return None
+    queued = [r for r in runs if run_state(r) == "queued"]
+    if queued:
+        held = ", ".join(f"{r['metadata']['name']} ({queue_of(r)})" for r in queued)
+        print(f"[tlray] {held} from {template} still queued by Kueue; leaving it its place, skipping this run")
+        return None
+    if data_check is not None and (unchanged := data_check(source)):
+        print(unchanged)
+        return None
     created = api.call("POST", rayjobs, body=run_from_template(source))
     name = created["metadata"]["name"]
     print(f"[tlray] created RayJob {namespace}/{name} from {template}")
     for old in (r["metadata"]["name"] for r in runs if run_state(r) == "suspended"):
         delete(api, f"{rayjobs}/{old}")
-        print(f"[tlray] deleted suspended RayJob {old}: {name} replaces it")
+        print(f"[tlray] deleted RayJob {old}, suspended by hand: {name} replaces it")
     for old in stale_runs(runs, keep):
         delete(api, f"{rayjobs}/{old}")
         print(f"[tlray] deleted finished RayJob {old} (keeping the last {keep})")
     return name
+
+
+def data_check(spec_path: str) -> Callable[[dict], str | None]:
+    """`--if-data-changed` in the launcher pod: the same test the driver makes, before any cluster exists."""
+
+    def unchanged(template: dict) -> str | None:
+        from tlray import champion
+        from tlray.data import build_index
+        from tlray.spec import load_spec
+
+        spec = load_spec(spec_path, spec_overrides(template["spec"]["jobTemplate"].get("entrypoint", "")))
+        index = build_index(spec.dataset)
+        print(f"[tlray] dataset: {index.summary()}")
+        return champion.unchanged_data_message(spec.job_uri, index.fingerprint, spec.dataset.endpoint_url)
+
+    return unchanged
+
+
+def spec_overrides(entrypoint: str) -> list[str]:
+    """The `--set KEY=VALUE` of a run's entrypoint: the spec the run will read is the file plus these."""
+    import shlex
+
+    words = shlex.split(entrypoint)
+    found = [value for flag, value in zip(words, words[1:], strict=False) if flag == "--set"]
+    return found + [word.removeprefix("--set=") for word in words if word.startswith("--set=")]
 
 
 def delete(api: KubernetesApi, path: str) -> None:
@@ -150,11 +198,23 @@ def run_from_template(template: dict) -> dict:
 
 
 def run_state(rayjob: dict) -> str:
-    """One of "finished", "suspended" or "going" (which includes a RayJob KubeRay has not looked at yet)."""
+    """One of "finished", "queued" (suspended, held by Kueue), "suspended" (by hand) or "going" (which includes
+    a RayJob KubeRay has not looked at yet)."""
     state = rayjob.get("status", {}).get("jobDeploymentStatus")
     if state in FINISHED_STATES:
         return "finished"
-    return "suspended" if state in SUSPENDED_STATES else "going"
+    if state in SUSPENDED_STATES or rayjob.get("spec", {}).get("suspend"):
+        return "queued" if queue_of(rayjob) else "suspended"
+    return "going"
+
+
+def queue_of(rayjob: dict) -> str | None:
+    """Who holds a suspended RayJob: its Kueue LocalQueue (the queue label, or Kueue's managedBy), else None."""
+    queue = rayjob["metadata"].get("labels", {}).get(KUEUE_QUEUE_LABEL)
+    if queue:
+        return f"LocalQueue {queue}"
+    manager = rayjob.get("spec", {}).get("managedBy") or ""
+    return f"managed by {manager}" if manager.startswith(KUEUE_MANAGER_PREFIX) else None
 
 
 def stale_runs(runs: list[dict], keep: int) -> list[str]:
