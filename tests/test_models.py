@@ -17,7 +17,7 @@ import torch
 import torchvision
 from torch import nn
 
-from tlray import models
+from tlray import archs, models
 from tlray.models import ModelError
 
 # arch -> (expected blocks as lists of dotted paths, head path, head-side prefixes never frozen)
@@ -417,3 +417,49 @@ def test_preprocessing_from_torchvision_metadata():
     assert augmented.shape == (3, 32, 32) and not torch.equal(augmented, shipped)
     with pytest.raises(ModelError, match="image_size"):
         models.preprocessing("resnet18", 0)
+
+
+def test_preprocessing_follows_the_chosen_weights():
+    v1, v2 = (
+        models.preprocessing("resnet50", None, "IMAGENET1K_V1"),
+        models.preprocessing("resnet50", None, "IMAGENET1K_V2"),
+    )
+    assert (v1.resize_size, v1.crop_size, v1.interpolation) == (256, 224, "bilinear")
+    assert (v2.resize_size, v2.crop_size, v2.interpolation) == (232, 224, "bilinear")
+    assert (
+        models.preprocessing("resnet50", None, "DEFAULT")
+        == v2
+        == models.preprocessing("resnet50", None, "ResNet50_Weights.IMAGENET1K_V2")
+    )
+    assert models.preprocessing("resnet50", 112, "IMAGENET1K_V1").resize_size == 128  # 256 scaled by 112/224
+    assert models.preprocessing("resnet50", 112, "IMAGENET1K_V2").resize_size == 116
+    swag = models.preprocessing("regnet_y_16gf", None, "IMAGENET1K_SWAG_E2E_V1")
+    assert (swag.resize_size, swag.crop_size, swag.interpolation) == (384, 384, "bicubic")
+    # a checkpoint, or random init: the DEFAULT preset
+    assert models.preprocessing("resnet50", None, "/models/resnet50.pt") == v2 == models.preprocessing("resnet50", None)
+
+
+def test_vit_preprocessing_is_the_size_its_model_is_built_for():
+    swag = models.preprocessing("vit_b_16", None, "IMAGENET1K_SWAG_E2E_V1")
+    assert (swag.resize_size, swag.crop_size, swag.interpolation) == (384, 384, "bicubic")
+    # vit_h_14's DEFAULT preset is 518 px, but without torchvision weights the model is built for 224
+    assert models.preprocessing("vit_h_14", None, "DEFAULT").crop_size == 518
+    for weights in (None, "/models/vit_h_14.pt"):
+        p = models.preprocessing("vit_h_14", None, weights)
+        assert (p.crop_size, p.resize_size, p.interpolation) == (224, 224, "bicubic")
+    with pytest.raises(ModelError, match=r"^dataset.image_size: vit_b_32 .* 224 px"):
+        models.preprocessing("vit_b_32", 64, "DEFAULT")
+    with pytest.raises(ModelError, match=r"^dataset.image_size: convnext_tiny needs .* at least 32 px"):
+        models.preprocessing("convnext_tiny", 16)
+
+
+@pytest.mark.parametrize("arch", [a for a, arch in archs.ARCHS.items() if arch.family == "vit"])
+def test_vit_sizes_match_torchvision(arch):
+    """tlray.archs's table of ViT sizes (read without torch) against torchvision's weights and builder."""
+    enum = torchvision.models.get_model_weights(arch)
+    for name in enum.__members__:  # DEFAULT included
+        member = enum[name]
+        assert archs.fixed_input_size(arch, name) == member.meta["min_size"][0] == member.transforms().crop_size[0]
+    with models._ParametersOnMeta():
+        built = torchvision.models.get_model(arch, weights=None)
+    assert archs.fixed_input_size(arch, None) == archs.fixed_input_size(arch, "/a/checkpoint.pt") == built.image_size

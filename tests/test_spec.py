@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tlray.cli import main
-from tlray.spec import JobSpec, load_spec
+from tlray.spec import JobSpec, load_spec, validate_spec
 
 from conftest import ROOT, spec_dict, write_spec
 
@@ -93,6 +93,23 @@ BAD_SPECS = [
     ("tune-depth-needs-partial", lambda s: s.update(tune={"freeze_depth": [1, 2]}), ["tune.freeze_depth:", "partial"]),
     ("tune-metric-unreported", lambda s: s.update(tune={"metric": "f1"}), ["tune.metric:", "val_accuracy"]),
     ("tune-grace-beyond-epochs", lambda s: s.update(tune={"grace_period": 5}), ["tune.grace_period:"]),
+    (
+        "vit-at-another-size",
+        lambda s: pretrained(s, arch="vit_b_32", mode="partial", freeze_depth=3)["dataset"].update(image_size=64),
+        ["dataset.image_size:", "vit_b_32", "224 px"],
+    ),
+    (
+        "vit-below-its-weights-size",
+        lambda s: pretrained(s, arch="vit_b_16", weights="IMAGENET1K_SWAG_E2E_V1", mode="feature_extractor")[
+            "dataset"
+        ].update(image_size=224),
+        ["dataset.image_size:", "384 px"],
+    ),
+    (
+        "convnext-below-32-px",
+        lambda s: s["model"].update(arch="convnext_tiny") or s["dataset"].update(image_size=16),
+        ["dataset.image_size:", "at least 32 px"],
+    ),
     ("unknown-top-key", lambda s: s.update(trian={"epochs": 3}), ["trian: unknown key", "did you mean 'train'"]),
     ("unknown-nested-key", lambda s: s["train"].update(learning_rate=0.1), ["train.learning_rate: unknown key"]),
     (
@@ -225,3 +242,19 @@ def test_every_field_is_described():
                     walk(t)
 
     walk(JobSpec)
+
+
+@pytest.mark.parametrize(
+    ("arch", "weights", "image_size"),
+    [
+        ("vit_b_32", "DEFAULT", 224),
+        ("vit_b_16", "IMAGENET1K_SWAG_E2E_V1", 384),
+        ("vit_h_14", "IMAGENET1K_SWAG_LINEAR_V1", 224),
+        ("vit_h_14", "/models/vit_h_14.pt", 224),  # a checkpoint loads into the 224 px build
+        ("convnext_tiny", "DEFAULT", 32),
+        ("resnet18", "DEFAULT", 8),
+    ],
+)
+def test_image_sizes_the_model_runs_at_are_valid(base, arch, weights, image_size):
+    pretrained(base, arch=arch, weights=weights, mode="feature_extractor")["dataset"]["image_size"] = image_size
+    assert validate_spec(base).dataset.image_size == image_size  # the cross-field rules included

@@ -114,9 +114,13 @@ def test_frozen_blocks_stay_in_eval(arch):
         assert own_modules(model, s.prefix) and own_modules(model, s.rest)
         assert not any(m.training for m in own_modules(model, s.prefix)), depth
         assert all(m.training for m in own_modules(model, s.rest)), depth
-    models.freeze(model, arch, n // 2, batchnorm="train")  # today's behaviour: nothing locked
+    # batchnorm: train: the frozen BatchNorm layers follow model.train(); Dropout, StochasticDepth & co. stay off
+    models.freeze(model, arch, n // 2, batchnorm="train")
     model.train()
-    assert all(m.training for m in model.modules())
+    s = models.split(model, arch, n // 2)
+    is_batchnorm = [isinstance(m, nn.modules.batchnorm._BatchNorm) for m in own_modules(model, s.prefix)]
+    assert [m.training for m in own_modules(model, s.prefix)] == is_batchnorm
+    assert all(m.training for m in own_modules(model, s.rest))
     model.eval()
     assert not any(m.training for m in model.modules())
 
@@ -138,3 +142,39 @@ def test_frozen_prefix_is_a_pure_function_of_the_image():
     clone = copy.deepcopy(model)  # the lock survives copying
     clone.train()
     assert not any(m.training for m in own_modules(clone, models.split(clone, arch, depth).prefix))
+
+
+# What the spec must refuse: ViT runs at the one size it is built for (224 here), ConvNeXt needs 32 px.
+REFUSED_SIZES = {("convnext_tiny", 8), ("vit_b_32", 8), ("vit_b_32", 40)}
+
+
+@pytest.mark.parametrize("image_size", [8, 40])  # the spec's smallest size, and one no preset has
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_non_default_image_size_trains_a_step_or_is_refused_by_the_spec(arch, image_size, tmp_path):
+    from tlray.spec import SpecError, validate_spec
+
+    from conftest import spec_dict
+
+    depth = len(models.backbone_block_names(arch)) // 2
+    raw = spec_dict(str(tmp_path / "images"), str(tmp_path / "out"))
+    raw["dataset"]["image_size"] = image_size
+    raw["model"] = {"arch": arch, "weights": "DEFAULT", "mode": "partial", "freeze_depth": depth}
+    if (arch, image_size) in REFUSED_SIZES:
+        with pytest.raises(SpecError) as refused:
+            validate_spec(raw)
+        assert [p.key for p in refused.value.problems] == ["dataset.image_size"]
+        return
+    spec = validate_spec(raw)
+    crop = models.preprocessing(arch, spec.dataset.image_size, spec.model.weights).crop_size
+    assert crop == image_size
+    model = fresh(arch)
+    models.freeze(model, arch, depth)
+    model.train()
+    parts = models.split(model, arch, depth)
+    torch.manual_seed(0)
+    with torch.no_grad():  # as the workers run the frozen prefix
+        features = parts.prefix(torch.randn(2, 3, crop, crop))
+    loss = nn.functional.cross_entropy(parts.rest(features), torch.tensor([0, 2]))
+    loss.backward()
+    grads = [p.grad for p in models.trainable_parameters(model)]
+    assert torch.isfinite(loss) and all(g is not None and torch.isfinite(g).all() for g in grads)

@@ -26,6 +26,7 @@ from torch.overrides import TorchFunctionMode
 from torchvision.transforms import v2
 
 # The arch table, and the rules that need no model, live in tlray.archs (importable without torch).
+from tlray import archs
 from tlray.archs import SUPPORTED_FAMILIES, ModelError, family_of, resolve_freeze_depth, supported_archs  # noqa: F401
 
 log = logging.getLogger("tlray")
@@ -468,15 +469,25 @@ class Preprocessing:
         }
 
 
-def preprocessing(arch: str, image_size: int | None) -> Preprocessing:
-    """The preset of the arch's DEFAULT weights (reading it downloads nothing); image_size
-    replaces the crop size and scales the resize size by the same ratio."""
-    preset = weights_enum(arch).DEFAULT.transforms()
+def preprocessing(arch: str, image_size: int | None, weights: str | None = None) -> Preprocessing:
+    """The preset of the weights the model starts from (reading it downloads nothing): resnet50's IMAGENET1K_V1
+    resizes to 256, its V2 to 232; SWAG weights crop 384 or more, bicubic. `weights` is the spec's name for them
+    ("IMAGENET1K_V2", "ResNet50_Weights.DEFAULT"); for a checkpoint or None (random init) the DEFAULT preset.
+
+    image_size replaces the crop size and scales the resize size by the same ratio. Left out, a ViT without
+    torchvision weights takes the size it is built for, not DEFAULT's (vit_h_14's DEFAULT is 518 px).
+    """
+    member = torchvision_weights(arch, weights) if weights else None
+    preset = (member or weights_enum(arch).DEFAULT).transforms()
     crop, resize = preset.crop_size[0], preset.resize_size[0]
     if image_size is not None:
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise ModelError(f"dataset.image_size: need a positive number of pixels, got {image_size!r}")
-        crop, resize = image_size, round(resize * image_size / crop)
+        problem = archs.image_size_problem(arch, weights, image_size)
+        if problem:
+            raise ModelError(f"dataset.image_size: {problem}")
+    size = image_size or archs.fixed_input_size(arch, weights) or crop
+    crop, resize = size, round(resize * size / crop)
     return Preprocessing(
         resize_size=resize,
         crop_size=crop,

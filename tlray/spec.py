@@ -436,6 +436,15 @@ def _weights_exist(model: ModelSpec):
     )
 
 
+@rule("dataset", "model")
+def _image_size_fits_the_model(dataset: DatasetSpec, model: ModelSpec):
+    # ViT runs at the one size its position embedding was built for; refused here, before any cluster work
+    if dataset.image_size is not None:
+        problem = archs.image_size_problem(model.arch, model.builder_weights, dataset.image_size)
+        if problem:
+            yield Problem("dataset.image_size", problem)
+
+
 @rule("model")
 def _freeze_depth_matches_mode(model: ModelSpec):
     depth, blocks = model.freeze_depth, archs.backbone_block_names(model.arch)
