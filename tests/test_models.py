@@ -44,6 +44,9 @@ EXPECTED = {
         ["encoder.ln", "heads"],
     ),
 }
+# head-side layers a feature extractor freezes too: its prefix ends where the head reads (ViT: the class token
+# after the final LayerNorm), so the cache stores one vector per image
+FEATURE_EXTRACTOR_NECK = {"vit_b_32": ["encoder.ln"]}
 ONE_PER_FAMILY = ["resnet18", "efficientnet_b0", "mobilenet_v3_small", "convnext_tiny", "regnet_x_400mf", "vit_b_32"]
 WITH_BATCHNORM = ["resnet18", "efficientnet_b0", "mobilenet_v2", "mobilenet_v3_small", "regnet_x_400mf"]
 HEAD_SIDE = {
@@ -204,15 +207,22 @@ def test_counts_at_every_depth(arch):
     for depth in [*range(len(blocks) + 1), "all"]:
         d = len(blocks) if depth == "all" else depth
         summary = models.freeze(model, arch, depth)
-        frozen = numel(p for block in blocks[:d] for path in block for p in params_at(model, path))
+        neck = FEATURE_EXTRACTOR_NECK.get(arch, []) if d == len(blocks) else []
+        frozen = numel(
+            p for path in [*(path for block in blocks[:d] for path in block), *neck] for p in params_at(model, path)
+        )
         assert summary == models.FreezeSummary(
             d, len(blocks), models.backbone_block_names(arch)[:d], total - frozen, frozen
         )
         assert numel(p for p in model.parameters() if not p.requires_grad) == frozen
         assert numel(models.trainable_parameters(model)) == total - frozen
-    # "all": exactly the head-side layers remain trainable
-    head_side_params = numel(p for path in head_side for p in params_at(model, path))
-    assert numel(models.trainable_parameters(model)) == head_side_params
+    # "all": exactly the head-side layers after the neck remain trainable
+    trained_side = [path for path in head_side if path not in FEATURE_EXTRACTOR_NECK.get(arch, [])]
+    assert numel(models.trainable_parameters(model)) == numel(
+        p for path in trained_side for p in params_at(model, path)
+    )
+    assert all(p.requires_grad for path in trained_side for p in params_at(model, path))
+    models.freeze(model, arch, len(blocks) - 1)  # a partial depth trains every head-side layer
     assert all(p.requires_grad for path in head_side for p in params_at(model, path))
 
 

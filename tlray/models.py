@@ -1,7 +1,8 @@
 """Torchvision models for transfer learning: block maps, freezing, new heads, preprocessing.
 
 A model is an ordered list of named backbone *blocks*, input to output, followed by
-head-side layers that are never frozen (the classifier, ViT's final LayerNorm, ...).
+head-side layers (the classifier, ViT's final LayerNorm, ...), trainable unless the whole
+backbone is frozen: a feature extractor freezes ViT's final LayerNorm with the blocks.
 `freeze_depth = d` freezes the first d blocks: 0 is a full fine-tune, "all" (the number
 of blocks) a feature extractor. The block map is read off a model built on the meta
 device, so it costs no memory and always matches what torchvision builds.
@@ -69,7 +70,8 @@ def _layout_of(family: str, model: nn.Module) -> _Layout:
         return _Layout(tuple(blocks), "fc")
     if family == "vit":
         # The stem is the patch embedding plus the two bare parameters added to its output.
-        # encoder.ln (after the last layer) is head-side: it stays trainable with the head.
+        # encoder.ln (after the last layer) is head-side: it trains with the head, except in a feature
+        # extractor, whose frozen prefix ends with it (see _pieces).
         blocks = [("stem", ("conv_proj", "class_token", "encoder.pos_embedding"))]
         blocks += [(name, (f"encoder.layers.{name}",)) for name, _ in model.encoder.layers.named_children()]
         return _Layout(tuple(blocks), "heads.head")
@@ -102,13 +104,6 @@ def _layout(arch: str) -> _Layout:
 
 def backbone_block_names(arch: str) -> list[str]:
     return [name for name, _ in _layout(arch).blocks]
-
-
-def _params_at(model: nn.Module, path: str) -> list[nn.Parameter]:
-    try:
-        return list(model.get_submodule(path).parameters())
-    except AttributeError:  # a bare parameter such as ViT's class_token
-        return [model.get_parameter(path)]
 
 
 # ---------------------------------------------------------------- building
@@ -251,8 +246,11 @@ def _vit_class_token(x):
 
 
 def _pieces(family: str, model: nn.Module) -> tuple[list[nn.Module], list[nn.Module], list[nn.Module]]:
-    """torchvision's forward of `model` as (one module per block, the parameterless neck between
-    the last block and the head side, the head side): running all three in order is model(x)."""
+    """torchvision's forward of `model` as (one module per block, the neck, the head side): running all
+    three in order is model(x). The neck is what the frozen prefix adds after the last block when the whole
+    backbone is frozen, so that a feature extractor's prefix output (what the cache stores) is what the
+    head reads: the pooled features, or ViT's class token after the final LayerNorm (768 numbers an image
+    for ViT-B, not 197 tokens of 768)."""
     if family == "resnet":
         stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
         blocks = [stem, model.layer1, model.layer2, model.layer3, model.layer4]
@@ -278,8 +276,8 @@ def _pieces(family: str, model: nn.Module) -> tuple[list[nn.Module], list[nn.Mod
             image_size=model.image_size,
             hidden_dim=model.hidden_dim,
         )
-        head = [model.encoder.ln, _Op(_vit_class_token), model.heads]
-        return [stem, *model.encoder.layers], [], head  # encoder.ln has parameters: nothing in the neck
+        # partial depths train encoder.ln with the head; a feature extractor freezes it (the neck has parameters)
+        return [stem, *model.encoder.layers], [model.encoder.ln, _Op(_vit_class_token)], [model.heads]
     raise AssertionError(f"no split for family {family}")  # SUPPORTED_FAMILIES and this disagree
 
 
@@ -289,7 +287,8 @@ class Split:
 
     Both run the model's own layers (no copies), so they follow its train/eval mode and
     freezing. `prefix` is nn.Identity() at depth 0; at the full depth it also runs the
-    parameterless pooling (and flatten) before the head side, so its output is small.
+    pooling (and flatten) before the head side, or ViT's final LayerNorm and class-token
+    selection, so its output is one feature vector per image.
     `rest` may change its input in place when training (EfficientNet's classifier starts
     with Dropout(inplace=True)): give it a copy of cached activations.
     """
@@ -368,11 +367,11 @@ def _unlock(module: nn.Module, training: bool) -> None:
 def freeze(model: nn.Module, arch: str, depth: int | str, batchnorm: str = "frozen") -> FreezeSummary:
     """Freeze the first `depth` backbone blocks; the rest and the head stay trainable.
 
-    Frozen parameters stop requiring gradients. With batchnorm="frozen", every module that
-    `split(model, arch, depth).prefix` runs (the frozen blocks, and at the full depth the
-    pooling after them) also stays in eval mode through model.train(): BatchNorm keeps its
-    running statistics, Dropout and StochasticDepth are off, so the frozen prefix is a pure
-    function of the image (its output can be cached). With batchnorm="train", only the BatchNorm
+    Everything `split(model, arch, depth).prefix` runs is frozen: the first `depth` blocks, and at the
+    full depth the neck after them (pooling; ViT's final LayerNorm). Frozen parameters stop requiring
+    gradients. With batchnorm="frozen", every module of the prefix also stays in eval mode through
+    model.train(): BatchNorm keeps its running statistics, Dropout and StochasticDepth are off, so the
+    frozen prefix is a pure function of the image (its output can be cached). With batchnorm="train", only the BatchNorm
     layers follow model.train()/eval() (their statistics keep updating); Dropout and StochasticDepth
     in frozen blocks stay off.
 
@@ -395,11 +394,10 @@ def freeze(model: nn.Module, arch: str, depth: int | str, batchnorm: str = "froz
     for m in model.modules():  # and from no locked layer, all in the model's mode
         _unlock(m, model.training)
 
-    for _, paths in blocks[:depth]:
-        for path in paths:
-            for p in _params_at(model, path):
-                p.requires_grad_(False)
-    for m in split(model, arch, depth).prefix.modules():
+    prefix = split(model, arch, depth).prefix  # the first `depth` blocks (and a feature extractor's neck)
+    for p in prefix.parameters():
+        p.requires_grad_(False)
+    for m in prefix.modules():
         # "train": only BatchNorm follows model.train(); Dropout and StochasticDepth in frozen blocks stay off
         if batchnorm == "frozen" or not isinstance(m, nn.modules.batchnorm._BatchNorm):
             _lock_eval(m)
