@@ -81,6 +81,16 @@ BAD_SPECS = [
     ("lr-not-number", lambda s: s["train"].update(lr="fast"), ["train.lr:"]),
     ("fp16-on-cpu", lambda s: s["train"].update(amp="fp16"), ["train.amp:", "use_gpu"]),
     ("gpu-without-gpus", lambda s: s["scaling"].update(use_gpu=True, gpus_per_worker=0), ["scaling.gpus_per_worker:"]),
+    (
+        "gpu-fraction-with-two-workers",
+        lambda s: s["scaling"].update(use_gpu=True, num_workers=2, gpus_per_worker=0.5),
+        ["scaling.gpus_per_worker:", "0.5 with scaling.num_workers 2", "NCCL"],
+    ),
+    (
+        "gpus-the-loop-never-uses",
+        lambda s: s["scaling"].update(use_gpu=True, gpus_per_worker=2),
+        ["scaling.gpus_per_worker:", "one GPU"],
+    ),
     ("workers-zero", lambda s: s["scaling"].update(num_workers=0), ["scaling.num_workers:"]),
     ("tune-samples-zero", lambda s: s.update(tune={"num_samples": 0}), ["tune.num_samples:"]),
     ("tune-lr-reversed", lambda s: s.update(tune={"lr": {"min": 0.1, "max": 0.001}}), ["tune.lr:", "below"]),
@@ -258,3 +268,9 @@ def test_every_field_is_described():
 def test_image_sizes_the_model_runs_at_are_valid(base, arch, weights, image_size):
     pretrained(base, arch=arch, weights=weights, mode="feature_extractor")["dataset"]["image_size"] = image_size
     assert validate_spec(base).dataset.image_size == image_size  # the cross-field rules included
+
+
+@pytest.mark.parametrize(("use_gpu", "num_workers", "gpus_per_worker"), [(True, 1, 0.5), (True, 4, 1), (False, 2, 0.5)])
+def test_gpu_shares_that_work_are_valid(base, use_gpu, num_workers, gpus_per_worker):
+    base["scaling"] = {"use_gpu": use_gpu, "num_workers": num_workers, "gpus_per_worker": gpus_per_worker}
+    assert validate_spec(base).scaling.gpus_per_worker == gpus_per_worker

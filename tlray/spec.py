@@ -189,7 +189,12 @@ class ScalingSpec(_Section):
     num_workers: int = Field(1, ge=1, le=4096, description="Ray Train workers (one process each, data-parallel).")
     use_gpu: bool = Field(False, description="Train on GPUs (NCCL); otherwise CPUs (gloo).")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker reserves.")
-    gpus_per_worker: float = Field(1.0, ge=0, description="GPUs each worker reserves when `use_gpu` is true.")
+    gpus_per_worker: float = Field(
+        1.0,
+        ge=0,
+        description="GPUs each worker reserves when `use_gpu` is true: 1 (a worker trains on one GPU), or a "
+        "fraction with `num_workers: 1` (the trials of a search then share GPUs); NCCL refuses two workers on one GPU.",
+    )
     max_failures: int = Field(
         0, ge=-1, description="Worker failures to recover from (restart from the last checkpoint); -1 = unlimited."
     )
@@ -497,9 +502,23 @@ def _fp16_needs_gpu(train: TrainSpec, scaling: ScalingSpec):
 
 
 @rule("scaling")
-def _gpu_needs_gpus(scaling: ScalingSpec):
-    if scaling.use_gpu and scaling.gpus_per_worker <= 0:
+def _one_gpu_per_worker(scaling: ScalingSpec):
+    gpus, workers = scaling.gpus_per_worker, scaling.num_workers
+    if not scaling.use_gpu:
+        return
+    if gpus <= 0:
         yield Problem("scaling.gpus_per_worker", "must be > 0 when `scaling.use_gpu` is true")
+    elif gpus > 1:  # each worker is one rank on one device: the other GPUs would be reserved and never used
+        yield Problem(
+            "scaling.gpus_per_worker",
+            f"{gpus:g}: a worker trains on one GPU, so the rest would sit idle; set 1 and raise scaling.num_workers",
+        )
+    elif gpus < 1 and workers > 1:  # Ray may then place two of the run's workers on one GPU
+        yield Problem(
+            "scaling.gpus_per_worker",
+            f"{gpus:g} with scaling.num_workers {workers}: two workers of a run may share a GPU, which NCCL refuses; "
+            "set 1, or use a fraction with num_workers: 1 (trials of a search then share GPUs)",
+        )
 
 
 @rule("tune")
