@@ -473,3 +473,60 @@ def test_vit_sizes_match_torchvision(arch):
     with models._ParametersOnMeta():
         built = torchvision.models.get_model(arch, weights=None)
     assert archs.fixed_input_size(arch, None) == archs.fixed_input_size(arch, "/a/checkpoint.pt") == built.image_size
+
+
+# ---------------------------------------------------------------- weight decay
+
+
+def group_names(model: nn.Module, groups: list[dict]) -> dict[float, set[str]]:
+    names = {id(p): name for name, p in model.named_parameters()}
+    return {group["weight_decay"]: {names[id(p)] for p in group["params"]} for group in groups}
+
+
+@pytest.mark.parametrize("depth", [0, 2])
+def test_no_weight_decay_on_norms_and_biases_resnet(depth):
+    model = fresh("resnet18")
+    models.freeze(model, "resnet18", depth)
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    groups = group_names(model, models.parameter_groups(model, 0.05))
+    # convolution and linear weights (the matrices) decay; BatchNorm's scale and shift and every bias do not
+    assert groups[0.05] == {name for name, p in trainable.items() if p.ndim > 1}
+    assert groups[0.0] == {name for name, p in trainable.items() if p.ndim == 1}
+    assert {"layer3.0.bn1.weight", "layer3.0.bn1.bias"} <= groups[0.0]
+    assert ("conv1.weight" in groups[0.05]) == ("bn1.weight" in groups[0.0]) == (depth == 0)  # frozen: in neither
+    assert {"fc.bias", "layer4.0.downsample.1.weight"} <= groups[0.0]
+    assert {"fc.weight", "layer4.0.downsample.0.weight", "layer3.1.conv2.weight"} <= groups[0.05]
+
+
+def test_no_weight_decay_on_vit_embeddings_norms_and_biases():
+    model = fresh("vit_b_32")
+    models.freeze(model, "vit_b_32", 0)
+    groups = group_names(model, models.parameter_groups(model, 0.05))
+    every = dict(model.named_parameters())
+    kept = {"class_token", "encoder.pos_embedding"} | {n for n in every if n.endswith("bias") or ".ln" in n}
+    assert {"encoder.ln.weight", "encoder.layers.encoder_layer_0.ln_1.weight", "conv_proj.bias"} <= kept
+    assert groups[0.0] == kept
+    assert groups[0.05] == set(every) - kept
+    assert {"conv_proj.weight", "encoder.layers.encoder_layer_3.self_attention.in_proj_weight"} <= groups[0.05]
+    # a feature extractor trains the head alone
+    models.freeze(model, "vit_b_32", "all")
+    assert group_names(model, models.parameter_groups(model, 0.05)) == {
+        0.05: {"heads.head.weight"},
+        0.0: {"heads.head.bias"},
+    }
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_optimizer_decays_what_parameter_groups_says(optimizer):
+    from tlray.spec import TrainSpec
+    from tlray.train import make_optimizer
+
+    model = fresh("resnet18")
+    models.freeze(model, "resnet18", 4)  # layer4 and fc train
+    train = TrainSpec(optimizer=optimizer, weight_decay=0.05, lr=0.1)
+    made = make_optimizer(model, train)
+    assert group_names(model, made.param_groups) == group_names(model, models.parameter_groups(model, 0.05))
+    assert all(group["lr"] == 0.1 for group in made.param_groups)
+    assert numel(p for group in made.param_groups for p in group["params"]) == numel(models.trainable_parameters(model))
+    listed = make_optimizer(models.trainable_parameters(model), train)  # no names: every parameter decays
+    assert [group["weight_decay"] for group in listed.param_groups] == [0.05]

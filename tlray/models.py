@@ -49,6 +49,10 @@ class _Layout:
     head: str  # path of the final Linear that build_model replaces
 
 
+# ViT's bare parameters: the class token prepended to the patches and the position embedding added to them
+VIT_EMBEDDINGS = ("class_token", "encoder.pos_embedding")
+
+
 def _classifier_head(model: nn.Module) -> str:
     # EfficientNet (Dropout, Linear), MobileNet v2 (Dropout, Linear), MobileNet v3
     # (Linear, Hardswish, Dropout, Linear), ConvNeXt (LayerNorm2d, Flatten, Linear):
@@ -72,7 +76,7 @@ def _layout_of(family: str, model: nn.Module) -> _Layout:
         # The stem is the patch embedding plus the two bare parameters added to its output.
         # encoder.ln (after the last layer) is head-side: it trains with the head, except in a feature
         # extractor, whose frozen prefix ends with it (see _pieces).
-        blocks = [("stem", ("conv_proj", "class_token", "encoder.pos_embedding"))]
+        blocks = [("stem", ("conv_proj", *VIT_EMBEDDINGS))]
         blocks += [(name, (f"encoder.layers.{name}",)) for name, _ in model.encoder.layers.named_children()]
         return _Layout(tuple(blocks), "heads.head")
     raise AssertionError(f"no block map for family {family}")  # SUPPORTED_FAMILIES and this disagree
@@ -419,6 +423,40 @@ def freeze(model: nn.Module, arch: str, depth: int | str, batchnorm: str = "froz
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """What the optimizer gets: frozen parameters then never receive momentum or weight decay."""
     return [p for p in model.parameters() if p.requires_grad]
+
+
+# Layers whose parameters rescale or shift activations rather than mix them: decaying them towards 0 only
+# fights the normalisation (torchvision's reference scripts list the same classes).
+NORM_LAYERS = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.LayerNorm,  # ConvNeXt's LayerNorm2d too
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+)
+
+
+def is_decayed(model: nn.Module, name: str) -> bool:
+    """Whether weight decay applies to the parameter `name` of the bare `model`: not to norm layers, biases, or
+    ViT's position embedding and class token (as timm and torchvision's reference scripts train)."""
+    owner, _, leaf = name.rpartition(".")
+    if leaf == "bias" or leaf.endswith("_bias"):  # nn.MultiheadAttention's is in_proj_bias
+        return False
+    if isinstance(model, torchvision.models.VisionTransformer) and name in VIT_EMBEDDINGS:
+        return False
+    return not isinstance(model.get_submodule(owner), NORM_LAYERS)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """The optimizer's parameter groups of `model`'s trainable parameters: those weight decay suits, with
+    `weight_decay`, and the rest with 0 (see is_decayed). An empty group is left out."""
+    model = _unwrap(model)
+    decayed, kept = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decayed if is_decayed(model, name) else kept).append(p)
+    groups = [{"params": decayed, "weight_decay": weight_decay}, {"params": kept, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
 
 
 # ---------------------------------------------------------------- preprocessing
