@@ -102,6 +102,21 @@ BAD_SPECS = [
     ),
     ("tune-depth-needs-partial", lambda s: s.update(tune={"freeze_depth": [1, 2]}), ["tune.freeze_depth:", "partial"]),
     ("tune-metric-unreported", lambda s: s.update(tune={"metric": "f1"}), ["tune.metric:", "val_accuracy"]),
+    (
+        "search-publishes-by-another-metric",
+        lambda s: s.update(tune={"metric": "val_loss", "mode": "min"}),
+        ["train.select_metric:", "'val_accuracy' differs from tune.metric 'val_loss'"],
+    ),
+    (
+        "search-publishes-the-last-epoch",
+        lambda s: s["train"].update(select_metric="last") or s.update(tune={}),
+        ["train.select_metric:", "tune.metric 'val_accuracy'"],
+    ),
+    (
+        "search-ranks-by-the-worst",
+        lambda s: s["train"].update(select_metric="val_loss") or s.update(tune={"metric": "val_loss"}),
+        ["tune.mode:", "val_loss needs `min`"],
+    ),
     ("tune-grace-beyond-epochs", lambda s: s.update(tune={"grace_period": 5}), ["tune.grace_period:"]),
     (
         "vit-at-another-size",
@@ -274,3 +289,12 @@ def test_image_sizes_the_model_runs_at_are_valid(base, arch, weights, image_size
 def test_gpu_shares_that_work_are_valid(base, use_gpu, num_workers, gpus_per_worker):
     base["scaling"] = {"use_gpu": use_gpu, "num_workers": num_workers, "gpus_per_worker": gpus_per_worker}
     assert validate_spec(base).scaling.gpus_per_worker == gpus_per_worker
+
+
+def test_a_search_ranks_and_publishes_by_one_metric(base):
+    from tlray import publish, spec
+
+    base["train"]["select_metric"] = "val_loss"
+    base["tune"] = {"metric": "val_loss", "mode": "min"}
+    assert validate_spec(base).tune.metric == "val_loss"
+    assert spec.LOWER_IS_BETTER == publish.LOWER_IS_BETTER  # the rule and epoch selection agree on directions

@@ -26,6 +26,7 @@ from tlray import archs, names
 from tlray.errors import UserError
 
 REPORTED_METRICS = ("train_loss", "val_loss", "val_accuracy", "val_top5", "images_per_second")
+LOWER_IS_BETTER = ("train_loss", "val_loss")  # the others: higher is better
 CREDENTIAL_KEY = re.compile(r"secret|password|passwd|token|access_key|credential", re.IGNORECASE)
 
 
@@ -174,7 +175,8 @@ class TrainSpec(_Section):
     select_metric: str = Field(
         "val_accuracy",
         description=f"Which epoch a run publishes: the best by this metric (one of {', '.join(REPORTED_METRICS)}; "
-        "losses lower, others higher is better), or `last` for the final epoch.",
+        "losses lower, others higher is better), or `last` for the final epoch. A search (`tune`) needs "
+        "`tune.metric` here: the best trial publishes its epoch by the metric that ranked it.",
     )
 
     @field_validator("select_metric")
@@ -238,9 +240,13 @@ class TuneSpec(_Section):
         "its brackets' first rungs are `train.epochs` / factor^k epochs (k = 0, 1, ...), so it stops "
         "no trial early when `train.epochs` < factor.",
     )
-    metric: str = Field("val_accuracy", description=f"Metric to optimise: one of {', '.join(REPORTED_METRICS)}.")
+    metric: str = Field(
+        "val_accuracy",
+        description=f"Metric that ranks the trials: one of {', '.join(REPORTED_METRICS)}; "
+        "`train.select_metric` must be the same.",
+    )
     mode: Literal["max", "min"] = Field(
-        "max", description="Whether a higher (`max`) or lower (`min`) metric is better."
+        "max", description="Whether a higher (`max`) or lower (`min`) metric is better: `min` for the losses."
     )
     max_concurrent_trials: int | None = Field(
         None, ge=1, description="Trials running at once; default: as many as the cluster's resources allow."
@@ -536,6 +542,29 @@ def _tuned_depths_in_block_map(tune: TuneSpec | None, model: ModelSpec):
         return
     for i, depth in enumerate(tune.freeze_depth):
         yield from _depth_problems(f"tune.freeze_depth[{i}]", model.arch, depth)
+
+
+@rule("tune", "train")
+def _search_publishes_by_its_ranking(tune: TuneSpec | None, train: TrainSpec):
+    # One metric both ranks the trials and picks the epoch the best trial publishes. Refused up front rather than
+    # publishing by tune.metric: train.select_metric also decides which checkpoints a run keeps
+    # (checkpoints_to_keep), so only with the two equal is the ranked epoch sure to be on disk, and the same
+    # spec under `tlray train` publishes the epoch the search saw. One rule, one meaning of select_metric.
+    if tune is None:
+        return
+    if train.select_metric != tune.metric:
+        yield Problem(
+            "train.select_metric",
+            f"'{train.select_metric}' differs from tune.metric '{tune.metric}': a search ranks trials by "
+            "tune.metric, so the best trial must publish its epoch by it too; set both to the same metric",
+        )
+    direction = "min" if tune.metric in LOWER_IS_BETTER else "max"
+    if tune.mode != direction:
+        yield Problem(
+            "tune.mode",
+            f"'{tune.mode}' would rank trials by their worst {tune.metric}, while each trial publishes its best "
+            f"epoch; {tune.metric} needs `{direction}`",
+        )
 
 
 @rule("publish")
