@@ -517,7 +517,7 @@ def test_render_multi_gpu_tune_spec(capsys):
         "--set",
         "scaling.num_workers=4",
         "--set",
-        "scaling.gpus_per_worker=2",
+        "scaling.gpus_per_worker=1",
         "--set",
         "tune.max_concurrent_trials=3",
     )
@@ -525,7 +525,7 @@ def test_render_multi_gpu_tune_spec(capsys):
     (job,) = by_kind(objects, "RayJob")
     group = worker_group(job)
     assert group["replicas"] == group["maxReplicas"] == 12  # 3 trials x 4 workers
-    assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert job["spec"]["entrypoint"] == "tlray tune job.yaml"
     embedded = yaml.safe_load(by_kind(objects, "ConfigMap")[0]["data"]["job.yaml"])
     assert embedded["scaling"]["num_workers"] == 4 and embedded["tune"]["max_concurrent_trials"] == 3

@@ -17,7 +17,7 @@ import torch
 import torchvision
 from torch import nn
 
-from tlray import models
+from tlray import archs, models
 from tlray.models import ModelError
 
 # arch -> (expected blocks as lists of dotted paths, head path, head-side prefixes never frozen)
@@ -44,6 +44,9 @@ EXPECTED = {
         ["encoder.ln", "heads"],
     ),
 }
+# head-side layers a feature extractor freezes too: its prefix ends where the head reads (ViT: the class token
+# after the final LayerNorm), so the cache stores one vector per image
+FEATURE_EXTRACTOR_NECK = {"vit_b_32": ["encoder.ln"]}
 ONE_PER_FAMILY = ["resnet18", "efficientnet_b0", "mobilenet_v3_small", "convnext_tiny", "regnet_x_400mf", "vit_b_32"]
 WITH_BATCHNORM = ["resnet18", "efficientnet_b0", "mobilenet_v2", "mobilenet_v3_small", "regnet_x_400mf"]
 HEAD_SIDE = {
@@ -204,15 +207,22 @@ def test_counts_at_every_depth(arch):
     for depth in [*range(len(blocks) + 1), "all"]:
         d = len(blocks) if depth == "all" else depth
         summary = models.freeze(model, arch, depth)
-        frozen = numel(p for block in blocks[:d] for path in block for p in params_at(model, path))
+        neck = FEATURE_EXTRACTOR_NECK.get(arch, []) if d == len(blocks) else []
+        frozen = numel(
+            p for path in [*(path for block in blocks[:d] for path in block), *neck] for p in params_at(model, path)
+        )
         assert summary == models.FreezeSummary(
             d, len(blocks), models.backbone_block_names(arch)[:d], total - frozen, frozen
         )
         assert numel(p for p in model.parameters() if not p.requires_grad) == frozen
         assert numel(models.trainable_parameters(model)) == total - frozen
-    # "all": exactly the head-side layers remain trainable
-    head_side_params = numel(p for path in head_side for p in params_at(model, path))
-    assert numel(models.trainable_parameters(model)) == head_side_params
+    # "all": exactly the head-side layers after the neck remain trainable
+    trained_side = [path for path in head_side if path not in FEATURE_EXTRACTOR_NECK.get(arch, [])]
+    assert numel(models.trainable_parameters(model)) == numel(
+        p for path in trained_side for p in params_at(model, path)
+    )
+    assert all(p.requires_grad for path in trained_side for p in params_at(model, path))
+    models.freeze(model, arch, len(blocks) - 1)  # a partial depth trains every head-side layer
     assert all(p.requires_grad for path in head_side for p in params_at(model, path))
 
 
@@ -417,3 +427,106 @@ def test_preprocessing_from_torchvision_metadata():
     assert augmented.shape == (3, 32, 32) and not torch.equal(augmented, shipped)
     with pytest.raises(ModelError, match="image_size"):
         models.preprocessing("resnet18", 0)
+
+
+def test_preprocessing_follows_the_chosen_weights():
+    v1, v2 = (
+        models.preprocessing("resnet50", None, "IMAGENET1K_V1"),
+        models.preprocessing("resnet50", None, "IMAGENET1K_V2"),
+    )
+    assert (v1.resize_size, v1.crop_size, v1.interpolation) == (256, 224, "bilinear")
+    assert (v2.resize_size, v2.crop_size, v2.interpolation) == (232, 224, "bilinear")
+    assert (
+        models.preprocessing("resnet50", None, "DEFAULT")
+        == v2
+        == models.preprocessing("resnet50", None, "ResNet50_Weights.IMAGENET1K_V2")
+    )
+    assert models.preprocessing("resnet50", 112, "IMAGENET1K_V1").resize_size == 128  # 256 scaled by 112/224
+    assert models.preprocessing("resnet50", 112, "IMAGENET1K_V2").resize_size == 116
+    swag = models.preprocessing("regnet_y_16gf", None, "IMAGENET1K_SWAG_E2E_V1")
+    assert (swag.resize_size, swag.crop_size, swag.interpolation) == (384, 384, "bicubic")
+    # a checkpoint, or random init: the DEFAULT preset
+    assert models.preprocessing("resnet50", None, "/models/resnet50.pt") == v2 == models.preprocessing("resnet50", None)
+
+
+def test_vit_preprocessing_is_the_size_its_model_is_built_for():
+    swag = models.preprocessing("vit_b_16", None, "IMAGENET1K_SWAG_E2E_V1")
+    assert (swag.resize_size, swag.crop_size, swag.interpolation) == (384, 384, "bicubic")
+    # vit_h_14's DEFAULT preset is 518 px, but without torchvision weights the model is built for 224
+    assert models.preprocessing("vit_h_14", None, "DEFAULT").crop_size == 518
+    for weights in (None, "/models/vit_h_14.pt"):
+        p = models.preprocessing("vit_h_14", None, weights)
+        assert (p.crop_size, p.resize_size, p.interpolation) == (224, 224, "bicubic")
+    with pytest.raises(ModelError, match=r"^dataset.image_size: vit_b_32 .* 224 px"):
+        models.preprocessing("vit_b_32", 64, "DEFAULT")
+    with pytest.raises(ModelError, match=r"^dataset.image_size: convnext_tiny needs .* at least 32 px"):
+        models.preprocessing("convnext_tiny", 16)
+
+
+@pytest.mark.parametrize("arch", [a for a, arch in archs.ARCHS.items() if arch.family == "vit"])
+def test_vit_sizes_match_torchvision(arch):
+    """tlray.archs's table of ViT sizes (read without torch) against torchvision's weights and builder."""
+    enum = torchvision.models.get_model_weights(arch)
+    for name in enum.__members__:  # DEFAULT included
+        member = enum[name]
+        assert archs.fixed_input_size(arch, name) == member.meta["min_size"][0] == member.transforms().crop_size[0]
+    with models._ParametersOnMeta():
+        built = torchvision.models.get_model(arch, weights=None)
+    assert archs.fixed_input_size(arch, None) == archs.fixed_input_size(arch, "/a/checkpoint.pt") == built.image_size
+
+
+# ---------------------------------------------------------------- weight decay
+
+
+def group_names(model: nn.Module, groups: list[dict]) -> dict[float, set[str]]:
+    names = {id(p): name for name, p in model.named_parameters()}
+    return {group["weight_decay"]: {names[id(p)] for p in group["params"]} for group in groups}
+
+
+@pytest.mark.parametrize("depth", [0, 2])
+def test_no_weight_decay_on_norms_and_biases_resnet(depth):
+    model = fresh("resnet18")
+    models.freeze(model, "resnet18", depth)
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    groups = group_names(model, models.parameter_groups(model, 0.05))
+    # convolution and linear weights (the matrices) decay; BatchNorm's scale and shift and every bias do not
+    assert groups[0.05] == {name for name, p in trainable.items() if p.ndim > 1}
+    assert groups[0.0] == {name for name, p in trainable.items() if p.ndim == 1}
+    assert {"layer3.0.bn1.weight", "layer3.0.bn1.bias"} <= groups[0.0]
+    assert ("conv1.weight" in groups[0.05]) == ("bn1.weight" in groups[0.0]) == (depth == 0)  # frozen: in neither
+    assert {"fc.bias", "layer4.0.downsample.1.weight"} <= groups[0.0]
+    assert {"fc.weight", "layer4.0.downsample.0.weight", "layer3.1.conv2.weight"} <= groups[0.05]
+
+
+def test_no_weight_decay_on_vit_embeddings_norms_and_biases():
+    model = fresh("vit_b_32")
+    models.freeze(model, "vit_b_32", 0)
+    groups = group_names(model, models.parameter_groups(model, 0.05))
+    every = dict(model.named_parameters())
+    kept = {"class_token", "encoder.pos_embedding"} | {n for n in every if n.endswith("bias") or ".ln" in n}
+    assert {"encoder.ln.weight", "encoder.layers.encoder_layer_0.ln_1.weight", "conv_proj.bias"} <= kept
+    assert groups[0.0] == kept
+    assert groups[0.05] == set(every) - kept
+    assert {"conv_proj.weight", "encoder.layers.encoder_layer_3.self_attention.in_proj_weight"} <= groups[0.05]
+    # a feature extractor trains the head alone
+    models.freeze(model, "vit_b_32", "all")
+    assert group_names(model, models.parameter_groups(model, 0.05)) == {
+        0.05: {"heads.head.weight"},
+        0.0: {"heads.head.bias"},
+    }
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_optimizer_decays_what_parameter_groups_says(optimizer):
+    from tlray.spec import TrainSpec
+    from tlray.train import make_optimizer
+
+    model = fresh("resnet18")
+    models.freeze(model, "resnet18", 4)  # layer4 and fc train
+    train = TrainSpec(optimizer=optimizer, weight_decay=0.05, lr=0.1)
+    made = make_optimizer(model, train)
+    assert group_names(model, made.param_groups) == group_names(model, models.parameter_groups(model, 0.05))
+    assert all(group["lr"] == 0.1 for group in made.param_groups)
+    assert numel(p for group in made.param_groups for p in group["params"]) == numel(models.trainable_parameters(model))
+    listed = make_optimizer(models.trainable_parameters(model), train)  # no names: every parameter decays
+    assert [group["weight_decay"] for group in listed.param_groups] == [0.05]

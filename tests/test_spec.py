@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tlray.cli import main
-from tlray.spec import JobSpec, load_spec
+from tlray.spec import JobSpec, load_spec, validate_spec
 
 from conftest import ROOT, spec_dict, write_spec
 
@@ -81,6 +81,16 @@ BAD_SPECS = [
     ("lr-not-number", lambda s: s["train"].update(lr="fast"), ["train.lr:"]),
     ("fp16-on-cpu", lambda s: s["train"].update(amp="fp16"), ["train.amp:", "use_gpu"]),
     ("gpu-without-gpus", lambda s: s["scaling"].update(use_gpu=True, gpus_per_worker=0), ["scaling.gpus_per_worker:"]),
+    (
+        "gpu-fraction-with-two-workers",
+        lambda s: s["scaling"].update(use_gpu=True, num_workers=2, gpus_per_worker=0.5),
+        ["scaling.gpus_per_worker:", "0.5 with scaling.num_workers 2", "NCCL"],
+    ),
+    (
+        "gpus-the-loop-never-uses",
+        lambda s: s["scaling"].update(use_gpu=True, gpus_per_worker=2),
+        ["scaling.gpus_per_worker:", "one GPU"],
+    ),
     ("workers-zero", lambda s: s["scaling"].update(num_workers=0), ["scaling.num_workers:"]),
     ("tune-samples-zero", lambda s: s.update(tune={"num_samples": 0}), ["tune.num_samples:"]),
     ("tune-lr-reversed", lambda s: s.update(tune={"lr": {"min": 0.1, "max": 0.001}}), ["tune.lr:", "below"]),
@@ -92,7 +102,39 @@ BAD_SPECS = [
     ),
     ("tune-depth-needs-partial", lambda s: s.update(tune={"freeze_depth": [1, 2]}), ["tune.freeze_depth:", "partial"]),
     ("tune-metric-unreported", lambda s: s.update(tune={"metric": "f1"}), ["tune.metric:", "val_accuracy"]),
+    (
+        "search-publishes-by-another-metric",
+        lambda s: s.update(tune={"metric": "val_loss", "mode": "min"}),
+        ["train.select_metric:", "'val_accuracy' differs from tune.metric 'val_loss'"],
+    ),
+    (
+        "search-publishes-the-last-epoch",
+        lambda s: s["train"].update(select_metric="last") or s.update(tune={}),
+        ["train.select_metric:", "tune.metric 'val_accuracy'"],
+    ),
+    (
+        "search-ranks-by-the-worst",
+        lambda s: s["train"].update(select_metric="val_loss") or s.update(tune={"metric": "val_loss"}),
+        ["tune.mode:", "val_loss needs `min`"],
+    ),
     ("tune-grace-beyond-epochs", lambda s: s.update(tune={"grace_period": 5}), ["tune.grace_period:"]),
+    (
+        "vit-at-another-size",
+        lambda s: pretrained(s, arch="vit_b_32", mode="partial", freeze_depth=3)["dataset"].update(image_size=64),
+        ["dataset.image_size:", "vit_b_32", "224 px"],
+    ),
+    (
+        "vit-below-its-weights-size",
+        lambda s: pretrained(s, arch="vit_b_16", weights="IMAGENET1K_SWAG_E2E_V1", mode="feature_extractor")[
+            "dataset"
+        ].update(image_size=224),
+        ["dataset.image_size:", "384 px"],
+    ),
+    (
+        "convnext-below-32-px",
+        lambda s: s["model"].update(arch="convnext_tiny") or s["dataset"].update(image_size=16),
+        ["dataset.image_size:", "at least 32 px"],
+    ),
     ("unknown-top-key", lambda s: s.update(trian={"epochs": 3}), ["trian: unknown key", "did you mean 'train'"]),
     ("unknown-nested-key", lambda s: s["train"].update(learning_rate=0.1), ["train.learning_rate: unknown key"]),
     (
@@ -225,3 +267,34 @@ def test_every_field_is_described():
                     walk(t)
 
     walk(JobSpec)
+
+
+@pytest.mark.parametrize(
+    ("arch", "weights", "image_size"),
+    [
+        ("vit_b_32", "DEFAULT", 224),
+        ("vit_b_16", "IMAGENET1K_SWAG_E2E_V1", 384),
+        ("vit_h_14", "IMAGENET1K_SWAG_LINEAR_V1", 224),
+        ("vit_h_14", "/models/vit_h_14.pt", 224),  # a checkpoint loads into the 224 px build
+        ("convnext_tiny", "DEFAULT", 32),
+        ("resnet18", "DEFAULT", 8),
+    ],
+)
+def test_image_sizes_the_model_runs_at_are_valid(base, arch, weights, image_size):
+    pretrained(base, arch=arch, weights=weights, mode="feature_extractor")["dataset"]["image_size"] = image_size
+    assert validate_spec(base).dataset.image_size == image_size  # the cross-field rules included
+
+
+@pytest.mark.parametrize(("use_gpu", "num_workers", "gpus_per_worker"), [(True, 1, 0.5), (True, 4, 1), (False, 2, 0.5)])
+def test_gpu_shares_that_work_are_valid(base, use_gpu, num_workers, gpus_per_worker):
+    base["scaling"] = {"use_gpu": use_gpu, "num_workers": num_workers, "gpus_per_worker": gpus_per_worker}
+    assert validate_spec(base).scaling.gpus_per_worker == gpus_per_worker
+
+
+def test_a_search_ranks_and_publishes_by_one_metric(base):
+    from tlray import publish, spec
+
+    base["train"]["select_metric"] = "val_loss"
+    base["tune"] = {"metric": "val_loss", "mode": "min"}
+    assert validate_spec(base).tune.metric == "val_loss"
+    assert spec.LOWER_IS_BETTER == publish.LOWER_IS_BETTER  # the rule and epoch selection agree on directions

@@ -15,6 +15,7 @@ from torchvision.ops import StochasticDepth
 
 from tlray import models
 
+FEATURE_EXTRACTOR_NECK = {"vit_b_32": ["encoder.ln"]}  # frozen with the blocks at the full depth only
 ARCHS = [
     "resnet18",
     "efficientnet_b0",
@@ -46,9 +47,19 @@ def depths(arch: str) -> list:
 
 
 def block_param_ids(model: nn.Module, arch: str, depth: int) -> set[int]:
-    """The parameters the first `depth` block paths cover, read off the block map."""
-    paths = [path for _, block in models._layout(arch).blocks[:depth] for path in block]
-    return {id(p) for path in paths for p in models._params_at(model, path)}
+    """The parameters the first `depth` block paths cover, read off the block map; at the full depth also
+    the head-side layers before the head's input (ViT's final LayerNorm)."""
+    blocks = models._layout(arch).blocks
+    paths = [path for _, block in blocks[:depth] for path in block]
+    paths += FEATURE_EXTRACTOR_NECK.get(arch, []) if depth == len(blocks) else []
+    return {id(p) for path in paths for p in params_at(model, path)}
+
+
+def params_at(model: nn.Module, path: str) -> list[nn.Parameter]:
+    try:
+        return list(model.get_submodule(path).parameters())
+    except AttributeError:  # a bare parameter such as ViT's class_token
+        return [model.get_parameter(path)]
 
 
 def own_modules(model: nn.Module, part: nn.Module) -> list[nn.Module]:
@@ -114,9 +125,13 @@ def test_frozen_blocks_stay_in_eval(arch):
         assert own_modules(model, s.prefix) and own_modules(model, s.rest)
         assert not any(m.training for m in own_modules(model, s.prefix)), depth
         assert all(m.training for m in own_modules(model, s.rest)), depth
-    models.freeze(model, arch, n // 2, batchnorm="train")  # today's behaviour: nothing locked
+    # batchnorm: train: the frozen BatchNorm layers follow model.train(); Dropout, StochasticDepth & co. stay off
+    models.freeze(model, arch, n // 2, batchnorm="train")
     model.train()
-    assert all(m.training for m in model.modules())
+    s = models.split(model, arch, n // 2)
+    is_batchnorm = [isinstance(m, nn.modules.batchnorm._BatchNorm) for m in own_modules(model, s.prefix)]
+    assert [m.training for m in own_modules(model, s.prefix)] == is_batchnorm
+    assert all(m.training for m in own_modules(model, s.rest))
     model.eval()
     assert not any(m.training for m in model.modules())
 
@@ -138,3 +153,75 @@ def test_frozen_prefix_is_a_pure_function_of_the_image():
     clone = copy.deepcopy(model)  # the lock survives copying
     clone.train()
     assert not any(m.training for m in own_modules(clone, models.split(clone, arch, depth).prefix))
+
+
+# What the spec must refuse: ViT runs at the one size it is built for (224 here), ConvNeXt needs 32 px.
+REFUSED_SIZES = {("convnext_tiny", 8), ("vit_b_32", 8), ("vit_b_32", 40)}
+
+
+@pytest.mark.parametrize("image_size", [8, 40])  # the spec's smallest size, and one no preset has
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_non_default_image_size_trains_a_step_or_is_refused_by_the_spec(arch, image_size, tmp_path):
+    from tlray.spec import SpecError, validate_spec
+
+    from conftest import spec_dict
+
+    depth = len(models.backbone_block_names(arch)) // 2
+    raw = spec_dict(str(tmp_path / "images"), str(tmp_path / "out"))
+    raw["dataset"]["image_size"] = image_size
+    raw["model"] = {"arch": arch, "weights": "DEFAULT", "mode": "partial", "freeze_depth": depth}
+    if (arch, image_size) in REFUSED_SIZES:
+        with pytest.raises(SpecError) as refused:
+            validate_spec(raw)
+        assert [p.key for p in refused.value.problems] == ["dataset.image_size"]
+        return
+    spec = validate_spec(raw)
+    crop = models.preprocessing(arch, spec.dataset.image_size, spec.model.weights).crop_size
+    assert crop == image_size
+    model = fresh(arch)
+    models.freeze(model, arch, depth)
+    model.train()
+    parts = models.split(model, arch, depth)
+    torch.manual_seed(0)
+    with torch.no_grad():  # as the workers run the frozen prefix
+        features = parts.prefix(torch.randn(2, 3, crop, crop))
+    loss = nn.functional.cross_entropy(parts.rest(features), torch.tensor([0, 2]))
+    loss.backward()
+    grads = [p.grad for p in models.trainable_parameters(model)]
+    assert torch.isfinite(loss) and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_vit_feature_extractor_prefix_ends_at_the_class_token_the_head_reads():
+    from tlray.prefix_cache import activation_bytes
+
+    arch, hidden_dim = "vit_b_32", 768
+    model = fresh(arch)
+    models.freeze(model, arch, "all")
+    head_input = []
+    hook = model.heads.register_forward_hook(lambda module, args, out: head_input.append(args[0]))
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 224, 224)
+    try:
+        with torch.no_grad():
+            expected = model(x)
+            s = models.split(model, arch, "all")
+            features = s.prefix(x)
+            out = s.rest(features)
+    finally:
+        hook.remove()
+    assert features.shape == (2, hidden_dim)
+    torch.testing.assert_close(features, head_input[0], rtol=0, atol=0)  # LayerNorm'ed class token
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert not any(p.requires_grad for p in model.encoder.ln.parameters())  # in the prefix, so frozen
+    assert all(p.requires_grad for p in model.heads.parameters())
+
+    # the cache holds one vector an image, not 50 tokens (197 at patch size 16)
+    shape = models.prefix_output_shape(s, 224)
+    assert shape == (hidden_dim,)
+    counts = {"train": 30, "val": 10}
+    assert activation_bytes(shape, counts, "float32") == 40 * hidden_dim * 4
+    assert activation_bytes(shape, counts, "bfloat16") == 40 * hidden_dim * 2
+    # a partial depth keeps every token, and encoder.ln trains with the head
+    models.freeze(model, arch, 12)
+    assert models.prefix_output_shape(models.split(model, arch, 12), 224) == (50, hidden_dim)
+    assert all(p.requires_grad for p in model.encoder.ln.parameters())

@@ -185,7 +185,7 @@ def test_stopped_search_resumes_instead_of_starting_over(tmp_path):
         ({"lr": {"min": 0.1, "max": 0.01}}, "tune.lr"),
         ({"lr": {"min": 0, "max": 0.01}}, "tune.lr.min"),
         ({"metric": "f1_score"}, "tune.metric"),
-        ({"metric": "val_top5"}, "tune.metric: val_top5 is only reported with 5 or more classes"),
+        ({"metric": "val_top5"}, "val_top5 is only reported with 5 or more classes"),  # train.select_metric too
     ],
     ids=[
         "depth-outside-block-map",
@@ -199,7 +199,8 @@ def test_stopped_search_resumes_instead_of_starting_over(tmp_path):
 def test_bad_search_input_is_exit_2_before_ray_starts(tmp_path, capsys, tune, expected):
     import ray
 
-    assert main(["tune", str(search_spec(tmp_path, **tune))]) == 2
+    train = {"select_metric": tune["metric"]} if "metric" in tune else None  # a search publishes by its metric
+    assert main(["tune", str(search_spec(tmp_path, train, **tune))]) == 2
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err
     assert not ray.is_initialized()  # every search input, the metric included, is checked before Ray starts
@@ -243,7 +244,14 @@ def test_hyperband_search_stops_one_trial_at_its_rung_and_publishes_a_fully_trai
     # pauses the first at epoch 1 until the other gets there, then lets the better one go on. val_loss has
     # no ties, so the trial stopped at epoch 1 (worse than the one that went on) cannot rank first.
     spec_path = two_epochs(
-        search_spec(tmp_path, scheduler="hyperband", reduction_factor=2, metric="val_loss", mode="min")
+        search_spec(
+            tmp_path,
+            {"select_metric": "val_loss"},
+            scheduler="hyperband",
+            reduction_factor=2,
+            metric="val_loss",
+            mode="min",
+        )
     )
     assert main(["tune", str(spec_path)]) == 0
 

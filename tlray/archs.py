@@ -141,6 +141,54 @@ def torchvision_weights_name(arch: str, name: str) -> str | None:
     return member if member in weights_names(arch) else None
 
 
+# ---------------------------------------------------------------- input sizes
+
+# ViT adds a position embedding of one length to its patches, so a model runs at one image size: torchvision
+# builds it at its weights' size (their meta["min_size"], also their transforms' crop) and at 224 without
+# torchvision weights (random init, or a checkpoint loaded into that build).
+VIT_BUILT_SIZE = 224
+VIT_WEIGHTS_SIZES: dict[str, dict[str, int]] = {
+    "vit_b_16": {"DEFAULT": 224, "IMAGENET1K_V1": 224, "IMAGENET1K_SWAG_E2E_V1": 384, "IMAGENET1K_SWAG_LINEAR_V1": 224},
+    "vit_b_32": {"DEFAULT": 224, "IMAGENET1K_V1": 224},
+    "vit_l_16": {"DEFAULT": 224, "IMAGENET1K_V1": 224, "IMAGENET1K_SWAG_E2E_V1": 512, "IMAGENET1K_SWAG_LINEAR_V1": 224},
+    "vit_l_32": {"DEFAULT": 224, "IMAGENET1K_V1": 224},
+    "vit_h_14": {"DEFAULT": 518, "IMAGENET1K_SWAG_E2E_V1": 518, "IMAGENET1K_SWAG_LINEAR_V1": 224},
+}
+# ConvNeXt downsamples by 4 and then three times by 2 with unpadded convolutions: below 32 px a stage gets 0 px.
+MIN_INPUT_SIZE = {"convnext": 32}
+
+
+def fixed_input_size(arch: str, weights: str | None) -> int | None:
+    """The one image size `arch` runs at when built from `weights` (a weights name, a checkpoint or None),
+    or None when its convolutions take any size (from `min_input_size`)."""
+    if family_of(arch) != "vit":
+        return None
+    member = torchvision_weights_name(arch, weights) if weights else None
+    return VIT_WEIGHTS_SIZES[arch][member] if member else VIT_BUILT_SIZE
+
+
+def min_input_size(arch: str) -> int:
+    return MIN_INPUT_SIZE.get(family_of(arch), 1)
+
+
+def image_size_problem(arch: str, weights: str | None, image_size: int) -> str | None:
+    """Why `arch` built from `weights` cannot run on `image_size` px images (None when it can)."""
+    fixed = fixed_input_size(arch, weights)
+    if fixed is not None and image_size != fixed:
+        built = (
+            f"with weights {weights}"
+            if torchvision_weights_name(arch, weights or "")
+            else "without torchvision weights"
+        )
+        return (
+            f"{arch} {built} is built for {fixed} px images (its position embedding has one length); "
+            f"set {fixed} or leave dataset.image_size out"
+        )
+    if image_size < min_input_size(arch):
+        return f"{arch} needs images of at least {min_input_size(arch)} px (got {image_size})"
+    return None
+
+
 def resolve_freeze_depth(arch: str, depth: int | str) -> int:
     names = backbone_block_names(arch)
     total = len(names)

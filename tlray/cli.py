@@ -249,7 +249,8 @@ def data_source(spec, index):
     """The index's keys into Ray's object store: what workers and trials read the data through."""
     from tlray import data, models
 
-    preprocessing = models.preprocessing(spec.model.arch, spec.dataset.image_size)
+    model = spec.model  # the weights' own preset: resnet50's V1 and V2 resize differently
+    preprocessing = models.preprocessing(model.arch, spec.dataset.image_size, model.builder_weights)
     return data.data_source(index, spec.dataset, preprocessing, seed=spec.train.seed)
 
 

@@ -1,7 +1,8 @@
 """Torchvision models for transfer learning: block maps, freezing, new heads, preprocessing.
 
 A model is an ordered list of named backbone *blocks*, input to output, followed by
-head-side layers that are never frozen (the classifier, ViT's final LayerNorm, ...).
+head-side layers (the classifier, ViT's final LayerNorm, ...), trainable unless the whole
+backbone is frozen: a feature extractor freezes ViT's final LayerNorm with the blocks.
 `freeze_depth = d` freezes the first d blocks: 0 is a full fine-tune, "all" (the number
 of blocks) a feature extractor. The block map is read off a model built on the meta
 device, so it costs no memory and always matches what torchvision builds.
@@ -26,6 +27,7 @@ from torch.overrides import TorchFunctionMode
 from torchvision.transforms import v2
 
 # The arch table, and the rules that need no model, live in tlray.archs (importable without torch).
+from tlray import archs
 from tlray.archs import SUPPORTED_FAMILIES, ModelError, family_of, resolve_freeze_depth, supported_archs  # noqa: F401
 
 log = logging.getLogger("tlray")
@@ -45,6 +47,10 @@ class _Layout:
 
     blocks: tuple[tuple[str, tuple[str, ...]], ...]  # (block name, paths it covers), input -> output
     head: str  # path of the final Linear that build_model replaces
+
+
+# ViT's bare parameters: the class token prepended to the patches and the position embedding added to them
+VIT_EMBEDDINGS = ("class_token", "encoder.pos_embedding")
 
 
 def _classifier_head(model: nn.Module) -> str:
@@ -68,8 +74,9 @@ def _layout_of(family: str, model: nn.Module) -> _Layout:
         return _Layout(tuple(blocks), "fc")
     if family == "vit":
         # The stem is the patch embedding plus the two bare parameters added to its output.
-        # encoder.ln (after the last layer) is head-side: it stays trainable with the head.
-        blocks = [("stem", ("conv_proj", "class_token", "encoder.pos_embedding"))]
+        # encoder.ln (after the last layer) is head-side: it trains with the head, except in a feature
+        # extractor, whose frozen prefix ends with it (see _pieces).
+        blocks = [("stem", ("conv_proj", *VIT_EMBEDDINGS))]
         blocks += [(name, (f"encoder.layers.{name}",)) for name, _ in model.encoder.layers.named_children()]
         return _Layout(tuple(blocks), "heads.head")
     raise AssertionError(f"no block map for family {family}")  # SUPPORTED_FAMILIES and this disagree
@@ -101,13 +108,6 @@ def _layout(arch: str) -> _Layout:
 
 def backbone_block_names(arch: str) -> list[str]:
     return [name for name, _ in _layout(arch).blocks]
-
-
-def _params_at(model: nn.Module, path: str) -> list[nn.Parameter]:
-    try:
-        return list(model.get_submodule(path).parameters())
-    except AttributeError:  # a bare parameter such as ViT's class_token
-        return [model.get_parameter(path)]
 
 
 # ---------------------------------------------------------------- building
@@ -250,8 +250,11 @@ def _vit_class_token(x):
 
 
 def _pieces(family: str, model: nn.Module) -> tuple[list[nn.Module], list[nn.Module], list[nn.Module]]:
-    """torchvision's forward of `model` as (one module per block, the parameterless neck between
-    the last block and the head side, the head side): running all three in order is model(x)."""
+    """torchvision's forward of `model` as (one module per block, the neck, the head side): running all
+    three in order is model(x). The neck is what the frozen prefix adds after the last block when the whole
+    backbone is frozen, so that a feature extractor's prefix output (what the cache stores) is what the
+    head reads: the pooled features, or ViT's class token after the final LayerNorm (768 numbers an image
+    for ViT-B, not 197 tokens of 768)."""
     if family == "resnet":
         stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
         blocks = [stem, model.layer1, model.layer2, model.layer3, model.layer4]
@@ -277,8 +280,8 @@ def _pieces(family: str, model: nn.Module) -> tuple[list[nn.Module], list[nn.Mod
             image_size=model.image_size,
             hidden_dim=model.hidden_dim,
         )
-        head = [model.encoder.ln, _Op(_vit_class_token), model.heads]
-        return [stem, *model.encoder.layers], [], head  # encoder.ln has parameters: nothing in the neck
+        # partial depths train encoder.ln with the head; a feature extractor freezes it (the neck has parameters)
+        return [stem, *model.encoder.layers], [model.encoder.ln, _Op(_vit_class_token)], [model.heads]
     raise AssertionError(f"no split for family {family}")  # SUPPORTED_FAMILIES and this disagree
 
 
@@ -288,7 +291,8 @@ class Split:
 
     Both run the model's own layers (no copies), so they follow its train/eval mode and
     freezing. `prefix` is nn.Identity() at depth 0; at the full depth it also runs the
-    parameterless pooling (and flatten) before the head side, so its output is small.
+    pooling (and flatten) before the head side, or ViT's final LayerNorm and class-token
+    selection, so its output is one feature vector per image.
     `rest` may change its input in place when training (EfficientNet's classifier starts
     with Dropout(inplace=True)): give it a copy of cached activations.
     """
@@ -367,11 +371,11 @@ def _unlock(module: nn.Module, training: bool) -> None:
 def freeze(model: nn.Module, arch: str, depth: int | str, batchnorm: str = "frozen") -> FreezeSummary:
     """Freeze the first `depth` backbone blocks; the rest and the head stay trainable.
 
-    Frozen parameters stop requiring gradients. With batchnorm="frozen", every module that
-    `split(model, arch, depth).prefix` runs (the frozen blocks, and at the full depth the
-    pooling after them) also stays in eval mode through model.train(): BatchNorm keeps its
-    running statistics, Dropout and StochasticDepth are off, so the frozen prefix is a pure
-    function of the image (its output can be cached). With batchnorm="train", only the BatchNorm
+    Everything `split(model, arch, depth).prefix` runs is frozen: the first `depth` blocks, and at the
+    full depth the neck after them (pooling; ViT's final LayerNorm). Frozen parameters stop requiring
+    gradients. With batchnorm="frozen", every module of the prefix also stays in eval mode through
+    model.train(): BatchNorm keeps its running statistics, Dropout and StochasticDepth are off, so the
+    frozen prefix is a pure function of the image (its output can be cached). With batchnorm="train", only the BatchNorm
     layers follow model.train()/eval() (their statistics keep updating); Dropout and StochasticDepth
     in frozen blocks stay off.
 
@@ -394,11 +398,10 @@ def freeze(model: nn.Module, arch: str, depth: int | str, batchnorm: str = "froz
     for m in model.modules():  # and from no locked layer, all in the model's mode
         _unlock(m, model.training)
 
-    for _, paths in blocks[:depth]:
-        for path in paths:
-            for p in _params_at(model, path):
-                p.requires_grad_(False)
-    for m in split(model, arch, depth).prefix.modules():
+    prefix = split(model, arch, depth).prefix  # the first `depth` blocks (and a feature extractor's neck)
+    for p in prefix.parameters():
+        p.requires_grad_(False)
+    for m in prefix.modules():
         # "train": only BatchNorm follows model.train(); Dropout and StochasticDepth in frozen blocks stay off
         if batchnorm == "frozen" or not isinstance(m, nn.modules.batchnorm._BatchNorm):
             _lock_eval(m)
@@ -420,6 +423,40 @@ def freeze(model: nn.Module, arch: str, depth: int | str, batchnorm: str = "froz
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """What the optimizer gets: frozen parameters then never receive momentum or weight decay."""
     return [p for p in model.parameters() if p.requires_grad]
+
+
+# Layers whose parameters rescale or shift activations rather than mix them: decaying them towards 0 only
+# fights the normalisation (torchvision's reference scripts list the same classes).
+NORM_LAYERS = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.LayerNorm,  # ConvNeXt's LayerNorm2d too
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+)
+
+
+def is_decayed(model: nn.Module, name: str) -> bool:
+    """Whether weight decay applies to the parameter `name` of the bare `model`: not to norm layers, biases, or
+    ViT's position embedding and class token (as timm and torchvision's reference scripts train)."""
+    owner, _, leaf = name.rpartition(".")
+    if leaf == "bias" or leaf.endswith("_bias"):  # nn.MultiheadAttention's is in_proj_bias
+        return False
+    if isinstance(model, torchvision.models.VisionTransformer) and name in VIT_EMBEDDINGS:
+        return False
+    return not isinstance(model.get_submodule(owner), NORM_LAYERS)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """The optimizer's parameter groups of `model`'s trainable parameters: those weight decay suits, with
+    `weight_decay`, and the rest with 0 (see is_decayed). An empty group is left out."""
+    model = _unwrap(model)
+    decayed, kept = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decayed if is_decayed(model, name) else kept).append(p)
+    groups = [{"params": decayed, "weight_decay": weight_decay}, {"params": kept, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
 
 
 # ---------------------------------------------------------------- preprocessing
@@ -468,15 +505,25 @@ class Preprocessing:
         }
 
 
-def preprocessing(arch: str, image_size: int | None) -> Preprocessing:
-    """The preset of the arch's DEFAULT weights (reading it downloads nothing); image_size
-    replaces the crop size and scales the resize size by the same ratio."""
-    preset = weights_enum(arch).DEFAULT.transforms()
+def preprocessing(arch: str, image_size: int | None, weights: str | None = None) -> Preprocessing:
+    """The preset of the weights the model starts from (reading it downloads nothing): resnet50's IMAGENET1K_V1
+    resizes to 256, its V2 to 232; SWAG weights crop 384 or more, bicubic. `weights` is the spec's name for them
+    ("IMAGENET1K_V2", "ResNet50_Weights.DEFAULT"); for a checkpoint or None (random init) the DEFAULT preset.
+
+    image_size replaces the crop size and scales the resize size by the same ratio. Left out, a ViT without
+    torchvision weights takes the size it is built for, not DEFAULT's (vit_h_14's DEFAULT is 518 px).
+    """
+    member = torchvision_weights(arch, weights) if weights else None
+    preset = (member or weights_enum(arch).DEFAULT).transforms()
     crop, resize = preset.crop_size[0], preset.resize_size[0]
     if image_size is not None:
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise ModelError(f"dataset.image_size: need a positive number of pixels, got {image_size!r}")
-        crop, resize = image_size, round(resize * image_size / crop)
+        problem = archs.image_size_problem(arch, weights, image_size)
+        if problem:
+            raise ModelError(f"dataset.image_size: {problem}")
+    size = image_size or archs.fixed_input_size(arch, weights) or crop
+    crop, resize = size, round(resize * size / crop)
     return Preprocessing(
         resize_size=resize,
         crop_size=crop,

@@ -26,6 +26,7 @@ from tlray import archs, names
 from tlray.errors import UserError
 
 REPORTED_METRICS = ("train_loss", "val_loss", "val_accuracy", "val_top5", "images_per_second")
+LOWER_IS_BETTER = ("train_loss", "val_loss")  # the others: higher is better
 CREDENTIAL_KEY = re.compile(r"secret|password|passwd|token|access_key|credential", re.IGNORECASE)
 
 
@@ -174,7 +175,8 @@ class TrainSpec(_Section):
     select_metric: str = Field(
         "val_accuracy",
         description=f"Which epoch a run publishes: the best by this metric (one of {', '.join(REPORTED_METRICS)}; "
-        "losses lower, others higher is better), or `last` for the final epoch.",
+        "losses lower, others higher is better), or `last` for the final epoch. A search (`tune`) needs "
+        "`tune.metric` here: the best trial publishes its epoch by the metric that ranked it.",
     )
 
     @field_validator("select_metric")
@@ -189,7 +191,12 @@ class ScalingSpec(_Section):
     num_workers: int = Field(1, ge=1, le=4096, description="Ray Train workers (one process each, data-parallel).")
     use_gpu: bool = Field(False, description="Train on GPUs (NCCL); otherwise CPUs (gloo).")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker reserves.")
-    gpus_per_worker: float = Field(1.0, ge=0, description="GPUs each worker reserves when `use_gpu` is true.")
+    gpus_per_worker: float = Field(
+        1.0,
+        ge=0,
+        description="GPUs each worker reserves when `use_gpu` is true: 1 (a worker trains on one GPU), or a "
+        "fraction with `num_workers: 1` (the trials of a search then share GPUs); NCCL refuses two workers on one GPU.",
+    )
     max_failures: int = Field(
         0, ge=-1, description="Worker failures to recover from (restart from the last checkpoint); -1 = unlimited."
     )
@@ -233,9 +240,13 @@ class TuneSpec(_Section):
         "its brackets' first rungs are `train.epochs` / factor^k epochs (k = 0, 1, ...), so it stops "
         "no trial early when `train.epochs` < factor.",
     )
-    metric: str = Field("val_accuracy", description=f"Metric to optimise: one of {', '.join(REPORTED_METRICS)}.")
+    metric: str = Field(
+        "val_accuracy",
+        description=f"Metric that ranks the trials: one of {', '.join(REPORTED_METRICS)}; "
+        "`train.select_metric` must be the same.",
+    )
     mode: Literal["max", "min"] = Field(
-        "max", description="Whether a higher (`max`) or lower (`min`) metric is better."
+        "max", description="Whether a higher (`max`) or lower (`min`) metric is better: `min` for the losses."
     )
     max_concurrent_trials: int | None = Field(
         None, ge=1, description="Trials running at once; default: as many as the cluster's resources allow."
@@ -436,6 +447,15 @@ def _weights_exist(model: ModelSpec):
     )
 
 
+@rule("dataset", "model")
+def _image_size_fits_the_model(dataset: DatasetSpec, model: ModelSpec):
+    # ViT runs at the one size its position embedding was built for; refused here, before any cluster work
+    if dataset.image_size is not None:
+        problem = archs.image_size_problem(model.arch, model.builder_weights, dataset.image_size)
+        if problem:
+            yield Problem("dataset.image_size", problem)
+
+
 @rule("model")
 def _freeze_depth_matches_mode(model: ModelSpec):
     depth, blocks = model.freeze_depth, archs.backbone_block_names(model.arch)
@@ -488,9 +508,23 @@ def _fp16_needs_gpu(train: TrainSpec, scaling: ScalingSpec):
 
 
 @rule("scaling")
-def _gpu_needs_gpus(scaling: ScalingSpec):
-    if scaling.use_gpu and scaling.gpus_per_worker <= 0:
+def _one_gpu_per_worker(scaling: ScalingSpec):
+    gpus, workers = scaling.gpus_per_worker, scaling.num_workers
+    if not scaling.use_gpu:
+        return
+    if gpus <= 0:
         yield Problem("scaling.gpus_per_worker", "must be > 0 when `scaling.use_gpu` is true")
+    elif gpus > 1:  # each worker is one rank on one device: the other GPUs would be reserved and never used
+        yield Problem(
+            "scaling.gpus_per_worker",
+            f"{gpus:g}: a worker trains on one GPU, so the rest would sit idle; set 1 and raise scaling.num_workers",
+        )
+    elif gpus < 1 and workers > 1:  # Ray may then place two of the run's workers on one GPU
+        yield Problem(
+            "scaling.gpus_per_worker",
+            f"{gpus:g} with scaling.num_workers {workers}: two workers of a run may share a GPU, which NCCL refuses; "
+            "set 1, or use a fraction with num_workers: 1 (trials of a search then share GPUs)",
+        )
 
 
 @rule("tune")
@@ -508,6 +542,29 @@ def _tuned_depths_in_block_map(tune: TuneSpec | None, model: ModelSpec):
         return
     for i, depth in enumerate(tune.freeze_depth):
         yield from _depth_problems(f"tune.freeze_depth[{i}]", model.arch, depth)
+
+
+@rule("tune", "train")
+def _search_publishes_by_its_ranking(tune: TuneSpec | None, train: TrainSpec):
+    # One metric both ranks the trials and picks the epoch the best trial publishes. Refused up front rather than
+    # publishing by tune.metric: train.select_metric also decides which checkpoints a run keeps
+    # (checkpoints_to_keep), so only with the two equal is the ranked epoch sure to be on disk, and the same
+    # spec under `tlray train` publishes the epoch the search saw. One rule, one meaning of select_metric.
+    if tune is None:
+        return
+    if train.select_metric != tune.metric:
+        yield Problem(
+            "train.select_metric",
+            f"'{train.select_metric}' differs from tune.metric '{tune.metric}': a search ranks trials by "
+            "tune.metric, so the best trial must publish its epoch by it too; set both to the same metric",
+        )
+    direction = "min" if tune.metric in LOWER_IS_BETTER else "max"
+    if tune.mode != direction:
+        yield Problem(
+            "tune.mode",
+            f"'{tune.mode}' would rank trials by their worst {tune.metric}, while each trial publishes its best "
+            f"epoch; {tune.metric} needs `{direction}`",
+        )
 
 
 @rule("publish")

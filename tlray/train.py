@@ -313,10 +313,17 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def make_optimizer(params: list[nn.Parameter], train: TrainSpec) -> torch.optim.Optimizer:
+def make_optimizer(trainable: nn.Module | list[nn.Parameter], train: TrainSpec) -> torch.optim.Optimizer:
+    """The optimizer of a model's trainable parameters, with weight decay on those it suits (not on norm layers,
+    biases, or ViT's position embedding and class token: models.parameter_groups). Given a list of parameters
+    rather than the model, their names are unknown and every one decays."""
+    if isinstance(trainable, nn.Module):
+        groups = models.parameter_groups(trainable, train.weight_decay)
+    else:
+        groups = [{"params": list(trainable), "weight_decay": train.weight_decay}]
     if train.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=train.lr, momentum=0.9, nesterov=True, weight_decay=train.weight_decay)
-    return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+        return torch.optim.SGD(groups, lr=train.lr, momentum=0.9, nesterov=True)
+    return torch.optim.AdamW(groups, lr=train.lr)
 
 
 def make_lr_schedule(optimizer: torch.optim.Optimizer, train: TrainSpec, steps_per_epoch: int):
