@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tlray import data, models
-from tlray.data import build_index, data_source, epoch_order, train_rows, val_rows
+from tlray.data import build_index, data_source, epoch_order, rank_shares, train_rows, val_rows
 from tlray.spec import DatasetSpec
 
 from conftest import write_image_folder
@@ -56,6 +56,49 @@ def test_workers_get_equal_disjoint_train_shares_and_all_of_val_once():
     assert len(np.unique(together)) == len(together) == rows - rows % world
     val = np.concatenate([val_rows(rows, r, world) for r in range(world)])
     assert sorted(val) == list(range(rows))
+
+
+def test_each_rank_keeps_a_seeded_random_share_in_a_new_order_every_epoch():
+    classes, per_class, world, batch = 10, 2_000, 4, 32
+    labels = np.repeat(np.arange(classes), per_class)  # class-sorted, as an index is
+    rows = len(labels)
+    shares = rank_shares(rows, seed=0, world_size=world)
+    assert sorted(np.concatenate(shares).tolist()) == list(range(rows))  # a partition
+    assert {len(s) for s in shares} == {rows // world}
+    for share in shares:  # random, not a contiguous range: every share has every class in proportion
+        assert class_mix_chi2(labels[share], classes) < CHI2_9DF_P001
+        assert share.max() - share.min() > 0.99 * rows
+    assert not np.array_equal(rank_shares(rows, seed=1, world_size=world)[0], shares[0])  # seeded
+    assert all(np.array_equal(a, b) for a, b in zip(rank_shares(rows, 0, world), shares, strict=True))  # fixed
+
+    orders = [[train_rows(rows, 0, epoch, rank, world) for rank in range(world)] for epoch in range(3)]
+    for epoch in orders:
+        for rank, order in enumerate(epoch):
+            assert set(order.tolist()) <= set(shares[rank].tolist())
+        # every step's global batch (one batch from each rank) mixes the classes
+        step = np.concatenate([order[:batch] for order in epoch])
+        assert class_mix_chi2(labels[step], classes) < CHI2_9DF_P001
+    assert (orders[0][0] != orders[1][0]).mean() > 0.99  # a new order every epoch
+    assert (orders[0][0] != orders[0][1]).mean() > 0.99  # ranks' orders independent
+
+
+def test_over_a_run_the_ranks_meet_each_row_about_once_in_all():
+    """What the frozen-prefix cache computes on k nodes, one rank each: the rows each rank meets.
+
+    A global reshuffle every epoch would have each rank meet almost every row (k x the work)."""
+    rows, world, batch, epochs = 10_007, 4, 32, 10
+    per_epoch = batch * data.train_batches(rows, world, batch)[1]
+    met = [set() for _ in range(world)]
+    for epoch in range(epochs):
+        for rank in range(world):
+            met[rank] |= set(train_rows(rows, 0, epoch, rank, world)[:per_epoch].tolist())
+    assert sum(map(len, met)) <= rows
+    assert sum(map(len, met)) > 0.99 * rows  # the rows that sit out an epoch change: all are met
+
+
+def test_one_worker_walks_the_whole_dataset_in_the_epoch_order():
+    for epoch in range(3):
+        assert np.array_equal(train_rows(1_000, 5, epoch, 0, 1), epoch_order(1_000, 5, epoch))
 
 
 @pytest.fixture(scope="module")

@@ -348,3 +348,58 @@ time.sleep(3600)
 
 def seen_nodes(two_nodes: TwoNodes) -> set[str]:
     return {two_nodes.cluster.head_node.node_id, two_nodes.worker.node_id}
+
+
+def test_on_two_nodes_the_frozen_blocks_run_about_once_per_image_in_all(two_nodes, fault_data, s3_server, tmp_path):
+    """Each node keeps its own frozen-prefix cache: a rank meets the same share of rows every epoch, so over a run
+    the two nodes together compute each image's activations about once (a global reshuffle per epoch would have
+    each node compute almost all of them).
+
+    The two nodes here share one filesystem; a cache folder of their own (TLRAY_CACHE_DIR in each node's
+    environment, which its workers inherit) stands for the local disk of each machine: neither sees what the other
+    computed. The head node keeps the session's folder; the worker node is swapped for one with a folder of its own.
+    """
+    import json
+
+    from tlray import prefix_cache
+
+    cluster = two_nodes.cluster
+    worker_cache = tmp_path / "worker-node-cache"
+    cluster.remove_node(two_nodes.worker)
+    two_nodes.worker = cluster.add_node(
+        num_cpus=2, node_ip_address="127.0.0.1", env_vars={prefix_cache.CACHE_DIR_ENV: str(worker_cache)}
+    )
+    head_cache = Path(os.environ[prefix_cache.CACHE_DIR_ENV])
+    assert head_cache != worker_cache
+    before = {p.name for p in head_cache.iterdir()} if head_cache.exists() else set()
+
+    epochs = 5
+    spec = spec_dict(
+        f"s3://{fault_data}/images",
+        f"s3://{fault_data}/cached-two-nodes",
+        model={"arch": ARCH, "weights": f"s3://{fault_data}/weights.pt", "mode": "partial", "freeze_depth": 4},
+        train={"epochs": epochs, "batch_size": 4, "lr": 0.003, "warmup_epochs": 0, "cache": "on"},
+        scaling={"num_workers": 2, "cpus_per_worker": 0.5, "placement": "spread"},
+    )
+    spec["dataset"]["endpoint_url"] = s3_server
+    spec_path = write_spec(tmp_path / "job.yaml", spec)
+    driver = Driver("train", str(spec_path))
+    assert driver.finish() == 0, driver.output
+    output = "\n".join(driver.lines)
+    assert "2 CPU worker(s) on 2 node(s)" in output, driver.output  # one worker per node
+    assert "frozen-prefix cache: on for all 2 worker(s)" in output, driver.output
+
+    index = build_index(load_spec(spec_path).dataset)
+    rows = len(index.train) + len(index.val)
+    history = history_of(spec_path, s3_server)
+    computed = sum(h["feature_pass_images"] for h in history)
+    print(f"two nodes, {epochs} epochs: {computed} activations computed for {rows} rows (train + val)")
+    assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
+    assert computed <= 1.1 * rows
+    assert history[0]["feature_pass_images"] > 0.8 * rows  # the first epoch computes most of them
+
+    # each node holds one entry, its rank's share: about half the rows, not all of them
+    for folder in (head_cache, worker_cache):
+        (entry,) = [e for e in folder.iterdir() if e.is_dir() and e.name not in before]
+        layout = json.loads((entry / "complete-layout").read_text())
+        assert sum(layout["counts"].values()) <= rows // 2 + 1, layout

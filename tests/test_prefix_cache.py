@@ -258,17 +258,22 @@ def test_an_entry_is_filled_once_and_read_by_every_worker_and_trial(job):
     key = prefix_cache.cache_key("resnet18", 5, prefix, source, "bfloat16", "cpu None")
     rows = np.arange(0, source.counts["train"], 3)
 
-    def worker(slot: str) -> prefix_cache.FrozenPrefixCache:
-        entry = prefix_cache.open_cache(key, (512,), source.counts, "bfloat16")
-        return prefix_cache.FrozenPrefixCache(entry.path, "bfloat16", entry.features, entry.labels, frozen, slot, False)
+    every_row = {"train": np.arange(source.counts["train"]), "val": np.arange(source.counts["val"])}
+    name = prefix_cache.entry_name(key, every_row)
 
-    # two trials in the same slot at once: one computes, the other waits for its lock and finds the rows there
-    trials = [worker("r0-w1"), worker("r0-w1")]
+    def worker() -> prefix_cache.FrozenPrefixCache:
+        entry = prefix_cache.open_entry(name, (512,), every_row, "bfloat16", budget=GIB)
+        return prefix_cache.FrozenPrefixCache(
+            entry.path, "bfloat16", every_row, entry.features, entry.labels, frozen, False, entry.lease
+        )
+
+    # two trials with the same share at once: one computes, the other waits for its lock and finds the rows there
+    trials = [worker(), worker()]
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(lambda cache: cache.fill(source, {"train": rows}, 16, torch.device("cpu")), trials))
     assert sorted(cache.take_fill_stats()[0] for cache in trials) == [0, len(rows)]
 
-    later = worker("r1-w2")  # another slot, process or run: nothing left to compute for these rows
+    later = worker()  # another process or run: nothing left to compute for these rows
     batches = list(later.iter_batches(source, "train", rows[::-1], 16, torch.device("cpu")))
     assert later.take_fill_stats()[0] == 0
     decoded = {
@@ -291,3 +296,190 @@ def source_labels(source) -> np.ndarray:
     from tlray.data import key_tables
 
     return key_tables(source.tables)["train"].labels
+
+
+# ---------------------------------------------------------------------------------------
+# One decision for the worker group
+# ---------------------------------------------------------------------------------------
+class LocalTables:
+    """Stands for the object-store reference of a DataSource's key tables (tlray.data.key_tables)."""
+
+    def hex(self) -> str:
+        return "local-tables"
+
+
+def local_source() -> object:
+    from tlray import data
+
+    tables = {
+        split: data.KeyTable.of([(f"class_{i % 3}/{i:03d}.png", i % 3) for i in range(count)])
+        for split, count in (("train", 40), ("val", 12))
+    }
+    data._TABLES[LocalTables().hex()] = tables
+    return data.DataSource(
+        root="/images",
+        endpoint_url=None,
+        classes=("class_0", "class_1", "class_2"),
+        counts={"train": 40, "val": 12},
+        fingerprint="f",
+        tables=LocalTables(),
+        preprocessing=models.preprocessing("resnet18", 32),
+        augment=False,
+        on_bad_image="skip",
+        read_concurrency=4,
+        read_retry_seconds=5,
+    )
+
+
+def decide_on_rank(rank: int, world: int, port: int, without_room: tuple[int, ...], folder: str) -> None:
+    """One rank of a gloo group on 127.0.0.1: the real decision, then what the loop runs at an epoch's end."""
+    import datetime
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    from tlray import train
+
+    os.environ[prefix_cache.CACHE_DIR_ENV] = f"{folder}/cache"
+    if rank in without_room:  # this rank's node has no room: its free-space probe says so
+        prefix_cache.free_bytes = lambda: 0
+    said, collectives = [], []
+    prefix_cache.say = said.append
+    for name in ("all_reduce", "broadcast", "all_gather", "all_gather_object", "broadcast_object_list", "barrier"):
+        real = getattr(dist, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            collectives.append(_name)
+            return _real(*args, **kwargs)
+
+        setattr(dist, name, counted)
+    # a short timeout: ranks that disagree fail here instead of hanging for the default 30 minutes
+    dist.init_process_group(
+        "gloo", f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=20)
+    )
+    try:
+        source = local_source()
+        spec = JobSpec.model_validate(
+            spec_dict(
+                "/images",
+                f"{folder}/out",
+                model={"arch": "resnet18", "weights": f"{folder}/w.pt", "mode": "partial", "freeze_depth": 1},
+                scaling={"num_workers": world},
+            )
+        )
+        torch.manual_seed(0)
+        model = models.build_model("resnet18", None, 3)
+        models.freeze(model, "resnet18", 1)
+        prefix = models.split(model, "resnet18", 1).prefix
+        cpu = torch.device("cpu")
+        frozen = train.run_frozen(prefix, source.preprocessing, cpu, None)
+        cache = prefix_cache.for_worker(spec, source, prefix, frozen, cpu, None, rank, world)
+        if cache:  # as the loop does after an epoch: the fill statistics, summed over the group
+            train.all_reduce_sum(list(cache.take_fill_stats()), cpu)
+        dist.barrier()  # stands for ray.train.report's barrier
+    finally:
+        dist.destroy_process_group()
+    result = {"cached": cache is not None, "collectives": collectives, "said": said}
+    Path(folder, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+@pytest.mark.parametrize("without_room", [(), (1,), (0,)])
+def test_ranks_that_disagree_about_room_take_one_path_and_run_the_same_collectives(tmp_path, without_room):
+    import json
+
+    import torch.multiprocessing as mp
+
+    from s3_fixtures import free_port
+
+    mp.spawn(decide_on_rank, args=(2, free_port(), without_room, str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+    assert [r["cached"] for r in ranks] == [not without_room] * 2
+    assert ranks[0]["collectives"] == ranks[1]["collectives"]
+    assert ranks[0]["collectives"] == ["all_reduce"] * (2 if not without_room else 1) + ["barrier"]
+    decision = [line for line in ranks[0]["said"] if "for all 2 worker(s)" in line]
+    if not without_room:
+        assert decision == [decision[0]] and decision[0].startswith("frozen-prefix cache: on for all 2 worker(s)")
+    elif without_room == (1,):  # rank 0 could: it names the rank that could not, which says why
+        assert decision == [
+            "frozen-prefix cache: off for all 2 worker(s) (rank(s) 1 cannot use it on their node; "
+            "every rank runs the frozen blocks)"
+        ]
+        (reason,) = ranks[1]["said"]
+        assert reason.startswith("frozen-prefix cache: rank 1: off (") and "0.0 MiB free in" in reason
+    else:
+        (line,) = decision
+        assert line.startswith("frozen-prefix cache: off for all 2 worker(s) (") and "0.0 MiB free in" in line
+
+
+# ---------------------------------------------------------------------------------------
+# A node's disk: entries allocated in full, one budget for all of them
+# ---------------------------------------------------------------------------------------
+def test_an_entry_is_allocated_in_full_when_it_is_made(tmp_path, monkeypatch):
+    monkeypatch.setenv(prefix_cache.CACHE_DIR_ENV, str(tmp_path))
+    rows = {"train": np.arange(0, 300, 2), "val": np.arange(40)}
+    entry = prefix_cache.open_entry("entry", (64, 4, 4), rows, "float32", budget=GIB)
+    for split, held in rows.items():
+        features = entry.path / f"{split}.npy"
+        assert features.stat().st_blocks * 512 >= len(held) * 64 * 4 * 4 * 4  # no holes: every block on the disk
+        assert entry.features[split].shape == (len(held), 64, 4, 4)
+        assert (entry.labels[split] == prefix_cache.UNFILLED).all()
+    needed = prefix_cache.entry_bytes((64, 4, 4), {"train": 150, "val": 40}, "float32")
+    assert prefix_cache.folder_bytes(entry.path) >= needed
+
+
+FULL_DISK = """
+import sys
+import numpy as np
+from tlray import prefix_cache
+prefix_cache.disk_free = lambda root: 10**12  # the disk fills after the check (another process writes meanwhile)
+try:
+    prefix_cache.open_entry("entry", (1024,), {"train": np.arange(1000), "val": np.arange(10)}, "float32", 10**12)
+except prefix_cache.NoRoom as exc:
+    print(exc)
+"""
+
+
+def test_a_full_disk_is_a_refusal_naming_the_cache_dir_and_leaves_no_entry(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    # a 1 MiB disk of its own (a tmpfs in a private mount namespace) for a 4 MiB entry
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    env = {**os.environ, prefix_cache.CACHE_DIR_ENV: str(disk)}
+    done = subprocess.run(
+        [
+            *("unshare", "--mount", "--propagation", "private", "sh", "-c"),
+            f"mount -t tmpfs -o size=1m full {disk} && {sys.executable} -c '{FULL_DISK}' && ls -A {disk}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    message, *left = done.stdout.splitlines()
+    assert message == f"cannot store 4.0 MiB in {disk} ($TLRAY_CACHE_DIR): No space left on device", done.stderr
+    assert left == [".node.lock"], "the half-made entry is removed"
+
+
+def test_one_budget_holds_every_entry_on_the_node_and_unused_ones_make_room(tmp_path, monkeypatch):
+    monkeypatch.setenv(prefix_cache.CACHE_DIR_ENV, str(tmp_path))
+    rows = {"train": np.arange(600), "val": np.arange(40)}  # 640 rows x 1 KiB: 0.6 MiB with the labels
+    budget = 1024**2
+
+    first = prefix_cache.open_entry("trial-a", (256,), rows, "float32", budget)
+    with pytest.raises(prefix_cache.NoRoom, match=r"> train.cache_budget_gb 1.0 MiB, with 0.6 MiB in entries in use"):
+        prefix_cache.open_entry("trial-b", (256,), rows, "float32", budget)  # another trial at the same time
+    assert not (tmp_path / "trial-b").exists()
+    again = prefix_cache.open_entry("trial-a", (256,), rows, "float32", budget)  # the same entry: no new room
+    assert again.path == first.path
+
+    first.close()
+    again.close()  # trial a is over: its entry is the oldest unused one, removed to make room
+    second = prefix_cache.open_entry("trial-b", (256,), rows, "float32", budget)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["trial-b"]
+    assert prefix_cache.folder_bytes(second.path) <= budget

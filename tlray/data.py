@@ -6,8 +6,8 @@ instead of a worker crash hours later. Local folders and S3 prefixes go through 
 same code; only the listing differs.
 
 Workers never get the index: the keys go into Ray's object store as flat arrays
-(`DataSource`), and each epoch every worker reads its share of a global permutation
-(`train_rows`) through Ray Data tasks that fetch, decode and resize to uint8.
+(`DataSource`), and each epoch every worker reads its fixed share of the rows in a new
+order (`train_rows`) through Ray Data tasks that fetch, decode and resize to uint8.
 """
 
 from __future__ import annotations
@@ -324,15 +324,35 @@ def key_tables(ref) -> dict[str, KeyTable]:
 # ---------------------------------------------------------------------------------------
 # Which rows, in which order: pure functions of (seed, epoch, rank, world size)
 # ---------------------------------------------------------------------------------------
-def epoch_order(rows: int, seed: int, epoch: int) -> np.ndarray:
-    """A global permutation of the training rows, new every epoch and the same on every re-run."""
-    return np.random.default_rng([seed, epoch]).permutation(rows)
+SHARES_STREAM = 0x5A4E  # tags the random stream of the shares, apart from the epochs' streams
+
+
+def epoch_order(rows: int, seed: int, epoch: int, rank: int = 0) -> np.ndarray:
+    """A permutation of range(rows), new every epoch and the same on every re-run: the order in which
+    rank `rank` walks its share that epoch (its own stream, so the ranks' orders are independent)."""
+    return np.random.default_rng([seed, epoch, rank]).permutation(rows)
+
+
+def rank_shares(rows: int, seed: int, world_size: int) -> list[np.ndarray]:
+    """The training rows split into one fixed share per rank (sorted row numbers), for the whole run.
+
+    A seeded random partition, never contiguous ranges (an index is sorted by class): each share is
+    a uniform sample of the dataset. Fixed shares are what keeps the frozen-prefix cache at one
+    forward pass per image across a cluster: a rank meets the same rows every epoch, so its node
+    computes them once, where a global reshuffle would walk every node through almost every row.
+    """
+    order = np.random.default_rng([SHARES_STREAM, seed]).permutation(rows)
+    return [np.sort(order[rank::world_size]) for rank in range(world_size)]
 
 
 def train_rows(rows: int, seed: int, epoch: int, rank: int, world_size: int) -> np.ndarray:
-    """This worker's share of the epoch's permutation: every worker gets the same count, so DDP
-    steps stay in lock-step (at most world_size - 1 rows sit out, different ones each epoch)."""
-    return epoch_order(rows, seed, epoch)[rank::world_size][: rows // world_size]
+    """This worker's rows for the epoch: its fixed share (`rank_shares`) in a new order every epoch.
+
+    Every worker gets the same count, rows // world_size, so DDP steps stay in lock-step: a share one
+    row larger than that leaves out one row an epoch, a different one each epoch (its order's last).
+    """
+    share = rank_shares(rows, seed, world_size)[rank]
+    return share[epoch_order(len(share), seed, epoch, rank)][: rows // world_size]
 
 
 def train_batches(rows: int, world_size: int, batch_size: int) -> tuple[int, int]:
@@ -361,7 +381,7 @@ def train_epochs(source: DataSource, seed: int, epochs: range, rank: int, world_
 
 
 def val_rows(rows: int, rank: int, world_size: int) -> np.ndarray:
-    """Fixed order; across workers every validation image exactly once."""
+    """Fixed rows in a fixed order; across workers every validation image exactly once."""
     return np.arange(rank, rows, world_size)
 
 
