@@ -70,7 +70,7 @@ def fine_tune(config: dict) -> None:
     parts = models.split(model, spec.model.arch, spec.freeze_depth)  # the frozen blocks | the rest
     rng.seed_worker(spec.train.seed, rank, device)  # built alike on every rank; from here each its own stream
     frozen, trained = parts.prefix, parts.rest
-    optimizer = make_optimizer(models.trainable_parameters(model), spec.train)
+    optimizer = make_optimizer(model, spec.train)  # its trainable parameters, no weight decay on norms and biases
     precision = mixed_precision(spec.train.amp, device)
     amp_dtype = precision.dtype
     if rank == 0:
@@ -108,7 +108,7 @@ def fine_tune(config: dict) -> None:
             say(f"resuming after epoch {start_epoch} of {spec.train.epochs}")
             say_how_streams_resume(state.get("rng"), world_size)
 
-    # Ray 4: this worker's share of each epoch's global shuffle, decoded to uint8 by Ray Data tasks; one
+    # Ray 4: this worker's fixed share of the rows, in a new order each epoch, decoded to uint8 by Ray Data tasks; one
     # pipeline runs on across epochs, so the next epoch's batches are ready when this one ends. With the
     # cache, the rows' activations instead (computed by the frozen blocks the first time a row comes up).
     reader = cache or data  # the cache answers the pipeline's two calls with activations in place of images
