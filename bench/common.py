@@ -43,7 +43,7 @@ def random_checkpoint(path: Path, arch: str = "resnet18") -> Path:
     """A random-init checkpoint standing in for pretrained weights (nothing is downloaded)."""
     import torch
 
-    from tlray import models
+    from tlray.models import model as models
 
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -96,8 +96,8 @@ def pipeline_images_per_second(uri: str, endpoint: str | None, image_size: int, 
     """Images/s of tlray's Ray Data pipeline over the training split, last of `passes` passes."""
     import torch
 
-    from tlray import models
-    from tlray.data import DatasetSpec, build_index, data_source, iter_batches, train_rows
+    from tlray.data.dataset import DatasetSpec, build_index, data_source, iter_batches, train_rows
+    from tlray.models import model as models
 
     spec = DatasetSpec(uri=uri, endpoint_url=endpoint, image_size=image_size)
     index = build_index(spec)

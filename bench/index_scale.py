@@ -50,8 +50,8 @@ def rss_mib(field: str) -> int:
 
 
 def measure(keys: int, classes: int) -> dict:
-    from tlray import s3
-    from tlray.data import KeyTable, build_index
+    from tlray.data.dataset import KeyTable, build_index
+    from tlray.io import s3
     from tlray.spec import DatasetSpec
 
     folders = {f"class_{k:02d}": keys // classes for k in range(classes)}

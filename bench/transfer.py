@@ -45,7 +45,7 @@ def frozen_shares(arch: str, image_size: int) -> list[float]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from tlray import models
+    from tlray.models import model as models
 
     model = models.build_model(arch, None, 10).eval()
     blocks = len(models.backbone_block_names(arch))
@@ -71,8 +71,8 @@ def plain_loop(images: Path, weights: Path, args, depth: int, cached: bool) -> d
     """Seconds per epoch (train loop only) and of the feature pass, in one process."""
     import torch
 
-    from tlray import models
-    from tlray.data import DatasetSpec, build_index, epoch_order, open_rgb
+    from tlray.data.dataset import DatasetSpec, build_index, epoch_order, open_rgb
+    from tlray.models import model as models
 
     device = torch.device(args.device)
     index = build_index(DatasetSpec(uri=str(images), image_size=args.image_size))
@@ -125,11 +125,11 @@ def plain_loop(images: Path, weights: Path, args, depth: int, cached: bool) -> d
 # tlray, 1 worker
 # ---------------------------------------------------------------------------------------
 def tlray_run(images: Path, weights: Path, args, depth: int, cache: str, out: Path) -> dict:
-    from tlray import models
-    from tlray.data import build_index, data_source
+    from tlray.data.dataset import build_index, data_source
+    from tlray.models import model as models
     from tlray.plan import plan_run
     from tlray.spec import JobSpec
-    from tlray.train import load_checkpoint_state, make_trainer
+    from tlray.training.train import load_checkpoint_state, make_trainer
 
     spec = JobSpec.model_validate(
         {
@@ -167,7 +167,8 @@ def tlray_run(images: Path, weights: Path, args, depth: int, cache: str, out: Pa
 def modes(work: Path, args) -> dict:
     import ray
 
-    from tlray import models, prefix_cache
+    from tlray.models import model as models
+    from tlray.training import prefix_cache
 
     os.environ[prefix_cache.CACHE_DIR_ENV] = str(work / f"cache-{time.time_ns()}")  # a cold cache, inherited by Ray
     images = write_images(work / f"images-{args.images}-{args.image_size}", args.images, args.image_size)

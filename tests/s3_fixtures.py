@@ -104,7 +104,7 @@ def s3_env(s3_server, monkeypatch, tmp_path_factory):
     empty = tmp_path_factory.mktemp("aws") / "empty"
     empty.write_text("")
     isolate_aws(monkeypatch, empty)
-    from tlray import s3
+    from tlray.io import s3
 
     s3.clear_client_cache()  # cached clients keep the credentials they were created with
     yield s3_server

@@ -27,7 +27,7 @@ TERMINATED: list[int] = []  # the SIGTERM received, if any
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from tlray import archs  # the block table, not torchvision: validate stays under a second
+    from tlray.models import archs  # the block table, not torchvision: validate stays under a second
     from tlray.spec import load_spec
 
     spec = load_spec(args.spec, args.set)
@@ -56,7 +56,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from tlray import demo
+    from tlray.flows import demo
 
     demo.run(args.k, args.seed, args.s3, args.quick)
     return EXIT_OK
@@ -79,10 +79,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def search_and_publish(spec, if_data_changed: bool = False):
     """Shared by `tune` and `demo`: search, publish the best trial; None when its data is unchanged."""
-    from tlray import champion, nodes, report, storage, tune
+    from tlray.artifacts import champion
+    from tlray.artifacts.publish import is_sealed, publish, published_run, run_uri, write_manifest
+    from tlray.flows import report
+    from tlray.io import storage
     from tlray.plan import plan_run
-    from tlray.publish import is_sealed, publish, published_run, run_uri, write_manifest
-    from tlray.train import load_selected_checkpoint
+    from tlray.training import nodes, tune
+    from tlray.training.train import load_selected_checkpoint
 
     if spec.tune is None:
         raise UserError(
@@ -131,7 +134,7 @@ def search_and_publish(spec, if_data_changed: bool = False):
 def cmd_render(args: argparse.Namespace) -> int:
     import yaml
 
-    from tlray import k8s
+    from tlray.k8s import manifests as k8s
     from tlray.spec import load_spec
 
     spec = load_spec(args.spec, args.set)  # the whole spec is checked before anything is printed
@@ -160,7 +163,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    from tlray import launch
+    from tlray.k8s import launch
 
     api = launch.KubernetesApi(args.api_server) if args.api_server else launch.KubernetesApi.in_cluster()
     data_check = launch.data_check(args.spec) if args.if_data_changed else None
@@ -169,14 +172,14 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from tlray.report import write_report
+    from tlray.flows.report import write_report
 
     print(f"[tlray] report: {write_report(args.run_uri.rstrip('/'), args.endpoint_url)}")
     return EXIT_OK
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from tlray.evaluate import evaluate
+    from tlray.flows.evaluate import evaluate
     from tlray.spec import DatasetSpec
 
     layout = "manifest" if args.manifest else "imagefolder"
@@ -186,7 +189,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from tlray.predict import predict
+    from tlray.flows.predict import predict
 
     predict(args.model, args.data_uri, args.out, args.endpoint_url, args.batch_size, args.top_k)
     return EXIT_OK
@@ -199,10 +202,11 @@ def prepare(spec, if_data_changed: bool = False):
     the run's one model on the driver, built from those weights (they load); or None with `if_data_changed`
     when the champion was trained on exactly this data.
     """
-    from tlray import champion, models, warmstart
-    from tlray.data import build_index
-    from tlray.publish import check_output, check_selectable
-    from tlray.weights import fetch_weights
+    from tlray.artifacts import champion, warmstart
+    from tlray.artifacts.publish import check_output, check_selectable
+    from tlray.data.dataset import build_index
+    from tlray.io.weights import fetch_weights
+    from tlray.models import model as models
 
     index = build_index(spec.dataset)  # list and split the data; every data problem is exit 2 here
     print(f"[tlray] dataset: {index.summary()}")
@@ -221,10 +225,11 @@ def prepare(spec, if_data_changed: bool = False):
 
 def train_and_publish(spec, if_data_changed: bool = False):
     """Shared by `train` and `demo`; None when `if_data_changed` finds the champion's data unchanged."""
-    from tlray import champion, nodes
+    from tlray.artifacts import champion
+    from tlray.artifacts.publish import publish, run_uri
     from tlray.plan import plan_run
-    from tlray.publish import publish, run_uri
-    from tlray.train import fit, load_selected_checkpoint
+    from tlray.training import nodes
+    from tlray.training.train import fit, load_selected_checkpoint
 
     prepared = prepare(spec, if_data_changed)  # 2-4. data, output, weights
     if prepared is None:
@@ -247,7 +252,8 @@ def train_and_publish(spec, if_data_changed: bool = False):
 
 def data_source(spec, index):
     """The index's keys into Ray's object store: what workers and trials read the data through."""
-    from tlray import data, models
+    from tlray.data import dataset as data
+    from tlray.models import model as models
 
     model = spec.model  # the weights' own preset: resnet50's V1 and V2 resize differently
     preprocessing = models.preprocessing(model.arch, spec.dataset.image_size, model.builder_weights)
@@ -255,7 +261,7 @@ def data_source(spec, index):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tlray import k8s  # light: neither torch nor pyarrow (tests/test_light_cli.py)
+    from tlray.k8s import manifests as k8s  # light: neither torch nor pyarrow (tests/test_light_cli.py)
 
     parser = argparse.ArgumentParser(
         prog="tlray",

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from torch import nn
 
-from tlray import models, storage
-from tlray.data import DataSource
+from tlray.data.dataset import DataSource
+from tlray.io import storage
+from tlray.models import model as models
 from tlray.spec import JobSpec
 
 TRAIN_RUN = "train"  # the Ray Train run of `tlray train`, under its run folder (a trial's is named after it)
@@ -85,7 +86,7 @@ def freeze_summary(spec: JobSpec, model: nn.Module) -> models.FreezeSummary:
 
 def weights_of(spec: JobSpec) -> Weights | None:
     """Where the workers read the starting weights, and the identity of what is there now."""
-    from tlray import weights
+    from tlray.io import weights
 
     name = spec.model.builder_weights
     if not name:

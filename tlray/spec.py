@@ -22,8 +22,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tlray import archs, names
+from tlray import names
 from tlray.errors import UserError
+from tlray.models import archs
 
 REPORTED_METRICS = ("train_loss", "val_loss", "val_accuracy", "val_top5", "images_per_second")
 LOWER_IS_BETTER = ("train_loss", "val_loss")  # the others: higher is better

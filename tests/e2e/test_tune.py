@@ -1,0 +1,278 @@
+"""`tlray tune` end to end on this 2-CPU machine: ASHA, resume, results, report, the published best model."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from tlray.artifacts.publish import run_uri
+from tlray.cli import main
+from tlray.data.dataset import build_index, open_rgb
+from tlray.models import model as models
+from tlray.spec import load_spec
+
+from conftest import Driver, spec_dict, write_image_folder, write_spec
+
+pytestmark = pytest.mark.slow
+
+
+def search_spec(tmp_path: Path, train: dict | None = None, **tune) -> Path:
+    data = write_image_folder(tmp_path / "images", classes=3, per_class=12)
+    weights = tmp_path / "pretrained_resnet18.pt"  # a stand-in for downloaded ImageNet weights
+    torch.save(models.build_model("resnet18", None, 1000).state_dict(), weights)
+    spec = spec_dict(
+        str(data),
+        str(tmp_path / "out"),
+        model={"arch": "resnet18", "weights": str(weights), "mode": "partial", "freeze_depth": 1},
+        train={"epochs": 3, "batch_size": 8, "lr": 0.003, "warmup_epochs": 0, **(train or {})},
+        scaling={"num_workers": 1, "cpus_per_worker": 0.5},
+    )
+    spec["tune"] = {
+        "num_samples": 4,
+        "lr": {"min": 1e-4, "max": 0.5},
+        "freeze_depth": [1, "all"],
+        "scheduler": "asha",
+        "grace_period": 1,
+        **tune,
+    }
+    return write_spec(tmp_path / "search.yaml", spec)
+
+
+def run_dir(spec_path: Path) -> Path:
+    spec = load_spec(spec_path)
+    return Path(run_uri(spec, build_index(spec.dataset), "tune"))
+
+
+def check_search(spec_path: Path, out: str) -> None:
+    """A finished ASHA search (tests/test_readme.py runs the README's, on 2 CPUs): its table, results, report and
+    published best trial agree with each other and with what it printed."""
+    spec = load_spec(spec_path)
+    run = run_dir(spec_path)
+    epochs = spec.train.epochs
+
+    # the table, best first
+    table = out[out.index("trial  ") :].splitlines()
+    assert "stopped early" in table[0]
+    results = json.loads((run / "tune_results.json").read_text())
+    trials = results["trials"]
+    assert len(trials) == spec.tune.num_samples and len(table) >= len(trials) + 1
+    assert [t["best_metric"] for t in trials] == sorted((t["best_metric"] for t in trials), reverse=True)
+    for t in trials:
+        assert 1 <= t["epochs"] <= epochs and t["status"] == "done"
+        assert t["stopped_early"] == (t["epochs"] < epochs)
+        assert [h["epoch"] for h in t["history"]] == list(range(1, t["epochs"] + 1))
+    assert any(t["stopped_early"] for t in trials), "ASHA stops the worse trials at its rungs"
+    csv_lines = (run / "tune_results.csv").read_text().splitlines()
+    assert csv_lines[0].split(",")[:3] == ["trial", "lr", "freeze_depth"] and len(csv_lines) == len(trials) + 1
+
+    # the best trial, published like `tlray train` with its hyper-parameters
+    best = trials[0]
+    metadata = json.loads((run / "metadata.json").read_text())
+    assert metadata["hyperparameters"]["trial"] == best["trial"]
+    assert metadata["hyperparameters"]["lr"] == pytest.approx(best["lr"])
+    blocks = len(models.backbone_block_names(spec.model.arch))
+    assert metadata["freeze_depth"] == (blocks if best["freeze_depth"] == "all" else best["freeze_depth"])
+    assert metadata["spec"]["train"]["lr"] == pytest.approx(best["lr"])
+    # the trial's best epoch (train.select_metric: val_accuracy) is what is published
+    assert metadata["metrics"]["val_accuracy"] == pytest.approx(best["best_metric"])
+
+    # ... and its exported program reproduces the reported metric on the validation split
+    index = build_index(spec.dataset)
+    transform = models.preprocessing(spec.model.arch, spec.dataset.image_size).eval_transform()
+    images = torch.stack([transform(open_rgb(index.location(key))) for key, _ in index.val])
+    labels = torch.tensor([label for _, label in index.val])
+    program = torch.export.load(str(run / "model" / "model.pt2")).module()
+    accuracy = (program(images).argmax(1) == labels).float().mean().item()
+    assert accuracy == pytest.approx(best["best_metric"], abs=1e-6)
+
+    # the report: real PNGs of a sensible size, referenced by index.html
+    report = run / "report"
+    page = (report / "index.html").read_text()
+    for name in ("learning_curves.png", "search_space.png", "confusion_matrix.png"):
+        with Image.open(report / name) as png:
+            assert png.format == "PNG" and png.width >= 400 and png.height >= 300
+        assert (report / name).stat().st_size > 5_000
+        assert f'src="{name}"' in page
+    assert best["trial"] in page
+    confusion = json.loads((run / "confusion_matrix.json").read_text())
+    assert sum(map(sum, confusion["matrix"])) == len(index.val)
+
+
+def test_report_is_rebuilt_from_stored_results(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run).mkdir()
+    trials = [
+        {
+            "trial": "a_00000",
+            "lr": 0.01,
+            "freeze_depth": 2,
+            "epochs": 3,
+            "metric": 0.9,
+            "best_metric": 0.9,
+            "stopped_early": False,
+            "status": "done",
+            "history": [{"epoch": e, "val_accuracy": 0.3 * e} for e in (1, 2, 3)],
+        },
+        {
+            "trial": "a_00001",
+            "lr": 0.1,
+            "freeze_depth": "all",
+            "epochs": 1,
+            "metric": 0.2,
+            "best_metric": 0.2,
+            "stopped_early": True,
+            "status": "done",
+            "history": [{"epoch": 1, "val_accuracy": 0.2}],
+        },
+    ]
+    (run / "tune_results.json").write_text(
+        json.dumps({"metric": "val_accuracy", "mode": "max", "epochs": 3, "trials": trials})
+    )
+    (run / "confusion_matrix.json").write_text(
+        json.dumps({"classes": ["x", "y"], "matrix": [[3, 1], [0, 4]], "trial": "a_00000"})
+    )
+    assert main(["report", str(run)]) == 0
+    assert "report:" in capsys.readouterr().out
+    assert {p.name for p in (run / "report").iterdir()} == {
+        "index.html",
+        "learning_curves.png",
+        "search_space.png",
+        "confusion_matrix.png",
+    }
+    assert main(["report", str(tmp_path / "nothing-here")]) == 2
+    assert "tune_results.json" in capsys.readouterr().err
+
+
+def test_stopped_search_resumes_instead_of_starting_over(tmp_path):
+    # no cache: every epoch runs the frozen blocks, so the trials are still training when the first epoch ends
+    spec_path = search_spec(
+        tmp_path, train={"epochs": 3, "cache": "off"}, scheduler="none", num_samples=2, freeze_depth=[1, 2]
+    )
+    trials_dir = run_dir(spec_path) / "trials"
+
+    first = Driver("tune", str(spec_path))
+    first.wait_for(r"epoch 1/3")  # a trial's first epoch is checkpointed
+    first.process.send_signal(signal.SIGINT)  # Ctrl-C
+    assert first.finish(timeout=180) == 130, first.output
+    assert "tlray: interrupted; run the same command again to resume" in first.output
+    assert not (run_dir(spec_path) / "metadata.json").exists()
+    started_trials = {p.name for p in trials_dir.iterdir()}
+
+    second = subprocess.run(
+        [sys.executable, "-m", "tlray", "tune", str(spec_path)], capture_output=True, text=True, timeout=900
+    )
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming the search" in second.stdout
+    results = json.loads((run_dir(spec_path) / "tune_results.json").read_text())
+    assert len(results["trials"]) == 2, "a resumed search runs the same 2 trials, not 2 more"
+    assert started_trials <= {p.name for p in trials_dir.iterdir()}
+    assert re.search(r"resuming after epoch [12] of 3", second.stdout), "an interrupted trial resumes its training"
+
+
+@pytest.mark.parametrize(
+    "tune, expected",
+    [
+        ({"freeze_depth": [1, 9]}, "tune.freeze_depth[1]"),
+        ({"num_samples": 0}, "tune.num_samples"),
+        ({"lr": {"min": 0.1, "max": 0.01}}, "tune.lr"),
+        ({"lr": {"min": 0, "max": 0.01}}, "tune.lr.min"),
+        ({"metric": "f1_score"}, "tune.metric"),
+        ({"metric": "val_top5"}, "val_top5 is only reported with 5 or more classes"),  # train.select_metric too
+    ],
+    ids=[
+        "depth-outside-block-map",
+        "no-samples",
+        "lr-reversed",
+        "lr-not-positive",
+        "unreported-metric",
+        "top5-with-3-classes",
+    ],
+)
+def test_bad_search_input_is_exit_2_before_ray_starts(tmp_path, capsys, tune, expected):
+    import ray
+
+    train = {"select_metric": tune["metric"]} if "metric" in tune else None  # a search publishes by its metric
+    assert main(["tune", str(search_spec(tmp_path, train, **tune))]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+    assert not ray.is_initialized()  # every search input, the metric included, is checked before Ray starts
+
+
+def test_tune_without_a_tune_section_is_exit_2(tmp_path, capsys):
+    data = write_image_folder(tmp_path / "images")
+    path = write_spec(tmp_path / "job.yaml", spec_dict(str(data), str(tmp_path / "out")))
+    assert main(["tune", str(path)]) == 2
+    assert "tune: the spec has no tune section" in capsys.readouterr().err
+
+
+def test_make_scheduler_builds_hyperband_from_the_spec(tmp_path):
+    from ray.tune.schedulers import HyperBandScheduler
+
+    from tlray.spec import JobSpec
+    from tlray.training import tune
+
+    def hyperband(epochs: int, reduction_factor: int) -> JobSpec:
+        tune_section = {"scheduler": "hyperband", "reduction_factor": reduction_factor}
+        return JobSpec.model_validate(spec_dict(str(tmp_path), "out", train={"epochs": epochs}, tune=tune_section))
+
+    scheduler = tune.make_scheduler(hyperband(epochs=4, reduction_factor=2), concurrency=3)
+    assert isinstance(scheduler, HyperBandScheduler) and scheduler.concurrency == 3
+    assert (scheduler._time_attr, scheduler._max_t_attr, scheduler._eta) == ("training_iteration", 4, 2)
+    assert scheduler.set_search_properties("val_accuracy", "max")  # metric and mode come from the Tuner alone
+    assert tune.scheduler_name(hyperband(epochs=4, reduction_factor=2)) == (
+        "synchronous HyperBand, rungs from epoch 1, keeps 1/2 per rung; a trial at a rung pauses until its "
+        "bracket catches up"
+    )
+    assert tune.scheduler_name(hyperband(epochs=27, reduction_factor=3)).startswith(
+        "synchronous HyperBand, rungs from epoch 1,"
+    )
+    assert tune.scheduler_name(hyperband(epochs=2, reduction_factor=3)) == (
+        "HyperBand, which stops no trial early: 2 epochs < reduction factor 3"
+    )
+
+
+def test_hyperband_search_stops_one_trial_at_its_rung_and_publishes_a_fully_trained_one(tmp_path):
+    # 2 epochs, factor 2: HyperBand puts 2 trials in a bracket that runs both 2 epochs, and 2 in one that
+    # pauses the first at epoch 1 until the other gets there, then lets the better one go on. val_loss has
+    # no ties, so the trial stopped at epoch 1 (worse than the one that went on) cannot rank first.
+    spec_path = two_epochs(
+        search_spec(
+            tmp_path,
+            {"select_metric": "val_loss"},
+            scheduler="hyperband",
+            reduction_factor=2,
+            metric="val_loss",
+            mode="min",
+        )
+    )
+    assert main(["tune", str(spec_path)]) == 0
+
+    run = run_dir(spec_path)
+    results = json.loads((run / "tune_results.json").read_text())
+    trials = results["trials"]
+    assert len(trials) == 4 and all(t["status"] == "done" for t in trials)
+    assert sorted(t["epochs"] for t in trials) == [1, 2, 2, 2]
+    for t in trials:
+        assert t["stopped_early"] == (t["epochs"] == 1)
+        assert [h["epoch"] for h in t["history"]] == list(range(1, t["epochs"] + 1))  # no epoch lost to a pause
+    best = trials[0]
+    assert best["epochs"] == 2 and best["best_metric"] == min(t["best_metric"] for t in trials)
+    metadata = json.loads((run / "metadata.json").read_text())
+    assert metadata["hyperparameters"]["trial"] == best["trial"]
+    assert (run / "model" / "model.pt2").stat().st_size > 0
+
+
+def two_epochs(spec_path: Path) -> Path:
+    import yaml
+
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["train"]["epochs"] = 2
+    return write_spec(spec_path, spec)

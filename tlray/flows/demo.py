@@ -1,0 +1,307 @@
+"""`tlray demo`: what transfer learning buys, shown on real scans in minutes on a laptop's CPUs.
+
+1. images: scikit-learn's digits as image folders (tlray.demo_data): two sources, two few-shot targets;
+2. sources: `jobs/digits-pretrain.yaml` (ten digits) and `jobs/digits-pretrain-0-4.yaml` train a ResNet-18
+   from random init, exactly as `tlray train` does; each published state_dict is a target's pretrained weights;
+3. every target (`jobs/digits-new-domain.yaml`, `jobs/digits-new-classes.yaml`) in the seed's three modes:
+   random init, partial freeze at several depths (0 = full fine-tune), feature extractor;
+4. `tlray tune` over lr x freeze depth on every target;
+5. one table on the console, and a report: table.md, results.json, accuracy.png, learning_curves.png.
+
+Each job prints one line here; their epochs and Ray's output go to the demo's log file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tlray import console
+from tlray.data import demo_data
+from tlray.errors import UserError
+from tlray.io import storage
+from tlray.models import archs
+from tlray.spec import JobSpec, load_spec
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str  # as in the table
+    source_spec: str  # jobs/<...>.yaml: the source task
+    spec: str  # jobs/<...>.yaml: the target task (its tune section is the search)
+    folder: str  # DemoFolders field of its images
+    source_folder: str
+
+
+TARGETS = (
+    Target("new domain", "digits-pretrain", "digits-new-domain", "new_domain", "source_10"),
+    Target("new classes", "digits-pretrain-0-4", "digits-new-classes", "new_classes", "source_0_4"),
+)
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Everything the demo's jobs share, fixed before the first one starts."""
+
+    jobs: Path  # the folder of the specs
+    data: Path  # where the image folders are written
+    out: Path  # the demo's report and log
+    k: int
+    seed: int
+    quick: bool
+    s3: str | None  # s3://bucket of the loopback store, with --s3
+    endpoint_url: str | None
+
+
+@dataclass(frozen=True)
+class Row:
+    target: str
+    mode: str  # "random init", "partial", "feature extractor", "tune"
+    freeze_depth: int
+    trainable: int
+    val_accuracy: float
+    train_seconds: float  # the epochs' own time: feature pass, training, validation
+    wall_seconds: float  # the whole job: workers starting, checkpoints, publishing
+    run: str
+    lr: float
+    curve: list[float]  # val_accuracy per epoch
+
+
+def run_demo(plan: DemoPlan) -> list[Row]:
+    started = time.perf_counter()
+    folders = demo_data.write_demo_folders(plan.data, plan.k, plan.seed)  # 1. images
+    console.say(f"digits: {plan.k} labelled images per class in each target (seed {plan.seed}); data in {plan.data}")
+    log = console.log_to(plan.out / console.LOG_FILE, pin=True)
+    console.show_worker_lines(False)
+    console.start_ray(log)
+    rows: list[Row] = []
+    for target in TARGETS[:QUICK_TARGETS] if plan.quick else TARGETS:
+        images = upload(plan, getattr(folders, target.folder))
+        source_images = upload(plan, getattr(folders, target.source_folder))
+        weights = train_source(plan, target, source_images)  # 2. the source task
+        for overrides in mode_overrides(plan, target, weights):  # 3. the three modes
+            rows.append(run_row(plan, target, images, overrides))
+        rows.append(run_search(plan, target, images, weights))  # 4. tune
+    write_report(plan, rows)  # 5. table and report
+    print(table(rows))
+    console.say(f"report: {plan.out / 'index.html'}; demo done in {time.perf_counter() - started:.0f} s")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# The jobs
+# ---------------------------------------------------------------------------------------
+QUICK = ("train.epochs=2",)  # --quick: what CI runs
+QUICK_TARGETS = 1  # the new domain: every mode and the search, on one target
+QUICK_SEARCH = ("tune.freeze_depth=[0, all]", "tune.num_samples=2", "tune.grace_period=1")
+
+
+def job_spec(plan: DemoPlan, name: str, images: str, *overrides: str) -> JobSpec:
+    sized = [*QUICK, *(QUICK_SEARCH if has_tune(overrides) else ())] if plan.quick else []
+    where = [f"dataset.uri={images}", f"train.seed={plan.seed}"]
+    if plan.s3:
+        where += [f"output.uri={plan.s3}/outputs", f"dataset.endpoint_url={plan.endpoint_url}"]
+    else:
+        where += [f"output.uri={plan.out.parent}"]
+    return load_spec(plan.jobs / f"{name}.yaml", [*where, *sized, *overrides])
+
+
+def has_tune(overrides: tuple[str, ...]) -> bool:
+    return "tune=null" not in overrides
+
+
+def train_source(plan: DemoPlan, target: Target, images: str) -> str:
+    """Train the source task from random init; its published state_dict, stored where the targets read it."""
+    spec = job_spec(plan, target.source_spec, images, "tune=null")
+    published, wall = quietly(plan, spec)
+    weights = storage.join(published.uri, "model", "state_dict.pt")
+    # a copy where the target specs in jobs/ name it, for `tlray train` and `tune` after the demo; the demo's own
+    # jobs name the published file, whose run id changes with the source (and so changes theirs)
+    (plan.data / f"{target.source_spec}.pt").write_bytes(storage.read_bytes(weights, plan.endpoint_url))
+    console.say(
+        f"source {spec.name}: val_accuracy {published.metrics['val_accuracy']:.4f} in {wall:.0f} s "
+        f"-> pretrained weights {weights}"
+    )
+    return weights
+
+
+def mode_overrides(plan: DemoPlan, target: Target, weights: str) -> list[tuple[str, ...]]:
+    """Random init, partial at depths from 0 (full fine-tune) to the deepest, feature extractor."""
+    spec = load_spec(plan.jobs / f"{target.spec}.yaml")
+    blocks = len(archs.backbone_block_names(spec.model.arch))
+    depths = sorted({0, blocks // 2, blocks - 1})
+    rows = [("model.mode=architecture", "model.weights=none", "model.freeze_depth=null")]
+    rows += [("model.mode=partial", f"model.weights={weights}", f"model.freeze_depth={d}") for d in depths]
+    rows += [("model.mode=feature_extractor", f"model.weights={weights}", "model.freeze_depth=null")]
+    return [(*row, "tune=null") for row in rows]  # the target spec's search is the demo's last job
+
+
+def run_row(plan: DemoPlan, target: Target, images: str, overrides: tuple[str, ...]) -> Row:
+    mode = overrides[0].split("=", 1)[1]
+    depth = overrides[2].split("=", 1)[1]
+    suffix = {"architecture": "random", "feature_extractor": "fe"}.get(mode, f"d{depth}")
+    spec = job_spec(plan, target.spec, images, *overrides, f"name={target.spec}-{suffix}")
+    published, wall = quietly(plan, spec)
+    row = row_of(target, MODE_NAMES[mode], spec, published.uri, wall, spec.train.lr)
+    console.say(f"{target.name:<12} {row.mode:<18} depth {row.freeze_depth}: val_accuracy {row.val_accuracy:.4f}")
+    return row
+
+
+def run_search(plan: DemoPlan, target: Target, images: str, weights: str) -> Row:
+    """`tlray tune` on the target spec (its tune section), from the same pretrained weights."""
+    from tlray import cli
+
+    spec = job_spec(plan, target.spec, images, f"model.weights={weights}", f"name={target.spec}-tune")
+    started = time.perf_counter()
+    with redirected(plan):
+        published = cli.search_and_publish(spec)  # this search's run (not latest.json: the champion gate decides)
+    wall = time.perf_counter() - started
+    metadata = storage.read_json(storage.join(published.uri, "metadata.json"), plan.endpoint_url)
+    row = row_of(target, "tune", spec, published.uri, wall, metadata["hyperparameters"]["lr"])
+    console.say(
+        f"{target.name:<12} tune: lr {row.lr:.2g}, depth {row.freeze_depth}: val_accuracy {row.val_accuracy:.4f}"
+    )
+    return row
+
+
+MODE_NAMES = {"architecture": "random init", "partial": "partial", "feature_extractor": "feature extractor"}
+
+
+def row_of(target: Target, mode: str, spec: JobSpec, run: str, wall: float, lr: float) -> Row:
+    metadata = storage.read_json(storage.join(run, "metadata.json"), spec.dataset.endpoint_url)
+    history = storage.read_json(storage.join(run, "metrics.json"), spec.dataset.endpoint_url)["history"]
+    return Row(
+        target=target.name,
+        mode=mode,
+        freeze_depth=metadata["freeze_depth"],
+        trainable=metadata["trainable_parameters"],
+        val_accuracy=metadata["selection"]["value"],
+        train_seconds=sum(epoch["epoch_seconds"] for epoch in history),
+        wall_seconds=wall,
+        run=run,
+        lr=lr,
+        curve=[epoch["val_accuracy"] for epoch in history],
+    )
+
+
+def quietly(plan: DemoPlan, spec: JobSpec):
+    """`tlray train` on `spec`, its lines to the log; returns (published run, wall seconds)."""
+    from tlray import cli
+
+    started = time.perf_counter()
+    with redirected(plan):
+        published = cli.train_and_publish(spec)
+    return published, time.perf_counter() - started
+
+
+@contextlib.contextmanager
+def redirected(plan: DemoPlan):
+    """A job's own lines (printed, and logged by tlray's logger) into the demo's log file."""
+    import logging
+
+    streams = [h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler)]
+    with (plan.out / console.LOG_FILE).open("a", encoding="utf-8") as log, contextlib.redirect_stdout(log):
+        previous = [h.setStream(log) for h in streams]
+        try:
+            yield
+        finally:
+            for handler, stream in zip(streams, previous, strict=True):
+                handler.setStream(stream)
+
+
+# ---------------------------------------------------------------------------------------
+# Where the images live: local folders, or the loopback S3 store with --s3
+# ---------------------------------------------------------------------------------------
+def upload(plan: DemoPlan, folder: Path) -> str:
+    if not plan.s3:
+        return str(folder)
+    uri = f"{plan.s3}/data/{folder.name}"
+    storage.upload_dir(folder, uri, plan.endpoint_url)
+    return uri
+
+
+# ---------------------------------------------------------------------------------------
+# The table and the report
+# ---------------------------------------------------------------------------------------
+def table(rows: list[Row]) -> str:
+    head = "| target | mode | freeze depth | trainable params | val accuracy | train s | wall s |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mode = f"tune (lr {r.lr:.2g})" if r.mode == "tune" else r.mode
+        lines.append(
+            f"| {r.target} | {mode} | {r.freeze_depth} | {r.trainable:,} | {r.val_accuracy:.3f} | "
+            f"{r.train_seconds:.1f} | {r.wall_seconds:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def write_report(plan: DemoPlan, rows: list[Row]) -> None:
+    from tlray.flows.report import plot_demo
+
+    plan.out.mkdir(parents=True, exist_ok=True)
+    settings = {"k": plan.k, "seed": plan.seed, "quick": plan.quick, "s3": bool(plan.s3)}
+    (plan.out / "results.json").write_text(json.dumps({**settings, "rows": [asdict(r) for r in rows]}, indent=2))
+    (plan.out / "table.md").write_text(table(rows) + "\n")
+    plot_demo([asdict(r) for r in rows], plan.out)
+    (plan.out / "index.html").write_text(
+        "<html><body><h1>tlray demo</h1>"
+        f"<p>k={plan.k} labelled images per class, seed {plan.seed}</p>"
+        f"<pre>{table(rows)}</pre>"
+        '<img src="accuracy.png"><img src="learning_curves.png"></body></html>'
+    )
+
+
+def run(k: int, seed: int, s3: bool, quick: bool, jobs: str = "jobs", data: str = "data") -> list[Row]:
+    """`tlray demo`: the plan, then the demo (with --s3, against a loopback S3 server that lives as long)."""
+    if not Path(jobs, "digits-pretrain.yaml").is_file():
+        raise UserError(f"the demo reads its job specs from ./{jobs}: run it from a tlray checkout")
+    out = Path("outputs", "demo").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / console.LOG_FILE).write_text("")  # this demo's log only
+    plan = DemoPlan(Path(jobs), Path(data), out, k, seed, quick, None, None)
+    if not s3:
+        return run_demo(plan)
+    with loopback_s3() as endpoint:
+        return run_demo(dataclasses.replace(plan, s3=f"s3://{DEMO_BUCKET}", endpoint_url=endpoint))
+
+
+DEMO_BUCKET = "tlray-demo"
+
+
+@contextlib.contextmanager
+def loopback_s3():
+    """A moto S3 server on 127.0.0.1 (a real S3 wire protocol, in this process) with the demo's bucket."""
+    import logging
+    import os
+
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        raise UserError("--s3 needs moto's server: pip install 'moto[server]'") from None
+    from tlray.io import s3
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    saved = {name: os.environ.get(name) for name in LOOPBACK_CREDENTIALS}
+    os.environ.update(LOOPBACK_CREDENTIALS)  # Ray's workers start from this process's environment
+    try:
+        s3.client(endpoint).create_bucket(Bucket=DEMO_BUCKET)
+        console.say(f"--s3: a loopback S3 server at {endpoint}, bucket s3://{DEMO_BUCKET}")
+        yield endpoint
+    finally:
+        server.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+LOOPBACK_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo", "AWS_DEFAULT_REGION": "us-east-1"}

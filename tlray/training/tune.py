@@ -1,0 +1,420 @@
+"""The search: Ray Tune over learning rate x freeze depth, one TorchTrainer per trial.
+
+Ray 2.60 pattern: a Tune *function* trainable builds and fits a TorchTrainer
+(`Tuner(trainer)` is gone) and hands Tune the trainer's epochs (run_trial). The
+trial's driver function only waits on its trainer, so it reserves memory, not a CPU:
+holding a CPU per trial is what starves the trainers' workers on a small cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import os
+import signal
+import threading
+
+import ray
+import ray.train
+import ray.tune
+import ray.util.queue
+from ray.tune.experiment import Trial
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from tlray.compat import ray as compat_ray
+from tlray.data.dataset import DatasetIndex
+from tlray.errors import UserError, user_error_inside
+from tlray.io import checkpoints, storage
+from tlray.plan import RunPlan
+from tlray.spec import JobSpec
+from tlray.training.train import make_trainer, say, warn_if_no_cpu_left_for_data, worker_resources
+
+TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 64 * 1024**2}  # Tune needs a non-empty request
+RESULT_COLUMNS = ("trial", "lr", "freeze_depth", "epochs", "metric", "best_metric", "stopped_early", "status")
+
+
+def check_searchable(spec: JobSpec, index: DatasetIndex) -> None:
+    """What only the data can tell: the metric must be one the loop reports for this dataset."""
+    if spec.tune.metric == "val_top5" and len(index.classes) < 5:
+        raise UserError(
+            f"tune.metric: val_top5 is only reported with 5 or more classes; this dataset has {len(index.classes)}"
+        )
+
+
+def search(plan: RunPlan) -> ray.tune.ResultGrid:
+    """Run (or resume) the search whose state lives in `<run>/search`; trials train into `<run>/trials`."""
+    spec, run = plan.spec, plan.run_uri
+    filesystem, path = storage.filesystem(run, plan.endpoint_url)
+    concurrency, verbosity = concurrent_trials(spec), tune_verbosity()
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(run_trial, plan=plan, trials_at_once=concurrency),
+        TRIAL_DRIVER_RESOURCES,
+    )
+    experiment = storage.join(path, "search")
+    if ray.tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
+        say(f"resuming the search in {storage.join(run, 'search')}")
+        tuner = ray.tune.Tuner.restore(
+            experiment, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=filesystem
+        )
+    else:
+        say(f"searching {trial_count(spec)} trials, {concurrency} at a time ({scheduler_name(spec)})")
+        warn_if_no_cpu_left_for_data(spec, trials=concurrency)
+        tuner = ray.tune.Tuner(
+            trainable,
+            param_space=search_space(spec),
+            tune_config=ray.tune.TuneConfig(
+                metric=spec.tune.metric,
+                mode=spec.tune.mode,
+                num_samples=samples_per_depth(spec),
+                # the same spec samples the same lrs; the generator caps concurrency, except under hyperband
+                search_alg=BasicVariantGenerator(
+                    random_state=spec.train.seed,
+                    max_concurrent=0 if spec.tune.scheduler == "hyperband" else concurrency,
+                ),
+                scheduler=make_scheduler(spec, concurrency),
+            ),
+            run_config=ray.tune.RunConfig(
+                name="search", storage_path=path, storage_filesystem=filesystem, verbose=verbosity
+            ),
+        )
+    with ctrl_c_stops_the_search():
+        return tuner.fit()
+
+
+STOP_REQUESTED = threading.Event()  # set by Ctrl-C or SIGTERM during the search: what Tune ran is not all
+
+
+@contextlib.contextmanager
+def ctrl_c_stops_the_search():
+    """Ctrl-C (and tlray's SIGTERM, which calls the SIGINT handler) asks Tune to save its state and return, as
+    Tune's own handler does, and records that it did: Tune marks the trials it stopped as terminated, so its
+    result alone reads like a finished search. Tune's SIGUSR1 handler is its graceful stop."""
+    STOP_REQUESTED.clear()
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigint(signum, frame):
+        if STOP_REQUESTED.is_set():
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        STOP_REQUESTED.set()
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    on_sigint.graceful = True  # it returns, and the search then stops (tlray.cli's SIGTERM handler reads this)
+
+    saved = os.environ.get(TUNE_OWN_SIGINT), signal.signal(signal.SIGINT, on_sigint)
+    os.environ[TUNE_OWN_SIGINT] = "1"  # Tune leaves SIGINT to this handler
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, saved[1])
+        if saved[0] is None:
+            os.environ.pop(TUNE_OWN_SIGINT)
+        else:
+            os.environ[TUNE_OWN_SIGINT] = saved[0]
+
+
+TUNE_OWN_SIGINT = "TUNE_DISABLE_SIGINT_HANDLER"
+
+
+def tune_verbosity() -> int:
+    """Tune's trial table only with -v: tlray prints each trial's epochs itself. Tune's newer console output
+    prints its experiment banner even when silent; its classic reporter at verbosity 0 prints nothing."""
+    from tlray import console
+
+    if console.is_verbose():
+        return 1
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    return 0
+
+
+def run_trial(config: dict, plan: RunPlan, trials_at_once: int) -> None:
+    """One trial: the spec with this trial's hyper-parameters, trained by its own TorchTrainer.
+
+    Tune pauses a trial (hyperband) or stops it by ending this actor, and a paused trial resumes by calling this
+    function again: the trainer's run is named after the trial, so it resumes from its latest checkpoint, as a
+    resumed search does. The trainer fits in a second thread; its rank 0 puts each epoch's metrics in a queue once
+    the epoch's checkpoint is stored, and this thread hands them to Tune, in order.
+
+    The workers never wait for Tune: while Tune decides on an epoch (and pauses the trial), they may train the
+    next ones. Before each report, the trial records the epoch it hands to Tune (`tune_reported.json`); a resumed
+    trial first drops the checkpoints of epochs Tune never saw, so that it resumes from the last one Tune did, and
+    Tune gets every epoch once, in order.
+    """
+    trial_id = ray.tune.get_context().get_trial_id()
+    trial = plan.for_trial(trial_spec(plan.spec, config), trial_id, trials_at_once)
+    drop_epochs_tune_never_saw(trial.checkpoints_uri, trial.endpoint_url)
+    reports = ray.util.queue.Queue(actor_options={"num_cpus": 0})  # unbounded: a worker's put never waits
+    trainer = make_trainer(trial, epoch_sink=reports)
+    failure: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as error:  # raised below, in Tune's thread
+            failure.append(error)
+        finally:
+            reports.put(None)  # after every worker's put: the workers have ended
+
+    threading.Thread(target=fit, name=f"fit-{trial_id}", daemon=True).start()
+    while (metrics := reports.get()) is not None:
+        epoch = metrics["epoch"]
+        storage.write_json(storage.join(trial.checkpoints_uri, REPORTED_FILE), {"epoch": epoch}, trial.endpoint_url)
+        checkpoint = storage.join(trial.checkpoints_uri, checkpoints.folder_name(epoch - 1))
+        # training_iteration is the epoch itself: Tune counts a resumed trial's reports from 1 again
+        ray.tune.report({**metrics, "training_iteration": epoch, CHECKPOINT_PATH_KEY: checkpoint})
+    if failure:
+        raise failure[0]
+
+
+REPORTED_FILE = "tune_reported.json"  # beside a trial's checkpoints: the last epoch handed to Tune
+
+
+def drop_epochs_tune_never_saw(checkpoints_uri: str, endpoint_url: str | None) -> None:
+    """Delete a resumed trial's checkpoints newer than the last epoch it handed to Tune, and Ray Train's record of
+    its checkpoints (Ray would otherwise prune a re-trained epoch's folder as the stale one of the same name)."""
+    reported_uri = storage.join(checkpoints_uri, REPORTED_FILE)
+    if not storage.exists(reported_uri, endpoint_url):
+        return
+    reported = storage.read_json(reported_uri, endpoint_url)["epoch"]
+    files = storage.list_tree(checkpoints_uri, endpoint_url)
+    ahead = sorted(name for name, epoch in checkpoints.epoch_folders(files).items() if epoch > reported)
+    if not ahead:
+        return
+    say(
+        f"trial {checkpoints_uri.rsplit('/', 1)[-1]}: dropping {', '.join(ahead)}, "
+        "trained past the last epoch the search saw"
+    )
+    for rel in files:
+        if rel.split("/", 1)[0] in ahead:
+            storage.delete_file(storage.join(checkpoints_uri, rel), endpoint_url)
+    storage.delete_file(storage.join(checkpoints_uri, compat_ray.CHECKPOINT_MANAGER_SNAPSHOT), endpoint_url)
+
+
+# ---------------------------------------------------------------------------------------
+# The search space and its schedule
+# ---------------------------------------------------------------------------------------
+def samples_per_depth(spec: JobSpec) -> int:
+    """Freeze depths are a grid; `num_samples` is shared out over it (rounded up)."""
+    depths = spec.tune.freeze_depth
+    return math.ceil(spec.tune.num_samples / len(depths)) if depths else spec.tune.num_samples
+
+
+def trial_count(spec: JobSpec) -> int:
+    return samples_per_depth(spec) * len(spec.tune.freeze_depth or [None])
+
+
+def search_space(spec: JobSpec) -> dict:
+    lr = spec.tune.lr
+    depths = spec.tune.freeze_depth
+    return {
+        "lr": ray.tune.loguniform(lr.min, lr.max) if lr else spec.train.lr,
+        "freeze_depth": ray.tune.grid_search(depths) if depths else spec.model.freeze_depth,
+    }
+
+
+def trial_spec(spec: JobSpec, config: dict) -> JobSpec:
+    data = spec.model_dump(mode="json")
+    data["train"]["lr"] = float(config["lr"])
+    if spec.model.mode == "partial":
+        data["model"]["freeze_depth"] = config["freeze_depth"]
+    return JobSpec.model_validate(data)
+
+
+def scheduler_name(spec: JobSpec) -> str:
+    tune, epochs = spec.tune, spec.train.epochs
+    if tune.scheduler == "asha":
+        return f"ASHA, grace period {tune.grace_period}, keeps 1/{tune.reduction_factor} per rung"
+    if tune.scheduler == "hyperband":
+        first = hyperband_first_rung(epochs, tune.reduction_factor)
+        if first >= epochs:
+            return f"HyperBand, which stops no trial early: {epochs} epochs < reduction factor {tune.reduction_factor}"
+        return (
+            f"synchronous HyperBand, rungs from epoch {first}, keeps 1/{tune.reduction_factor} per rung; "
+            "a trial at a rung pauses until its bracket catches up"
+        )
+    return "no early stopping"
+
+
+def hyperband_first_rung(epochs: int, reduction_factor: int) -> int:
+    """The earliest epoch at which HyperBandScheduler(max_t=epochs) compares trials (its most aggressive bracket)."""
+    brackets = round(math.log(epochs) / math.log(reduction_factor)) + 1  # as Ray sizes them
+    return min(r for s in range(brackets) if (r := int(epochs * reduction_factor ** (-s))) > 0)
+
+
+def make_scheduler(spec: JobSpec, concurrency: int):
+    """The early-stopping scheduler; the Tuner's TuneConfig gives it the metric and mode."""
+    if spec.tune.scheduler == "asha":
+        return ray.tune.schedulers.ASHAScheduler(
+            time_attr="training_iteration",  # one report per epoch, numbered by the epoch (run_trial)
+            max_t=spec.train.epochs,
+            grace_period=spec.tune.grace_period,
+            reduction_factor=spec.tune.reduction_factor,
+        )
+    if spec.tune.scheduler == "hyperband":
+        return CappedHyperBand(
+            concurrency,
+            time_attr="training_iteration",
+            max_t=spec.train.epochs,
+            reduction_factor=spec.tune.reduction_factor,
+        )
+    return None
+
+
+class CappedHyperBand(ray.tune.schedulers.HyperBandScheduler):
+    """Ray's synchronous HyperBand, which itself starts the trials, at most `concurrency` at a time.
+
+    HyperBand puts each trial in a bracket as Tune creates it, and counts a bracket full by its live trials. Capped by
+    the search algorithm (which counts paused trials as running), trials would be created only as others end, and
+    join the brackets those leave: every trial would land in the bracket that stops none. So the search creates
+    all trials at once; they wait here, PAUSED, and this scheduler starts the next whenever fewer than `concurrency`
+    trials run: first one that HyperBand resumes, else a new one in bracket order. A paused trial holds nothing.
+    """
+
+    def __init__(self, concurrency: int, **kwargs):
+        super().__init__(**kwargs)
+        self.concurrency = concurrency
+        self.waiting: list[Trial] = []  # created but never started, oldest first
+        self.started: set[Trial] = set()
+
+    def on_trial_add(self, tune_controller, trial: Trial) -> None:
+        if trial.status in (Trial.TERMINATED, Trial.ERROR):
+            return  # a finished trial of a resumed search: in a bracket, it would hold back the rung forever
+        super().on_trial_add(tune_controller, trial)
+
+    def choose_trial_to_run(self, tune_controller) -> Trial | None:
+        trials = tune_controller.get_trials()
+        for trial in trials:  # Tune starts every PENDING trial: a new one waits, PAUSED, until chosen here
+            if trial.status == Trial.PENDING and trial not in self.started:
+                tune_controller._set_trial_status(trial, Trial.PAUSED)  # the status API Tune gives its schedulers
+                self.waiting.append(trial)
+        if sum(t.status in (Trial.PENDING, Trial.RUNNING) for t in trials) >= self.concurrency:
+            return None
+        resumed = super().choose_trial_to_run(tune_controller)  # a PAUSED trial HyperBand lets go on, or a PENDING one
+        if resumed is not None and resumed.status == Trial.PAUSED:
+            return resumed
+        while self.waiting:
+            trial = self.waiting.pop(0)
+            if trial.status == Trial.PAUSED:  # not stopped meanwhile
+                self.started.add(trial)
+                return trial
+        return None
+
+
+def concurrent_trials(spec: JobSpec) -> int:
+    """`tune.max_concurrent_trials`, or as many trials as the cluster's CPUs (less one for Ray Data) and GPUs hold."""
+    if spec.tune.max_concurrent_trials:
+        return spec.tune.max_concurrent_trials
+    available = ray.cluster_resources()
+    fits = []
+    for resource, per_worker in worker_resources(spec).items():
+        have = available.get(resource, 0) - (1 if resource == "CPU" else 0)
+        fits.append(math.floor(have / (per_worker * spec.scaling.num_workers) + 1e-9))
+    return max(1, min(fits + [trial_count(spec)]))
+
+
+# ---------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------
+def result_rows(grid: ray.tune.ResultGrid, spec: JobSpec) -> list[dict]:
+    """One row per trial, best first, with its per-epoch history."""
+    metric, sign = spec.tune.metric, (1 if spec.tune.mode == "max" else -1)
+    rows = []
+    for result in grid:
+        frame = result.metrics_dataframe
+        history = [] if frame is None or metric not in frame else frame.to_dict("records")
+        values = [h[metric] for h in history if h.get(metric) is not None]
+        epochs = len(values)
+        rows.append(
+            {
+                "trial": result.metrics.get("trial_id") or result.path.rstrip("/").rsplit("/", 1)[-1],
+                "lr": float(result.config["lr"]),
+                "freeze_depth": result.config["freeze_depth"],
+                "epochs": epochs,
+                "metric": values[-1] if values else None,
+                "best_metric": (max if sign > 0 else min)(values) if values else None,
+                "stopped_early": result.error is None and epochs < spec.train.epochs,
+                "status": "error" if result.error else "done",
+                "checkpoint": (result.metrics or {}).get(CHECKPOINT_PATH_KEY),
+                "history": [{"epoch": h.get("epoch"), **{k: h.get(k) for k in HISTORY_KEYS}} for h in history],
+            }
+        )
+    # ranked by each trial's best epoch: that epoch is what publishing the winner exports (train.select_metric)
+    rows.sort(key=lambda r: (r["best_metric"] is None, -sign * (r["best_metric"] or 0)))
+    return rows
+
+
+HISTORY_KEYS = (
+    "train_loss",
+    "val_loss",
+    "val_accuracy",
+    "val_top5",
+    "images_per_second",
+    "epoch_seconds",
+    "feature_pass_images",  # with the frozen-prefix cache: activations computed (not read) this epoch
+    "feature_pass_seconds",
+)
+
+
+def results_table(rows: list[dict], spec: JobSpec) -> str:
+    header = ["trial", "lr", "freeze_depth", "epochs", f"{spec.tune.metric} (last)", "best", "stopped early"]
+    lines = [header]
+    for r in rows:
+        lines.append(
+            [
+                r["trial"],
+                f"{r['lr']:.3g}",
+                str(r["freeze_depth"]),
+                f"{r['epochs']}/{spec.train.epochs}",
+                "-" if r["metric"] is None else f"{r['metric']:.4f}",
+                "-" if r["best_metric"] is None else f"{r['best_metric']:.4f}",
+                "error" if r["status"] == "error" else ("yes" if r["stopped_early"] else "no"),
+            ]
+        )
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines)
+
+
+def write_results(rows: list[dict], run: str, spec: JobSpec) -> None:
+    endpoint = spec.dataset.endpoint_url
+    storage.write_json(
+        storage.join(run, "tune_results.json"),
+        {"metric": spec.tune.metric, "mode": spec.tune.mode, "epochs": spec.train.epochs, "trials": rows},
+        endpoint,
+    )
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    storage.write_bytes(storage.join(run, "tune_results.csv"), out.getvalue().encode(), endpoint)
+
+
+def raise_if_interrupted(grid: ray.tune.ResultGrid, spec: JobSpec) -> None:
+    """Tune answers Ctrl-C by saving its state and returning: a search with trials still to run is not done."""
+    if STOP_REQUESTED.is_set() or grid.num_terminated + grid.num_errors < trial_count(spec):
+        raise KeyboardInterrupt
+
+
+def raise_if_no_trial_finished(grid: ray.tune.ResultGrid) -> None:
+    """A bad input met in every trial (an unreadable checkpoint, say) is the user's to fix: exit 2."""
+    if not grid.errors or len(grid.errors) < len(grid):
+        return
+    for error in grid.errors:
+        user_error = user_error_inside(error)
+        if user_error is not None:
+            raise type(user_error)(str(user_error).splitlines()[0]) from None
+    raise RuntimeError(f"every trial of the search failed; the first error: {grid.errors[0]}")
+
+
+def best_trial(rows: list[dict]) -> dict:
+    usable = [r for r in rows if r["metric"] is not None and r["checkpoint"]]
+    if not usable:
+        raise RuntimeError("no trial of the search reported a checkpoint; see the trial errors above")
+    return usable[0]
+
+
+def best_trial_spec(spec: JobSpec, best: dict) -> JobSpec:
+    return trial_spec(spec, {"lr": best["lr"], "freeze_depth": best["freeze_depth"]})
