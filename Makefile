@@ -29,6 +29,7 @@ demo: install
 lint: install
 	$(BIN)/ruff check tlray tests bench
 	$(BIN)/ruff format --check tlray tests bench
+	$(BIN)/lint-imports  # the layers contract in pyproject.toml
 
 test: install lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
