@@ -21,7 +21,6 @@ from typing import TextIO
 
 MARK = "[tlray] "
 LOG_FILE = "ray.log"
-RAY_HANDLER = "ray_print_logs"  # the name Ray 2.60 gives its printing handler (ray._private.worker.connect)
 BAR_WIDTH = 20
 # starting more worker processes than CPUs at once (a search's trials, each with a trainer) is expected here
 ROUTINE_RAYLET_MESSAGES = ("PYTHON worker processes have been started",)
@@ -33,7 +32,7 @@ def say(message: str) -> None:
     print(f"{MARK}{message}", file=sys.__stdout__, flush=True)
 
 
-class _Route:
+class Route:
     """The one routing state of this process: the log file, verbosity, whether worker lines are shown."""
 
     def __init__(self) -> None:
@@ -46,15 +45,15 @@ class _Route:
         self.pinned = False
 
 
-_route = _Route()
+route = Route()
 
 
 def set_verbose(verbose: bool) -> None:
-    _route.verbose = verbose
+    route.verbose = verbose
 
 
 def is_verbose() -> bool:
-    return _route.verbose
+    return route.verbose
 
 
 def quiet_ray_loggers() -> None:
@@ -63,29 +62,28 @@ def quiet_ray_loggers() -> None:
     import ray.data  # noqa: F401 — Ray Data sets up its loggers on import: replace them after that
     import ray.train  # noqa: F401
 
-    if _route.verbose:
+    if route.verbose:
         return
     for name in RAY_LOGGERS:
         ray_logger = logging.getLogger(name)
         for handler in list(ray_logger.handlers):
             ray_logger.removeHandler(handler)
-        ray_logger.addHandler(_FileLines())
+        ray_logger.addHandler(FileLines())
         ray_logger.propagate = False
 
 
 def capture_ray_output() -> None:
     """After `ray.init`: forwarded worker output goes to the log file, `[tlray]` lines to the console."""
-    import ray._private.worker as ray_worker
-    from ray._private.ray_logging import global_worker_stdstream_dispatcher
+    from tlray.compat import ray as compat_ray  # imports Ray: it is running by now
 
-    if _route.installed:
+    if route.installed:
         return
-    if not _route.verbose:
-        global_worker_stdstream_dispatcher.remove_handler(RAY_HANDLER)
-        # the raylet's messages to the driver (worker crashes, memory kills) bypass the dispatcher
-        ray_worker.print_to_stdstream = _raylet_message
-    global_worker_stdstream_dispatcher.add_handler("tlray", _forwarded)
-    _route.installed = True
+    dispatcher = compat_ray.worker_output_dispatcher()
+    if not route.verbose:
+        dispatcher.remove_handler(compat_ray.RAY_PRINT_HANDLER)
+        compat_ray.print_raylet_messages_with(show_raylet_message)
+    dispatcher.add_handler("tlray", show_forwarded_lines)
+    route.installed = True
 
 
 def log_path_for(run: str) -> Path:
@@ -100,34 +98,34 @@ def log_to(path: str | Path, pin: bool = False) -> Path:
 
     `pin`: keep this file for the rest of the process (`tlray demo`: one log for all its jobs)."""
     path = Path(path)
-    with _route.lock:
-        if _route.pinned and _route.file is not None:
-            return Path(_route.file.name)
-        _route.pinned = pin
-        if _route.file is not None and Path(_route.file.name) == path:
+    with route.lock:
+        if route.pinned and route.file is not None:
+            return Path(route.file.name)
+        route.pinned = pin
+        if route.file is not None and Path(route.file.name) == path:
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
-        if _route.file is not None:
-            _route.file.close()
-        _route.file = path.open("a", encoding="utf-8")
-        _route.file.writelines(_route.pending)
-        _route.pending.clear()
-        _route.file.flush()
+        if route.file is not None:
+            route.file.close()
+        route.file = path.open("a", encoding="utf-8")
+        route.file.writelines(route.pending)
+        route.pending.clear()
+        route.file.flush()
     return path
 
 
 def show_worker_lines(show: bool) -> None:
     """`tlray demo` runs many jobs and prints one line per job: their epoch lines go to the log only."""
-    _route.show_worker_lines = show
+    route.show_worker_lines = show
 
 
 def write_log(line: str) -> None:
-    with _route.lock:
-        if _route.file is None:
-            _route.pending.append(line)
+    with route.lock:
+        if route.file is None:
+            route.pending.append(line)
         else:
-            _route.file.write(line)
-            _route.file.flush()
+            route.file.write(line)
+            route.file.flush()
 
 
 def progress_line(text: str, terminal: bool) -> str:
@@ -140,17 +138,17 @@ def progress_line(text: str, terminal: bool) -> str:
     return f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {text}"
 
 
-def _forwarded(data: dict) -> None:
+def show_forwarded_lines(data: dict) -> None:
     """Ray's dispatcher calls this with a batch of lines of one worker process."""
     prefix = f"({data.get('actor_name') or data.get('task_name') or 'worker'} pid={data.get('pid')}) "
     for line in data.get("lines", []):
         write_log(prefix + line + "\n")
-        if MARK in line and _route.show_worker_lines and not _route.verbose:
+        if MARK in line and route.show_worker_lines and not route.verbose:
             text = line.split(MARK, 1)[1]
             print(MARK + progress_line(text, sys.stdout.isatty()), flush=True)
 
 
-def _raylet_message(data: dict, ignore_prefix: bool = False) -> None:
+def show_raylet_message(data: dict, ignore_prefix: bool = False) -> None:
     """Messages the raylet pushes to the driver: to the log, and shown unless they are routine."""
     for line in data.get("lines", []):
         write_log(f"(raylet) {line}\n")
@@ -158,12 +156,12 @@ def _raylet_message(data: dict, ignore_prefix: bool = False) -> None:
             print(f"(raylet) {line}", file=sys.stderr, flush=True)
 
 
-class _FileLines(logging.Handler):
+class FileLines(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         write_log(f"({record.name}) {self.format(record)}\n")
 
 
-SIGTERM_HANDLER: list = []  # the one tlray runs under (tlray.cli: a SIGTERM stops the run as Ctrl-C does)
+SIGTERM_HANDLER: list = []  # the one tlray runs under (tlray.flows.exits: a SIGTERM stops the run as Ctrl-C does)
 
 
 def handle_sigterm(handler) -> object:

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from tlray.artifacts import champion, publish
+from tlray.artifacts.manifest import manifest_digest, read_run_manifest
+from tlray.artifacts.published import load_published
 from tlray.cli import main
 from tlray.data.dataset import open_rgb
-from tlray.flows.evaluate import load_published
 from tlray.io import storage
 from tlray.models import model as models
 
@@ -99,11 +100,11 @@ def test_the_run_publishes_its_best_epoch_and_a_manifest_and_becomes_champion(ch
     exported = torch.load(io.BytesIO(storage.read_bytes(f"{run}/model/state_dict.pt", endpoint)), weights_only=True)
     assert all(torch.equal(exported[k], v) for k, v in checkpoint["model"].items())
 
-    manifest = publish.read_manifest(run, endpoint)
+    manifest = read_run_manifest(run, endpoint)
     assert sorted(manifest["files"]) == ["metadata.json", "metrics.json", "model/model.pt2", "model/state_dict.pt"]
     pointer = champion_run["pointer"]
     assert pointer.dataset_fingerprint == metadata["dataset"]["fingerprint"]
-    assert pointer.manifest_sha256 == publish.manifest_digest(run, endpoint)
+    assert pointer.manifest_sha256 == manifest_digest(run, endpoint)
     assert [h["action"] for h in champion.read_history(champion_run["job"], endpoint)] == ["promoted"]
 
 
@@ -208,7 +209,7 @@ def test_predict_over_s3_writes_rows_that_match_the_model_and_an_error_row(champ
 def test_bad_model_or_data_is_exit_2_and_writes_nothing(champion_run, tmp_path, capsys):
     endpoint, run = champion_run["endpoint"], champion_run["run"]
     local = tmp_path / "copy"
-    for path in publish.read_manifest(run, endpoint)["files"]:
+    for path in read_run_manifest(run, endpoint)["files"]:
         (local / path).parent.mkdir(parents=True, exist_ok=True)
         (local / path).write_bytes(storage.read_bytes(f"{run}/{path}", endpoint))
     (local / "MANIFEST.json").write_bytes(storage.read_bytes(f"{run}/MANIFEST.json", endpoint))

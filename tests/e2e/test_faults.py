@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tlray.artifacts.publish import run_uri
+from tlray.artifacts.export import run_uri
 from tlray.data.dataset import build_index
 from tlray.io import checkpoints, storage
 from tlray.k8s import manifests as k8s

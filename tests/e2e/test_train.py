@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tlray.artifacts.publish import run_uri, select_epoch
+from tlray.artifacts.export import run_uri
+from tlray.artifacts.publish import select_epoch
 from tlray.cli import main
 from tlray.data.dataset import build_index, open_rgb, train_rows
 from tlray.models import model as models

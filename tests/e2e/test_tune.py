@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tlray.artifacts.publish import run_uri
+from tlray.artifacts.export import run_uri
 from tlray.cli import main
 from tlray.data.dataset import build_index, open_rgb
 from tlray.models import model as models

@@ -1,6 +1,6 @@
 """The champion gate: which published run `<output.uri>/<name>/latest.json` points at, and why.
 
-A finished, sealed run (publish.MANIFEST) is offered to the gate. Under `publish.policy: gate` it
+A finished, sealed run (manifest.MANIFEST) is offered to the gate. Under `publish.policy: gate` it
 replaces the champion only if it beats it by `publish.min_improvement` on the *new* run's validation
 split, with the champion evaluated there too (datasets grow, so the champion's own old score says
 little). Every decision is one log line and one line of `<output.uri>/<name>/history.jsonl`.
@@ -24,6 +24,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from tlray.artifacts.manifest import utc_timestamp
 from tlray.errors import UserError
 from tlray.io import storage
 from tlray.io.s3 import ConditionalWritesUnsupported, WriteConflict
@@ -156,9 +157,7 @@ def gate(
     `score(run_uri)`: a run's `metric` on the candidate's validation split. It is called for the candidate
     once and for each champion it is compared with (again after a lost race, against the new champion).
     """
-    from tlray.artifacts.publish import now as utc_now
-
-    now = now or utc_now
+    now = now or utc_timestamp
     value = score(candidate.run) if policy != "never" else None
     decision = None
     fallback = False
@@ -238,38 +237,4 @@ def unchanged_data_message(job: str, fingerprint: str, endpoint_url: str | None 
     return (
         f"[tlray] dataset unchanged since the champion {pointer.run_id} (fingerprint {fingerprint[:12]}); "
         "nothing to do (--if-data-changed)"
-    )
-
-
-def decide(spec, run: str, source) -> Decision:
-    """The gate for a run `tlray train`/`tune` just sealed, scored on its own validation split (`source`)."""
-    from tlray.artifacts import publish
-    from tlray.flows import evaluate
-
-    endpoint = spec.dataset.endpoint_url
-    metadata = storage.read_json(storage.join(run, "metadata.json"), endpoint)
-    candidate = Candidate(
-        run, metadata["run_id"], metadata["dataset"]["fingerprint"], publish.manifest_digest(run, endpoint)
-    )
-    scores: dict[str, float] = {}
-    metric = spec.publish.metric
-
-    def score(uri: str) -> float:
-        # the training loop measured the candidate's accuracy on this very split (its loss has label smoothing)
-        measured = metadata["metrics"].get(metric) if metric != "val_loss" else None
-        if uri == run and measured is not None:
-            return measured
-        if uri not in scores:
-            scores[uri] = evaluate.gate_score(evaluate.load_published(uri, endpoint), source, metric)
-        return scores[uri]
-
-    return gate(
-        spec.job_uri,
-        candidate,
-        spec.publish.policy,
-        metric,
-        publish.metric_mode(metric),
-        spec.publish.min_improvement,
-        score,
-        endpoint,
     )

@@ -13,7 +13,9 @@ import io
 
 import torch
 
-from tlray.artifacts import champion, publish
+from tlray.artifacts import champion
+from tlray.artifacts.manifest import MANIFEST
+from tlray.artifacts.published import PublishedModel, load_published
 from tlray.data.dataset import DatasetIndex
 from tlray.errors import UserError
 from tlray.io import storage
@@ -28,7 +30,7 @@ def is_published_run(weights: str, endpoint_url: str | None) -> bool:
         return True
     if storage.is_s3(weights):
         return not weights.endswith((".pt", ".pth", ".bin")) and storage.exists(
-            storage.join(weights, publish.MANIFEST), endpoint_url
+            storage.join(weights, MANIFEST), endpoint_url
         )
     fs, path = storage.filesystem(weights)
     return fs.get_file_info(path).type == storage.pafs.FileType.Directory
@@ -36,14 +38,12 @@ def is_published_run(weights: str, endpoint_url: str | None) -> bool:
 
 def resolve(spec: JobSpec, index: DatasetIndex) -> JobSpec:
     """The spec with `model.weights` pointing at a checkpoint made from the champion (or the given run)."""
-    from tlray.flows import evaluate
-
     weights, endpoint = spec.model.weights, spec.dataset.endpoint_url
     if not spec.model.pretrained or not is_published_run(weights, endpoint):
         return spec
     uri = champion.latest_uri(spec.job_uri) if weights == LATEST else weights
     try:
-        model = evaluate.load_published(uri, endpoint)
+        model = load_published(uri, endpoint)
     except UserError as exc:
         raise UserError(f"model.weights: {str(exc).removeprefix('MODEL: ')}") from None
     if model.metadata["arch"] != spec.model.arch:
@@ -84,7 +84,7 @@ def expand_head(state: dict, arch: str, old: list[str], new: list[str], seed: in
     return out
 
 
-def write_expanded(spec: JobSpec, model, state_bytes: bytes, classes: list[str]) -> str:
+def write_expanded(spec: JobSpec, model: PublishedModel, state_bytes: bytes, classes: list[str]) -> str:
     """Stored beside the job's runs, named by its content's origin, so workers anywhere can read it."""
     state = torch.load(io.BytesIO(state_bytes), map_location="cpu", weights_only=True)
     expanded = expand_head(state, spec.model.arch, model.classes, classes, spec.train.seed)

@@ -1,6 +1,6 @@
 """`tlray demo`: what transfer learning buys, shown on real scans in minutes on a laptop's CPUs.
 
-1. images: scikit-learn's digits as image folders (tlray.demo_data): two sources, two few-shot targets;
+1. images: scikit-learn's digits as image folders (tlray.data.demo_data): two sources, two few-shot targets;
 2. sources: `jobs/digits-pretrain.yaml` (ten digits) and `jobs/digits-pretrain-0-4.yaml` train a ResNet-18
    from random init, exactly as `tlray train` does; each published state_dict is a target's pretrained weights;
 3. every target (`jobs/digits-new-domain.yaml`, `jobs/digits-new-classes.yaml`) in the seed's three modes:
@@ -21,8 +21,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tlray import console
+from tlray.artifacts.export import PublishedRun
+from tlray.artifacts.plots import plot_demo
 from tlray.data import demo_data
 from tlray.errors import UserError
+from tlray.flows.train import train
+from tlray.flows.tune import tune
 from tlray.io import storage
 from tlray.models import archs
 from tlray.spec import JobSpec, load_spec
@@ -71,25 +75,44 @@ class Row:
     curve: list[float]  # val_accuracy per epoch
 
 
-def run_demo(plan: DemoPlan) -> list[Row]:
-    started = time.perf_counter()
-    folders = demo_data.write_demo_folders(plan.data, plan.k, plan.seed)  # 1. images
-    console.say(f"digits: {plan.k} labelled images per class in each target (seed {plan.seed}); data in {plan.data}")
-    log = console.log_to(plan.out / console.LOG_FILE, pin=True)
-    console.show_worker_lines(False)
-    console.start_ray(log)
-    rows: list[Row] = []
-    for target in TARGETS[:QUICK_TARGETS] if plan.quick else TARGETS:
-        images = upload(plan, getattr(folders, target.folder))
-        source_images = upload(plan, getattr(folders, target.source_folder))
-        weights = train_source(plan, target, source_images)  # 2. the source task
-        for overrides in mode_overrides(plan, target, weights):  # 3. the three modes
-            rows.append(run_row(plan, target, images, overrides))
-        rows.append(run_search(plan, target, images, weights))  # 4. tune
-    write_report(plan, rows)  # 5. table and report
-    print(table(rows))
-    console.say(f"report: {plan.out / 'index.html'}; demo done in {time.perf_counter() - started:.0f} s")
-    return rows
+def demo(k: int, seed: int, s3: bool, quick: bool, jobs: str = "jobs", data: str = "data") -> list[Row]:
+    """Every job, one line each on the console; then the table and the report. With `s3`, all of it through
+    a loopback S3 server that lives as long as the demo."""
+    plan = demo_plan(k, seed, quick, jobs, data)
+    with contextlib.ExitStack() as stack:
+        if s3:
+            endpoint = stack.enter_context(loopback_s3())
+            plan = dataclasses.replace(plan, s3=f"s3://{DEMO_BUCKET}", endpoint_url=endpoint)
+        started = time.perf_counter()
+        folders = demo_data.write_demo_folders(plan.data, plan.k, plan.seed)  # 1. images
+        console.say(
+            f"digits: {plan.k} labelled images per class in each target (seed {plan.seed}); data in {plan.data}"
+        )
+        log = console.log_to(plan.out / console.LOG_FILE, pin=True)
+        console.show_worker_lines(False)
+        console.start_ray(log)
+        rows: list[Row] = []
+        for target in TARGETS[:QUICK_TARGETS] if plan.quick else TARGETS:
+            images = upload(plan, getattr(folders, target.folder))
+            source_images = upload(plan, getattr(folders, target.source_folder))
+            weights = train_source(plan, target, source_images)  # 2. the source task
+            for overrides in mode_overrides(plan, target, weights):  # 3. the three modes
+                rows.append(run_row(plan, target, images, overrides))
+            rows.append(run_search(plan, target, images, weights))  # 4. tune
+        write_demo_report(plan, rows)  # 5. table and report
+        print(table(rows))
+        console.say(f"report: {plan.out / 'index.html'}; demo done in {time.perf_counter() - started:.0f} s")
+        return rows
+
+
+def demo_plan(k: int, seed: int, quick: bool, jobs: str, data: str) -> DemoPlan:
+    """The demo's specs must be there; its report folder starts with an empty log (this demo's only)."""
+    if not Path(jobs, "digits-pretrain.yaml").is_file():
+        raise UserError(f"the demo reads its job specs from ./{jobs}: run it from a tlray checkout")
+    out = Path("outputs", "demo").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / console.LOG_FILE).write_text("")
+    return DemoPlan(Path(jobs), Path(data), out, k, seed, quick, None, None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -100,14 +123,29 @@ QUICK_TARGETS = 1  # the new domain: every mode and the search, on one target
 QUICK_SEARCH = ("tune.freeze_depth=[0, all]", "tune.num_samples=2", "tune.grace_period=1")
 
 
-def job_spec(plan: DemoPlan, name: str, images: str, *overrides: str) -> JobSpec:
+@dataclass(frozen=True)
+class Job:
+    """One job of the demo: a spec in jobs/ and its overrides, as `tlray train SPEC --set ...` runs it."""
+
+    spec_file: str
+    overrides: tuple[str, ...]
+
+    def spec(self) -> JobSpec:
+        return load_spec(self.spec_file, self.overrides)
+
+
+def job(plan: DemoPlan, name: str, images: str, *overrides: str) -> Job:
     sized = [*QUICK, *(QUICK_SEARCH if has_tune(overrides) else ())] if plan.quick else []
     where = [f"dataset.uri={images}", f"train.seed={plan.seed}"]
     if plan.s3:
         where += [f"output.uri={plan.s3}/outputs", f"dataset.endpoint_url={plan.endpoint_url}"]
     else:
         where += [f"output.uri={plan.out.parent}"]
-    return load_spec(plan.jobs / f"{name}.yaml", [*where, *sized, *overrides])
+    return Job(str(plan.jobs / f"{name}.yaml"), (*where, *sized, *overrides))
+
+
+def job_spec(plan: DemoPlan, name: str, images: str, *overrides: str) -> JobSpec:
+    return job(plan, name, images, *overrides).spec()
 
 
 def has_tune(overrides: tuple[str, ...]) -> bool:
@@ -116,8 +154,9 @@ def has_tune(overrides: tuple[str, ...]) -> bool:
 
 def train_source(plan: DemoPlan, target: Target, images: str) -> str:
     """Train the source task from random init; its published state_dict, stored where the targets read it."""
-    spec = job_spec(plan, target.source_spec, images, "tune=null")
-    published, wall = quietly(plan, spec)
+    source = job(plan, target.source_spec, images, "tune=null")
+    spec = source.spec()
+    published, wall = quietly(plan, source)
     weights = storage.join(published.uri, "model", "state_dict.pt")
     # a copy where the target specs in jobs/ name it, for `tlray train` and `tune` after the demo; the demo's own
     # jobs name the published file, whose run id changes with the source (and so changes theirs)
@@ -144,8 +183,9 @@ def run_row(plan: DemoPlan, target: Target, images: str, overrides: tuple[str, .
     mode = overrides[0].split("=", 1)[1]
     depth = overrides[2].split("=", 1)[1]
     suffix = {"architecture": "random", "feature_extractor": "fe"}.get(mode, f"d{depth}")
-    spec = job_spec(plan, target.spec, images, *overrides, f"name={target.spec}-{suffix}")
-    published, wall = quietly(plan, spec)
+    row_job = job(plan, target.spec, images, *overrides, f"name={target.spec}-{suffix}")
+    spec = row_job.spec()
+    published, wall = quietly(plan, row_job)
     row = row_of(target, MODE_NAMES[mode], spec, published.uri, wall, spec.train.lr)
     console.say(f"{target.name:<12} {row.mode:<18} depth {row.freeze_depth}: val_accuracy {row.val_accuracy:.4f}")
     return row
@@ -153,12 +193,11 @@ def run_row(plan: DemoPlan, target: Target, images: str, overrides: tuple[str, .
 
 def run_search(plan: DemoPlan, target: Target, images: str, weights: str) -> Row:
     """`tlray tune` on the target spec (its tune section), from the same pretrained weights."""
-    from tlray import cli
-
-    spec = job_spec(plan, target.spec, images, f"model.weights={weights}", f"name={target.spec}-tune")
+    search = job(plan, target.spec, images, f"model.weights={weights}", f"name={target.spec}-tune")
+    spec = search.spec()
     started = time.perf_counter()
     with redirected(plan):
-        published = cli.search_and_publish(spec)  # this search's run (not latest.json: the champion gate decides)
+        published = tune(search.spec_file, search.overrides)  # its run (not latest.json: the champion gate decides)
     wall = time.perf_counter() - started
     metadata = storage.read_json(storage.join(published.uri, "metadata.json"), plan.endpoint_url)
     row = row_of(target, "tune", spec, published.uri, wall, metadata["hyperparameters"]["lr"])
@@ -188,13 +227,11 @@ def row_of(target: Target, mode: str, spec: JobSpec, run: str, wall: float, lr: 
     )
 
 
-def quietly(plan: DemoPlan, spec: JobSpec):
-    """`tlray train` on `spec`, its lines to the log; returns (published run, wall seconds)."""
-    from tlray import cli
-
+def quietly(plan: DemoPlan, train_job: Job) -> tuple[PublishedRun, float]:
+    """`tlray train` on `train_job`, its lines to the log; returns (published run, wall seconds)."""
     started = time.perf_counter()
     with redirected(plan):
-        published = cli.train_and_publish(spec)
+        published = train(train_job.spec_file, train_job.overrides)
     return published, time.perf_counter() - started
 
 
@@ -239,9 +276,7 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def write_report(plan: DemoPlan, rows: list[Row]) -> None:
-    from tlray.flows.report import plot_demo
-
+def write_demo_report(plan: DemoPlan, rows: list[Row]) -> None:
     plan.out.mkdir(parents=True, exist_ok=True)
     settings = {"k": plan.k, "seed": plan.seed, "quick": plan.quick, "s3": bool(plan.s3)}
     (plan.out / "results.json").write_text(json.dumps({**settings, "rows": [asdict(r) for r in rows]}, indent=2))
@@ -253,20 +288,6 @@ def write_report(plan: DemoPlan, rows: list[Row]) -> None:
         f"<pre>{table(rows)}</pre>"
         '<img src="accuracy.png"><img src="learning_curves.png"></body></html>'
     )
-
-
-def run(k: int, seed: int, s3: bool, quick: bool, jobs: str = "jobs", data: str = "data") -> list[Row]:
-    """`tlray demo`: the plan, then the demo (with --s3, against a loopback S3 server that lives as long)."""
-    if not Path(jobs, "digits-pretrain.yaml").is_file():
-        raise UserError(f"the demo reads its job specs from ./{jobs}: run it from a tlray checkout")
-    out = Path("outputs", "demo").resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / console.LOG_FILE).write_text("")  # this demo's log only
-    plan = DemoPlan(Path(jobs), Path(data), out, k, seed, quick, None, None)
-    if not s3:
-        return run_demo(plan)
-    with loopback_s3() as endpoint:
-        return run_demo(dataclasses.replace(plan, s3=f"s3://{DEMO_BUCKET}", endpoint_url=endpoint))
 
 
 DEMO_BUCKET = "tlray-demo"

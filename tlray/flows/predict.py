@@ -17,15 +17,34 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tlray.artifacts.published import PublishedModel, load_published
 from tlray.console import start_ray
 from tlray.data import dataset as data
 from tlray.data.dataset import BAD_LABEL
 from tlray.errors import UserError
-from tlray.flows.evaluate import PublishedModel, load_published
 from tlray.io import storage
 from tlray.spec import DatasetSpec
 
 BAD_IMAGE_ERROR = "cannot decode image"
+
+
+def predict(
+    model_uri: str, data_uri: str, out: str, endpoint_url: str | None, batch_size: int = 64, top_k: int = 5
+) -> list[Row]:
+    """Classify every image under `data_uri` with a published model; one row per image into `out`."""
+    if not out.lower().endswith((".parquet", ".csv")):  # 1. the options
+        raise UserError(f"--out: {out} must end in .parquet or .csv (the output format)")
+    if top_k < 1:
+        raise UserError(f"--top-k: must be at least 1, got {top_k}")
+    model = load_published(model_uri, endpoint_url)  # 2. the model, checked against its manifest, before any work
+    index = image_index(data_uri, endpoint_url, model.classes)  # 3. the images
+    print(f"[tlray] predicting {len(index.val)} images from {index.root} with {model.run}")
+    start_ray()  # 4. join the cluster or start one
+    rows = run_inference(model, index, endpoint_url, batch_size, top_k)  # 5. classify them
+    write_rows(rows, out, endpoint_url)  # 6. one Parquet or CSV file
+    errors = sum(r.error is not None for r in rows)
+    print(f"[tlray] {len(rows)} predictions ({errors} images could not be decoded) written to {out}")
+    return rows
 
 
 @dataclass(frozen=True)
@@ -80,24 +99,6 @@ class Classify:
                 top = torch.softmax(logits, dim=1).topk(k, dim=1)
             indices[good], probabilities[good] = top.indices.cpu().numpy(), top.values.cpu().numpy()
         return {"row": batch["row"], "good": good, "top_k": indices, "probabilities": probabilities}
-
-
-def predict(
-    model_uri: str, data_uri: str, out: str, endpoint_url: str | None, batch_size: int = 64, top_k: int = 5
-) -> list[Row]:
-    if not out.lower().endswith((".parquet", ".csv")):
-        raise UserError(f"--out: {out} must end in .parquet or .csv (the output format)")
-    if top_k < 1:
-        raise UserError(f"--top-k: must be at least 1, got {top_k}")
-    model = load_published(model_uri, endpoint_url)  # checked against its manifest, before any work
-    index = image_index(data_uri, endpoint_url, model.classes)
-    print(f"[tlray] predicting {len(index.val)} images from {index.root} with {model.run}")
-    start_ray()
-    rows = run_inference(model, index, endpoint_url, batch_size, top_k)
-    write_rows(rows, out, endpoint_url)
-    errors = sum(r.error is not None for r in rows)
-    print(f"[tlray] {len(rows)} predictions ({errors} images could not be decoded) written to {out}")
-    return rows
 
 
 def run_inference(

@@ -9,13 +9,13 @@ from tlray import console
 
 @pytest.fixture
 def route(monkeypatch, tmp_path):
-    monkeypatch.setattr(console, "_route", console._Route())
+    monkeypatch.setattr(console, "route", console.Route())
     console.log_to(tmp_path / "ray.log")
     return tmp_path / "ray.log"
 
 
 def forwarded(*lines: str, actor: str = "RayTrainWorker") -> None:
-    console._forwarded({"lines": list(lines), "pid": 42, "actor_name": actor, "is_err": False})
+    console.show_forwarded_lines({"lines": list(lines), "pid": 42, "actor_name": actor, "is_err": False})
 
 
 def test_tlray_lines_reach_the_console_and_every_line_the_log(route, capsys):
@@ -42,7 +42,7 @@ def test_verbose_leaves_printing_to_ray(route, capsys):
 
 
 def test_lines_before_the_log_file_is_known_are_kept(monkeypatch, tmp_path):
-    monkeypatch.setattr(console, "_route", console._Route())
+    monkeypatch.setattr(console, "route", console.Route())
     forwarded("early line")
     console.log_to(tmp_path / "later.log")
     assert (tmp_path / "later.log").read_text() == "(RayTrainWorker pid=42) early line\n"

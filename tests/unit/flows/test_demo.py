@@ -75,4 +75,4 @@ def test_the_table_has_a_row_per_job(tmp_path):
 def test_the_demo_needs_its_specs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(demo.UserError, match=r"run it from a tlray checkout"):
-        demo.run(10, 0, False, True)
+        demo.demo(10, 0, False, True)

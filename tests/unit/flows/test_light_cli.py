@@ -81,7 +81,7 @@ def test_arch_table_matches_torchvision():
     assert list(archs.SUPPORTED_FAMILIES) == ["resnet", "efficientnet", "mobilenet", "convnext", "regnet", "vit"]
     for arch, entry in archs.ARCHS.items():
         # the block map, read off the model torchvision builds (on the meta device: no memory, no weights)
-        assert archs.backbone_block_names(arch) == [name for name, _ in models._layout(arch).blocks], arch
+        assert archs.backbone_block_names(arch) == models.backbone_block_names(arch), arch
         enum = torchvision.models.get_model_weights(arch)
         assert entry.weights_enum == enum.__name__, arch
         assert set(archs.weights_names(arch)) == set(enum.__members__), arch
@@ -96,7 +96,7 @@ def test_weights_names_resolve_like_torchvision():
 
 
 def test_validate_prints_the_runs_folder_that_publish_uses(tmp_path, capsys):
-    from tlray.artifacts.publish import runs_uri
+    from tlray.artifacts.export import runs_uri
     from tlray.cli import main
     from tlray.spec import load_spec
 

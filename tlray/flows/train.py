@@ -1,0 +1,40 @@
+"""`tlray train SPEC`: fine-tune the spec's model on Ray Train and publish it to output.uri.
+
+The same spec and data always map to the same run folder, so running the command again resumes from the
+newest complete checkpoint, and a finished run is never rewritten (tlray.artifacts.export).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from tlray.artifacts.export import PublishedRun, publish, run_uri
+from tlray.flows import steps
+from tlray.spec import load_spec
+from tlray.training.train import fit, load_selected_checkpoint
+
+
+def train(spec_file: str, overrides: Sequence[str] = (), if_data_changed: bool = False) -> PublishedRun | None:
+    """Train, publish the selected epoch, offer it to the champion gate. None when `if_data_changed` finds
+    the champion trained on exactly this data."""
+    spec = load_spec(spec_file, overrides)  # 1. parse and validate the whole spec
+    index = steps.index_data(spec)  # 2. the data: listed and split
+    if if_data_changed and steps.champion_has_this_data(spec, index):
+        return None
+    steps.check_destination(spec, index)  # 3. the output
+    spec, model = steps.warm_start(spec, index)  # 4. the weights
+    run = run_uri(spec, index)
+    steps.join_cluster(spec, index, run)  # 5. the cluster
+    print(f"[tlray] run {run.rsplit('/', 1)[-1]}: checkpoints and model under {run}")
+    plan = steps.run_plan(spec, index, run, model)  # 6. the run plan
+    started = time.perf_counter()
+    fit(plan)  # 7. fine-tune on Ray Train workers, data streamed by Ray Data
+    print(f"[tlray] trained in {time.perf_counter() - started:.1f} s", flush=True)
+    # 8. publish the best epoch of every sealed one: export, describe, MANIFEST last
+    state, history = load_selected_checkpoint(plan.checkpoints_uri, spec.dataset.endpoint_url, spec.train.select_metric)
+    published = publish(plan, model, state, history=history)
+    steps.gate_champion(spec, run, plan.data)  # 9. the champion gate
+    print(f"[tlray] model published to {published.uri}/model")  # 10. what was published
+    print(f"[tlray] val_accuracy {published.metrics['val_accuracy']:.4f} after {published.metrics['epoch']} epochs")
+    return published

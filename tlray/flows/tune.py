@@ -1,0 +1,89 @@
+"""`tlray tune SPEC`: search learning rate and freeze depth (the spec's tune section) with Ray Tune, publish
+the best trial's model exactly as `tlray train` would, and write the search's report.
+
+It reads like `tlray train` step for step; only 7 (a search instead of one run) and 8 (the search's results,
+confusion matrix and report beside the published model) differ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from tlray.artifacts.export import PublishedRun, publish, published_run, run_uri
+from tlray.artifacts.manifest import is_sealed, write_manifest
+from tlray.artifacts.search_report import write_search_report
+from tlray.errors import UserError
+from tlray.flows import steps
+from tlray.flows.scoring import confusion_matrix_of
+from tlray.io import storage
+from tlray.plan import RunPlan
+from tlray.spec import load_spec
+from tlray.training.train import load_selected_checkpoint
+from tlray.training.tune import (
+    best_trial,
+    best_trial_spec,
+    check_searchable,
+    raise_if_interrupted,
+    raise_if_no_trial_finished,
+    result_rows,
+    results_table,
+    search,
+    write_results,
+)
+
+
+def tune(spec_file: str, overrides: Sequence[str] = (), if_data_changed: bool = False) -> PublishedRun | None:
+    """Search, publish the best trial, offer it to the champion gate. None when `if_data_changed` finds the
+    champion trained on exactly this data."""
+    spec = load_spec(spec_file, overrides)  # 1. parse and validate the whole spec
+    if spec.tune is None:
+        raise UserError(
+            "tune: the spec has no tune section; add one (see jobs/digits-new-domain.yaml) or use `tlray train`"
+        )
+    index = steps.index_data(spec)  # 2. the data: listed and split
+    if if_data_changed and steps.champion_has_this_data(spec, index):
+        return None
+    steps.check_destination(spec, index)  # 3. the output
+    spec, model = steps.warm_start(spec, index)  # 4. the weights
+    check_searchable(spec, index)
+    run = run_uri(spec, index, "tune")
+    steps.join_cluster(spec, index, run)  # 5. the cluster
+    print(f"[tlray] search {run.rsplit('/', 1)[-1]}: trials, results, report and best model under {run}")
+    plan = steps.run_plan(spec, index, run, model)  # 6. the run plan, each trial's from it
+    grid = search(plan)  # 7. one TorchTrainer per trial, ASHA stops weak ones
+    raise_if_interrupted(grid, spec)  # Ctrl-C: nothing is published, the same command resumes
+    raise_if_no_trial_finished(grid)
+    rows = result_rows(grid, spec)
+    print(results_table(rows, spec))
+    best = best_trial(rows)
+    best_plan = plan.for_best_trial(best_trial_spec(spec, best), model, best["trial"])
+    published = publish_best_trial(plan, best_plan, model, rows, best)  # 8. publish the best trial, and report
+    page = write_search_report(run, plan.endpoint_url)  # report/ is not in the manifest: `tlray report` redraws it
+    steps.gate_champion(best_plan.spec, run, plan.data)  # 9. the champion gate
+    print(  # 10. what was published
+        f"[tlray] best trial {best['trial']}: lr {best['lr']:.3g}, freeze_depth {best['freeze_depth']}, "
+        f"{spec.tune.metric} {best['metric']:.4f}"
+    )
+    print(f"[tlray] model published to {published.uri}/model")
+    print(f"[tlray] report: {page}")
+    return published
+
+
+def publish_best_trial(
+    plan: RunPlan, best_plan: RunPlan, model: torch.nn.Module, rows: list[dict], best: dict
+) -> PublishedRun:
+    """The best trial's selected epoch, published as `tlray train` would, with the search's results and the
+    model's confusion matrix beside it. A finished search, run again, keeps its published files as they are."""
+    spec, run, endpoint = plan.spec, plan.run_uri, plan.endpoint_url
+    if is_sealed(run, endpoint):
+        return published_run(run, endpoint)
+    write_results(rows, run, spec)
+    state, history = load_selected_checkpoint(best_plan.checkpoints_uri, endpoint, spec.train.select_metric)
+    confusion = confusion_matrix_of(model, plan.data, state)
+    storage.write_json(storage.join(run, "confusion_matrix.json"), {**confusion, "trial": best["trial"]}, endpoint)
+    hyperparameters = {"lr": best["lr"], "freeze_depth": best_plan.freeze.depth, "trial": best["trial"]}
+    published = publish(best_plan, model, state, hyperparameters, history, seal=False)
+    write_manifest(run, endpoint)  # last: from now on the run is complete
+    return published
