@@ -84,8 +84,8 @@ def search_and_publish(spec, if_data_changed: bool = False):
     from tlray.flows import report
     from tlray.io import storage
     from tlray.plan import plan_run
-    from tlray.training import nodes, tune
-    from tlray.training.train import load_selected_checkpoint
+    from tlray.training import nodes, search
+    from tlray.training.trainer import load_selected_checkpoint
 
     if spec.tune is None:
         raise UserError(
@@ -95,24 +95,24 @@ def search_and_publish(spec, if_data_changed: bool = False):
     if prepared is None:  # --if-data-changed, and the champion was trained on exactly this data
         return None
     spec, index, model = prepared
-    tune.check_searchable(spec, index)
+    search.check_searchable(spec, index)
     run = run_uri(spec, index, "tune")
     console.start_ray(console.log_path_for(run))  # 5. join the cluster (RAY_ADDRESS / inside a job) or start one
     nodes.check_every_node_sees_local_paths(spec, index)
     print(f"[tlray] search {run.rsplit('/', 1)[-1]}: trials, results, report and best model under {run}")
     plan = plan_run(spec, data_source(spec, index), run, model)  # 6. the run plan, each trial's from it
-    grid = tune.search(plan)  # 7. one TorchTrainer per trial, ASHA stops weak ones
-    tune.raise_if_interrupted(grid, spec)  # Ctrl-C: nothing is published, the same command resumes
-    tune.raise_if_no_trial_finished(grid)
-    rows = tune.result_rows(grid, spec)
-    print(tune.results_table(rows, spec))
-    best = tune.best_trial(rows)
-    best_plan = plan.for_best_trial(tune.best_trial_spec(spec, best), model, best["trial"])
+    grid = search.run_search(plan)  # 7. one TorchTrainer per trial, ASHA stops weak ones
+    search.raise_if_interrupted(grid, spec)  # Ctrl-C: nothing is published, the same command resumes
+    search.raise_if_no_trial_finished(grid)
+    rows = search.result_rows(grid, spec)
+    print(search.results_table(rows, spec))
+    best = search.best_trial(rows)
+    best_plan = plan.for_best_trial(search.best_trial_spec(spec, best), model, best["trial"])
     endpoint = spec.dataset.endpoint_url
     if is_sealed(run, endpoint):  # a finished search, run again: its published files stay as they are
         published = published_run(run, endpoint)
     else:
-        tune.write_results(rows, run, spec)
+        search.write_results(rows, run, spec)
         # 8. publish the best trial's selected epoch exactly as `tlray train` would
         state, history = load_selected_checkpoint(best_plan.checkpoints_uri, endpoint, spec.train.select_metric)
         confusion = report.confusion_matrix_of(model, plan.data, state)  # 9. the report
@@ -229,7 +229,7 @@ def train_and_publish(spec, if_data_changed: bool = False):
     from tlray.artifacts.publish import publish, run_uri
     from tlray.plan import plan_run
     from tlray.training import nodes
-    from tlray.training.train import fit, load_selected_checkpoint
+    from tlray.training.trainer import fit, load_selected_checkpoint
 
     prepared = prepare(spec, if_data_changed)  # 2-4. data, output, weights
     if prepared is None:

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tlray.artifacts.publish import run_uri, select_epoch
+from tlray.artifacts.publish import run_uri
 from tlray.cli import main
 from tlray.data.dataset import build_index, open_rgb, train_rows
+from tlray.metrics import select_epoch
 from tlray.models import model as models
 from tlray.spec import load_spec
 

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from tlray.errors import UserError
 from tlray.io import storage
 from tlray.io.s3 import ConditionalWritesUnsupported, WriteConflict
+from tlray.metrics import metric_mode
 
 log = logging.getLogger("tlray")
 
@@ -268,7 +269,7 @@ def decide(spec, run: str, source) -> Decision:
         candidate,
         spec.publish.policy,
         metric,
-        publish.metric_mode(metric),
+        metric_mode(metric),
         spec.publish.min_improvement,
         score,
         endpoint,

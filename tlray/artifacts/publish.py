@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import platform
 import tempfile
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import tlray
 from tlray.data.dataset import DatasetIndex
 from tlray.errors import UserError
 from tlray.io import storage
+from tlray.metrics import select_epoch, too_few_classes
 from tlray.plan import RunPlan
 from tlray.spec import JobSpec
 
@@ -38,7 +38,6 @@ FORMAT_VERSION = 1  # of metadata.json and MANIFEST.json; loaders refuse version
 # Not part of the published artifact: Ray's resume state (pruned and rewritten by Ray) and the search
 # report (redrawn at any time by `tlray report`).
 UNSEALED_PREFIXES = ("train/", "search/", "trials/", "report/")
-LOWER_IS_BETTER = ("train_loss", "val_loss")
 
 
 class ManifestError(UserError):
@@ -49,54 +48,6 @@ class ManifestError(UserError):
 class PublishedRun:
     uri: str
     metrics: dict  # the selected epoch's metrics: those of the exported model
-
-
-@dataclass(frozen=True)
-class Selection:
-    """Which epoch a run publishes, and why."""
-
-    epoch: int  # 1-based, as in metrics.json
-    metric: str  # a reported metric, or "last"
-    mode: str  # "max" | "min" | "last"
-    value: float | None
-
-    def reason(self, epochs_run: int) -> str:
-        if self.metric == "last":
-            return f"last epoch ({self.epoch} of {epochs_run}), train.select_metric is `last`"
-        return f"best {self.metric} ({self.mode}) {self.value:.4g} at epoch {self.epoch} of {epochs_run}"
-
-    def to_dict(self, epochs_run: int) -> dict:
-        return {
-            "epoch": self.epoch,
-            "metric": self.metric,
-            "mode": self.mode,
-            "value": self.value,
-            "reason": self.reason(epochs_run),
-        }
-
-
-def metric_mode(metric: str) -> str:
-    return "min" if metric in LOWER_IS_BETTER else "max"
-
-
-def select_epoch(history: list[dict], metric: str) -> Selection:
-    """The best epoch of `history` by `metric`; among equals the latest, as Ray's checkpoint manager keeps.
-
-    NaN (or a missing value) ranks below every number, as in Ray, so it is chosen only if every epoch has it.
-    """
-    if not history:
-        raise ValueError("select_epoch: no epochs in the history")
-    if metric == "last":
-        return Selection(history[-1]["epoch"], "last", "last", None)
-    sign = -1.0 if metric_mode(metric) == "min" else 1.0
-
-    def rank(entry: dict) -> tuple:
-        value = entry.get(metric)
-        usable = value is not None and not math.isnan(value)
-        return (usable, sign * value if usable else 0.0, entry["epoch"])
-
-    best = max(history, key=rank)
-    return Selection(best["epoch"], metric, metric_mode(metric), best.get(metric))
 
 
 def run_uri(spec: JobSpec, index: DatasetIndex, command: str = "train") -> str:
@@ -276,10 +227,8 @@ def check_output(spec: JobSpec) -> None:
 def check_selectable(spec: JobSpec, index: DatasetIndex) -> None:
     """Top-5 is only reported with 5 or more classes: a metric that never comes cannot pick an epoch."""
     for key, metric in (("train.select_metric", spec.train.select_metric), ("publish.metric", spec.publish.metric)):
-        if metric == "val_top5" and len(index.classes) < 5:
-            raise UserError(
-                f"{key}: val_top5 is only reported with 5 or more classes; this dataset has {len(index.classes)}"
-            )
+        if problem := too_few_classes(metric, len(index.classes)):
+            raise UserError(f"{key}: {problem}")
 
 
 def export_program(model: torch.nn.Module, crop_size: int, path: Path) -> None:

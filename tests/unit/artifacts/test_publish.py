@@ -13,10 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tlray.artifacts import champion, publish
-from tlray.artifacts.publish import ManifestError, Selection, select_epoch
+from tlray.artifacts.publish import ManifestError
 from tlray.errors import UserError
 from tlray.io import storage
 from tlray.io.s3 import WriteConflict
+from tlray.metrics import Selection, select_epoch
 
 from s3_fixtures import FlakyProxy, raw_client
 
@@ -47,7 +48,7 @@ def test_select_epoch_prefers_the_latest_of_equals_and_never_nan():
 
 def test_checkpoint_config_keeps_the_best_by_the_select_metric():
     from tlray.spec import TrainSpec
-    from tlray.training.train import checkpoint_config
+    from tlray.training.trainer import checkpoint_config
 
     best = checkpoint_config(TrainSpec(select_metric="val_loss", checkpoints_to_keep=1))
     assert (best.num_to_keep, best.checkpoint_score_attribute, best.checkpoint_score_order) == (1, "val_loss", "min")
@@ -60,7 +61,7 @@ def test_the_selected_epochs_checkpoint_is_loaded_not_the_latest(tmp_path):
     import torch
 
     from tlray.io import checkpoints
-    from tlray.training.train import load_selected_checkpoint
+    from tlray.training.trainer import load_selected_checkpoint
 
     for epoch in range(3):
         folder = tmp_path / "train" / checkpoints.folder_name(epoch)
