@@ -3,7 +3,7 @@ without the frozen-prefix cache, in tlray and in a plain PyTorch loop; then the 
 
     .venv/bin/python bench/transfer.py [--only modes|claim] [--device cuda --arch resnet50 --image-size 224 ...]
 
-modes: one local Ray; per row one Ray Train run with 1 worker (tlray.train.make_trainer, as `tlray
+modes: one local Ray; per row one Ray Train run with 1 worker (tlray.training.trainer.make_trainer, as `tlray
    train` runs it), and the same work in one plain single-process PyTorch loop (decode ->
    resize/crop -> normalise -> forward -> backward -> step; with a cache: decode and run the frozen
    blocks once, then train on the stored activations). Epoch time = train loop only; the first
@@ -129,7 +129,7 @@ def tlray_run(images: Path, weights: Path, args, depth: int, cache: str, out: Pa
     from tlray.models import model as models
     from tlray.plan import plan_run
     from tlray.spec import JobSpec
-    from tlray.training.train import load_checkpoint_state, make_trainer
+    from tlray.training.trainer import load_checkpoint_state, make_trainer
 
     spec = JobSpec.model_validate(
         {

@@ -24,10 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tlray import names
 from tlray.errors import UserError
+from tlray.metrics import GATEABLE, SELECTABLE, metric_mode
 from tlray.models import archs
 
-REPORTED_METRICS = ("train_loss", "val_loss", "val_accuracy", "val_top5", "images_per_second")
-LOWER_IS_BETTER = ("train_loss", "val_loss")  # the others: higher is better
 CREDENTIAL_KEY = re.compile(r"secret|password|passwd|token|access_key|credential", re.IGNORECASE)
 
 
@@ -175,7 +174,7 @@ class TrainSpec(_Section):
     )
     select_metric: str = Field(
         "val_accuracy",
-        description=f"Which epoch a run publishes: the best by this metric (one of {', '.join(REPORTED_METRICS)}; "
+        description=f"Which epoch a run publishes: the best by this metric (one of {', '.join(SELECTABLE)}; "
         "losses lower, others higher is better), or `last` for the final epoch. A search (`tune`) needs "
         "`tune.metric` here: the best trial publishes its epoch by the metric that ranked it.",
     )
@@ -183,8 +182,8 @@ class TrainSpec(_Section):
     @field_validator("select_metric")
     @classmethod
     def _selectable_metric(cls, metric: str) -> str:
-        if metric != "last" and metric not in REPORTED_METRICS:
-            raise ValueError(f"'{metric}' is never reported; choose `last` or one of {', '.join(REPORTED_METRICS)}")
+        if metric != "last" and metric not in SELECTABLE:
+            raise ValueError(f"'{metric}' is never reported; choose `last` or one of {', '.join(SELECTABLE)}")
         return metric
 
 
@@ -243,7 +242,7 @@ class TuneSpec(_Section):
     )
     metric: str = Field(
         "val_accuracy",
-        description=f"Metric that ranks the trials: one of {', '.join(REPORTED_METRICS)}; "
+        description=f"Metric that ranks the trials: one of {', '.join(SELECTABLE)}; "
         "`train.select_metric` must be the same.",
     )
     mode: Literal["max", "min"] = Field(
@@ -256,8 +255,8 @@ class TuneSpec(_Section):
     @field_validator("metric")
     @classmethod
     def _reported_metric(cls, metric: str) -> str:
-        if metric not in REPORTED_METRICS:
-            raise ValueError(f"'{metric}' is never reported; choose one of {', '.join(REPORTED_METRICS)}")
+        if metric not in SELECTABLE:
+            raise ValueError(f"'{metric}' is never reported; choose one of {', '.join(SELECTABLE)}")
         return metric
 
 
@@ -268,7 +267,7 @@ class PublishSpec(_Section):
         "`gate`: only if it beats the current champion on the new run's validation split by `min_improvement`; "
         "`always`: every finished run; `never`: the pointer is left alone.",
     )
-    metric: Literal["val_accuracy", "val_top5", "val_loss"] = Field(
+    metric: Literal[GATEABLE] = Field(
         "val_accuracy",
         description="Metric the gate compares, computed for the new run and the champion on the new run's "
         "validation split (`val_loss` lower is better, the others higher).",
@@ -559,7 +558,7 @@ def _search_publishes_by_its_ranking(tune: TuneSpec | None, train: TrainSpec):
             f"'{train.select_metric}' differs from tune.metric '{tune.metric}': a search ranks trials by "
             "tune.metric, so the best trial must publish its epoch by it too; set both to the same metric",
         )
-    direction = "min" if tune.metric in LOWER_IS_BETTER else "max"
+    direction = metric_mode(tune.metric)
     if tune.mode != direction:
         yield Problem(
             "tune.mode",

@@ -275,6 +275,6 @@ def test_one_feature_extractor_epoch_on_a_class_sorted_folder_learns_every_class
     [(2, 1, 1, 2), (2, 2, 0.5, 1), (16, 2, 1, 8), (8, 1, 12, 12), (3, 2, 1, 1)],
 )
 def test_cpu_workers_use_their_share_of_the_node_not_only_their_reservation(node_cpus, workers, reserved, threads):
-    from tlray.training.train import cpu_threads
+    from tlray.training.setup import cpu_threads
 
     assert cpu_threads(node_cpus, workers, reserved) == threads

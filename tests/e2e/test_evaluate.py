@@ -15,12 +15,13 @@ import pyarrow.parquet
 import pytest
 import torch
 
-from tlray.artifacts import champion, publish
+from tlray.artifacts import champion
 from tlray.artifacts.manifest import manifest_digest, read_run_manifest
 from tlray.artifacts.published import load_published
 from tlray.cli import main
 from tlray.data.dataset import open_rgb
 from tlray.io import storage
+from tlray.metrics import select_epoch
 from tlray.models import model as models
 
 from conftest import spec_dict, write_image_folder, write_spec
@@ -85,7 +86,7 @@ def test_the_run_publishes_its_best_epoch_and_a_manifest_and_becomes_champion(ch
     endpoint, run = champion_run["endpoint"], champion_run["run"]
     metadata = storage.read_json(f"{run}/metadata.json", endpoint)
     history = storage.read_json(f"{run}/metrics.json", endpoint)["history"]
-    chosen = publish.select_epoch(history, "val_loss")
+    chosen = select_epoch(history, "val_loss")
     assert metadata["selection"]["epoch"] == chosen.epoch
     assert metadata["selection"]["reason"] == chosen.reason(3)
     assert metadata["metrics"] == history[chosen.epoch - 1]

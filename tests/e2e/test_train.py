@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from tlray.artifacts.export import run_uri
-from tlray.artifacts.publish import select_epoch
 from tlray.cli import main
 from tlray.data.dataset import build_index, open_rgb, train_rows
+from tlray.metrics import select_epoch
 from tlray.models import model as models
 from tlray.spec import load_spec
 

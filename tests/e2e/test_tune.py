@@ -217,24 +217,24 @@ def test_make_scheduler_builds_hyperband_from_the_spec(tmp_path):
     from ray.tune.schedulers import HyperBandScheduler
 
     from tlray.spec import JobSpec
-    from tlray.training import tune
+    from tlray.training import search
 
     def hyperband(epochs: int, reduction_factor: int) -> JobSpec:
         tune_section = {"scheduler": "hyperband", "reduction_factor": reduction_factor}
         return JobSpec.model_validate(spec_dict(str(tmp_path), "out", train={"epochs": epochs}, tune=tune_section))
 
-    scheduler = tune.make_scheduler(hyperband(epochs=4, reduction_factor=2), concurrency=3)
+    scheduler = search.make_scheduler(hyperband(epochs=4, reduction_factor=2), concurrency=3)
     assert isinstance(scheduler, HyperBandScheduler) and scheduler.concurrency == 3
     assert (scheduler._time_attr, scheduler._max_t_attr, scheduler._eta) == ("training_iteration", 4, 2)
     assert scheduler.set_search_properties("val_accuracy", "max")  # metric and mode come from the Tuner alone
-    assert tune.scheduler_name(hyperband(epochs=4, reduction_factor=2)) == (
+    assert search.scheduler_name(hyperband(epochs=4, reduction_factor=2)) == (
         "synchronous HyperBand, rungs from epoch 1, keeps 1/2 per rung; a trial at a rung pauses until its "
         "bracket catches up"
     )
-    assert tune.scheduler_name(hyperband(epochs=27, reduction_factor=3)).startswith(
+    assert search.scheduler_name(hyperband(epochs=27, reduction_factor=3)).startswith(
         "synchronous HyperBand, rungs from epoch 1,"
     )
-    assert tune.scheduler_name(hyperband(epochs=2, reduction_factor=3)) == (
+    assert search.scheduler_name(hyperband(epochs=2, reduction_factor=3)) == (
         "HyperBand, which stops no trial early: 2 epochs < reduction factor 3"
     )
 

@@ -292,10 +292,9 @@ def test_gpu_shares_that_work_are_valid(base, use_gpu, num_workers, gpus_per_wor
 
 
 def test_a_search_ranks_and_publishes_by_one_metric(base):
-    from tlray import spec
-    from tlray.artifacts import publish
+    from tlray import metrics, spec
 
     base["train"]["select_metric"] = "val_loss"
     base["tune"] = {"metric": "val_loss", "mode": "min"}
     assert validate_spec(base).tune.metric == "val_loss"
-    assert spec.LOWER_IS_BETTER == publish.LOWER_IS_BETTER  # the rule and epoch selection agree on directions
+    assert spec.metric_mode is metrics.metric_mode  # the rule and epoch selection agree on directions

@@ -20,10 +20,10 @@ import torch
 
 import tlray
 from tlray.artifacts.manifest import FORMAT_VERSION, MANIFEST, is_sealed, utc_timestamp, write_manifest
-from tlray.artifacts.publish import select_epoch
 from tlray.data.dataset import DatasetIndex
 from tlray.errors import UserError
 from tlray.io import storage
+from tlray.metrics import select_epoch, too_few_classes
 from tlray.plan import RunPlan
 from tlray.spec import JobSpec
 
@@ -141,10 +141,8 @@ def check_output(spec: JobSpec) -> None:
 def check_selectable(spec: JobSpec, index: DatasetIndex) -> None:
     """Top-5 is only reported with 5 or more classes: a metric that never comes cannot pick an epoch."""
     for key, metric in (("train.select_metric", spec.train.select_metric), ("publish.metric", spec.publish.metric)):
-        if metric == "val_top5" and len(index.classes) < 5:
-            raise UserError(
-                f"{key}: val_top5 is only reported with 5 or more classes; this dataset has {len(index.classes)}"
-            )
+        if problem := too_few_classes(metric, len(index.classes)):
+            raise UserError(f"{key}: {problem}")
 
 
 def export_program(model: torch.nn.Module, crop_size: int, path: Path) -> None:

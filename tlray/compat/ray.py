@@ -6,7 +6,7 @@ from __future__ import annotations
 # again under the same name restores it (ray/train/v2/_internal/constants.py).
 from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME as CHECKPOINT_MANAGER_SNAPSHOT
 
-__all__ = ["CHECKPOINT_MANAGER_SNAPSHOT"]
+__all__ = ["CHECKPOINT_MANAGER_SNAPSHOT", "set_trial_status"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -30,3 +30,10 @@ def print_raylet_messages_with(printer) -> None:
     import ray._private.worker as ray_worker
 
     ray_worker.print_to_stdstream = printer
+
+
+def set_trial_status(tune_controller, trial, status: str) -> None:
+    """Set a trial's status from a scheduler: Tune has no public call for it, but the controller it hands its
+    schedulers lets this private one through (TuneController._wrapped). Checked against Ray 2.60
+    (ray/tune/execution/tune_controller.py)."""
+    tune_controller._set_trial_status(trial, status)

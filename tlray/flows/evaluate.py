@@ -18,9 +18,8 @@ from tlray.data.dataset import DatasetIndex, DataSource
 from tlray.errors import UserError
 from tlray.flows.scoring import classification_report, remap_logits, split_logits
 from tlray.io import storage
+from tlray.metrics import GATE_REPORT_KEYS
 from tlray.spec import DatasetSpec
-
-GATE_METRICS = {"val_accuracy": "accuracy", "val_top5": "top5", "val_loss": "loss"}
 
 
 def evaluate(
@@ -96,7 +95,7 @@ def gate_score(model: PublishedModel, source: DataSource, metric: str, batch_siz
     )
     if metric == "val_top5" and "top5" not in report:
         raise UserError(f"publish.metric: val_top5 needs 5 or more classes; the dataset has {len(source.classes)}")
-    return report[GATE_METRICS[metric]]
+    return report[GATE_REPORT_KEYS[metric]]
 
 
 def summary_table(report: dict) -> str:

@@ -74,7 +74,7 @@ def sigterm_stops_the_run():
         TERMINATED.append(signum)
         on_sigint = signal.getsignal(signal.SIGINT)
         if getattr(on_sigint, "graceful", False):
-            on_sigint(signal.SIGINT, frame)  # tlray.training.tune's: the search saves its state and returns
+            on_sigint(signal.SIGINT, frame)  # tlray.training.search's: the search saves its state and returns
             return
         if callable(on_sigint) and on_sigint is not signal.default_int_handler:
             on_sigint(signal.SIGINT, frame)  # Ray Train's: abort the run's controller and workers

@@ -13,13 +13,13 @@ from tlray import console
 from tlray.artifacts import champion, warmstart
 from tlray.artifacts.export import check_output, check_selectable
 from tlray.artifacts.manifest import manifest_digest
-from tlray.artifacts.publish import metric_mode
 from tlray.artifacts.published import load_published
 from tlray.data import dataset as data
 from tlray.data.dataset import DatasetIndex, DataSource, build_index
 from tlray.flows.evaluate import gate_score
 from tlray.io import storage
 from tlray.io.weights import fetch_weights
+from tlray.metrics import metric_mode
 from tlray.models import model as models
 from tlray.plan import RunPlan, plan_run
 from tlray.spec import JobSpec

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from tlray.artifacts.export import PublishedRun, publish, run_uri
 from tlray.flows import steps
 from tlray.spec import load_spec
-from tlray.training.train import fit, load_selected_checkpoint
+from tlray.training.trainer import fit, load_selected_checkpoint
 
 
 def train(spec_file: str, overrides: Sequence[str] = (), if_data_changed: bool = False) -> PublishedRun | None:

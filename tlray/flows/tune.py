@@ -20,8 +20,7 @@ from tlray.flows.scoring import confusion_matrix_of
 from tlray.io import storage
 from tlray.plan import RunPlan
 from tlray.spec import load_spec
-from tlray.training.train import load_selected_checkpoint
-from tlray.training.tune import (
+from tlray.training.search import (
     best_trial,
     best_trial_spec,
     check_searchable,
@@ -29,9 +28,10 @@ from tlray.training.tune import (
     raise_if_no_trial_finished,
     result_rows,
     results_table,
-    search,
+    run_search,
     write_results,
 )
+from tlray.training.trainer import load_selected_checkpoint
 
 
 def tune(spec_file: str, overrides: Sequence[str] = (), if_data_changed: bool = False) -> PublishedRun | None:
@@ -52,7 +52,7 @@ def tune(spec_file: str, overrides: Sequence[str] = (), if_data_changed: bool = 
     steps.join_cluster(spec, index, run)  # 5. the cluster
     print(f"[tlray] search {run.rsplit('/', 1)[-1]}: trials, results, report and best model under {run}")
     plan = steps.run_plan(spec, index, run, model)  # 6. the run plan, each trial's from it
-    grid = search(plan)  # 7. one TorchTrainer per trial, ASHA stops weak ones
+    grid = run_search(plan)  # 7. one TorchTrainer per trial, ASHA stops weak ones
     raise_if_interrupted(grid, spec)  # Ctrl-C: nothing is published, the same command resumes
     raise_if_no_trial_finished(grid)
     rows = result_rows(grid, spec)

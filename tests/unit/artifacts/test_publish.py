@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tlray.artifacts.publish import Selection, select_epoch
+from tlray.metrics import Selection, select_epoch
 
 # ---------------------------------------------------------------------------------------
 # Best epoch
@@ -35,7 +35,7 @@ def test_select_epoch_prefers_the_latest_of_equals_and_never_nan():
 
 def test_checkpoint_config_keeps_the_best_by_the_select_metric():
     from tlray.spec import TrainSpec
-    from tlray.training.train import checkpoint_config
+    from tlray.training.trainer import checkpoint_config
 
     best = checkpoint_config(TrainSpec(select_metric="val_loss", checkpoints_to_keep=1))
     assert (best.num_to_keep, best.checkpoint_score_attribute, best.checkpoint_score_order) == (1, "val_loss", "min")
@@ -48,7 +48,7 @@ def test_the_selected_epochs_checkpoint_is_loaded_not_the_latest(tmp_path):
     import torch
 
     from tlray.io import checkpoints
-    from tlray.training.train import load_selected_checkpoint
+    from tlray.training.trainer import load_selected_checkpoint
 
     for epoch in range(3):
         folder = tmp_path / "train" / checkpoints.folder_name(epoch)

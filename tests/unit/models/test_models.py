@@ -519,7 +519,7 @@ def test_no_weight_decay_on_vit_embeddings_norms_and_biases():
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_optimizer_decays_what_parameter_groups_says(optimizer):
     from tlray.spec import TrainSpec
-    from tlray.training.train import make_optimizer
+    from tlray.training.setup import make_optimizer
 
     model = fresh("resnet18")
     models.freeze(model, "resnet18", 4)  # layer4 and fc train

@@ -20,7 +20,7 @@ from tlray.plan import plan_run
 from tlray.spec import JobSpec
 from tlray.training import prefix_cache
 from tlray.training.prefix_cache import decide
-from tlray.training.train import load_checkpoint_state, make_trainer
+from tlray.training.trainer import load_checkpoint_state, make_trainer
 
 from conftest import spec_dict, write_image_folder
 
@@ -157,11 +157,11 @@ def test_cached_training_gives_the_uncached_weights(job, tmp_path, depth, worker
 
 
 def test_frozen_blocks_build_no_graph_and_ddp_reduces_only_trained_gradients(tmp_path):
-    """What the loop runs (train.run_frozen, then the DDP-wrapped rest), counted op by op."""
+    """What the loop runs (setup.run_frozen, then the DDP-wrapped rest), counted op by op."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from tlray.training.train import run_frozen
+    from tlray.training.setup import run_frozen
 
     dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path / 'pg'}")
     try:
@@ -248,7 +248,7 @@ def test_the_key_changes_with_everything_the_activations_depend_on(job):
 def test_an_entry_is_filled_once_and_read_by_every_worker_and_trial(job):
     from concurrent.futures import ThreadPoolExecutor
 
-    from tlray.training.train import run_frozen
+    from tlray.training.setup import run_frozen
 
     _, weights, source = job
     empty_the_cache()
@@ -340,7 +340,7 @@ def decide_on_rank(rank: int, world: int, port: int, without_room: tuple[int, ..
 
     import torch.distributed as dist
 
-    from tlray.training import train
+    from tlray.training import loop, setup
 
     os.environ[prefix_cache.CACHE_DIR_ENV] = f"{folder}/cache"
     if rank in without_room:  # this rank's node has no room: its free-space probe says so
@@ -374,10 +374,10 @@ def decide_on_rank(rank: int, world: int, port: int, without_room: tuple[int, ..
         models.freeze(model, "resnet18", 1)
         prefix = models.split(model, "resnet18", 1).prefix
         cpu = torch.device("cpu")
-        frozen = train.run_frozen(prefix, source.preprocessing, cpu, None)
+        frozen = setup.run_frozen(prefix, source.preprocessing, cpu, None)
         cache = prefix_cache.for_worker(spec, source, prefix, frozen, cpu, None, rank, world)
         if cache:  # as the loop does after an epoch: the fill statistics, summed over the group
-            train.all_reduce_sum(list(cache.take_fill_stats()), cpu)
+            loop.all_reduce_sum(list(cache.take_fill_stats()), cpu)
         dist.barrier()  # stands for ray.train.report's barrier
     finally:
         dist.destroy_process_group()

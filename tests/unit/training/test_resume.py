@@ -10,7 +10,9 @@ from torch import nn
 from tlray.io import checkpoints
 from tlray.spec import TrainSpec
 from tlray.training import rng
-from tlray.training.train import make_lr_schedule, make_optimizer, restore, snapshot, train_epoch
+from tlray.training.loop import train_epoch
+from tlray.training.setup import make_lr_schedule, make_optimizer
+from tlray.training.state import Progress, TrainState
 
 SEED, EPOCHS, STEPS, BATCH = 7, 4, 6, 8
 CPU = torch.device("cpu")
@@ -27,7 +29,7 @@ def batches(epoch: int) -> list[dict]:
 
 
 def start():
-    """What fine_tune does before its first epoch: identical init, then the rank's own streams."""
+    """What the worker does before its first epoch (setup.build_model): identical init, then the rank's own streams."""
     torch.manual_seed(SEED)
     # dropout draws from the global stream: without the restored streams a resumed epoch draws other masks
     model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 3))
@@ -49,8 +51,8 @@ def run_epochs(parts, epochs: range, stop_after: int | None = None, folder: Path
         assert (seen, bad) == (STEPS * BATCH, [])
         losses.append(loss_sum / seen)
         if epoch == stop_after:  # the checkpoint, through the real file format
-            state = snapshot(model, optimizer, scheduler, scaler, epoch, [], [], 0, rng.gather(CPU, 1))
-            saved = round_trip(state, folder)
+            state = TrainState.capture(model, optimizer, scheduler, scaler, epoch, Progress(), rng.gather(CPU, 1))
+            saved = round_trip(state.to_checkpoint(), folder)
     return losses, saved
 
 
@@ -63,15 +65,15 @@ def test_a_run_resumed_from_a_mid_run_checkpoint_repeats_the_undisturbed_epochs_
     undisturbed, saved = run_epochs(start(), range(EPOCHS), stop_after=1, folder=tmp_path)
     assert len(set(undisturbed)) == EPOCHS  # it trains: each epoch's loss differs
 
-    parts = start()  # a new process: the model rebuilt and the streams re-seeded, as fine_tune does
-    restore(saved, *parts)
+    parts = start()  # a new process: the model rebuilt and the streams re-seeded, as the worker does
+    TrainState.from_checkpoint(saved).restore(*parts)
     restored = rng.resume(saved["rng"], SEED, saved["epoch"] + 1, rank=0, device=CPU)
     resumed, _ = run_epochs(parts, range(saved["epoch"] + 1, EPOCHS))
     assert restored
     assert resumed == undisturbed[2:]  # bit for bit, not approximately
 
     parts = start()  # the same checkpoint without its streams: epoch 3 draws epoch 1's masks again
-    restore(saved, *parts)
+    TrainState.from_checkpoint(saved).restore(*parts)
     replayed, _ = run_epochs(parts, range(saved["epoch"] + 1, EPOCHS))
     assert replayed[0] != undisturbed[2]
 
@@ -94,3 +96,26 @@ def test_every_rank_resumes_its_own_streams_and_ranks_without_one_derive_them_de
     assert torch.equal(torch.rand(4), first)  # the same on every restart
     rng.resume(saved, SEED, 4, rank=2, device=CPU)
     assert not torch.equal(torch.rand(4), first)  # but not the same stream at another epoch
+
+
+def test_a_checkpoint_keeps_the_keys_and_order_it_always_had():
+    model, optimizer, scheduler, scaler = start()
+    progress = Progress(history=[{"epoch": 1}], bad_image_examples=["a.jpg"], resumes=2)
+    state = TrainState.capture(model, optimizer, scheduler, scaler, 0, progress, rng.gather(CPU, 1), "off")
+    saved = state.to_checkpoint()
+    assert list(saved) == [
+        "model",
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "epoch",
+        "history",
+        "bad_image_examples",
+        "resumes",
+        "rng",
+        "precision",
+    ]
+    loaded = TrainState.from_checkpoint(saved)
+    assert (loaded.epoch, loaded.history, loaded.resumes, loaded.precision) == (0, [{"epoch": 1}], 2, "off")
+    older = TrainState.from_checkpoint({k: v for k, v in saved.items() if k not in ("resumes", "rng", "precision")})
+    assert (older.resumes, older.rng, Progress.after(older).resumes) == (0, None, 1)  # an older tlray's checkpoint

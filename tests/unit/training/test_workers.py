@@ -20,7 +20,9 @@ from torch import nn
 from tlray.io import checkpoints
 from tlray.models import model as models
 from tlray.spec import TrainSpec
-from tlray.training.train import Precision, make_lr_schedule, make_optimizer, mixed_precision, resume_state, train_epoch
+from tlray.training.loop import train_epoch
+from tlray.training.setup import Precision, make_lr_schedule, make_optimizer, mixed_precision
+from tlray.training.trainer import resume_state
 
 from s3_fixtures import free_port
 

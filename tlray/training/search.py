@@ -22,15 +22,18 @@ import ray.tune
 import ray.util.queue
 from ray.tune.experiment import Trial
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
+from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from tlray.compat import ray as compat_ray
+from tlray.console import say
 from tlray.data.dataset import DatasetIndex
 from tlray.errors import UserError, user_error_inside
 from tlray.io import checkpoints, storage
+from tlray.metrics import SEARCH_HISTORY, too_few_classes
 from tlray.plan import RunPlan
 from tlray.spec import JobSpec
-from tlray.training.train import make_trainer, say, warn_if_no_cpu_left_for_data, worker_resources
+from tlray.training.trainer import make_trainer, warn_if_no_cpu_left_for_data, worker_resources
 
 TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 64 * 1024**2}  # Tune needs a non-empty request
 RESULT_COLUMNS = ("trial", "lr", "freeze_depth", "epochs", "metric", "best_metric", "stopped_early", "status")
@@ -38,13 +41,11 @@ RESULT_COLUMNS = ("trial", "lr", "freeze_depth", "epochs", "metric", "best_metri
 
 def check_searchable(spec: JobSpec, index: DatasetIndex) -> None:
     """What only the data can tell: the metric must be one the loop reports for this dataset."""
-    if spec.tune.metric == "val_top5" and len(index.classes) < 5:
-        raise UserError(
-            f"tune.metric: val_top5 is only reported with 5 or more classes; this dataset has {len(index.classes)}"
-        )
+    if problem := too_few_classes(spec.tune.metric, len(index.classes)):
+        raise UserError(f"tune.metric: {problem}")
 
 
-def search(plan: RunPlan) -> ray.tune.ResultGrid:
+def run_search(plan: RunPlan) -> ray.tune.ResultGrid:
     """Run (or resume) the search whose state lives in `<run>/search`; trials train into `<run>/trials`."""
     spec, run = plan.spec, plan.run_uri
     filesystem, path = storage.filesystem(run, plan.endpoint_url)
@@ -148,7 +149,7 @@ def run_trial(config: dict, plan: RunPlan, trials_at_once: int) -> None:
     trial = plan.for_trial(trial_spec(plan.spec, config), trial_id, trials_at_once)
     drop_epochs_tune_never_saw(trial.checkpoints_uri, trial.endpoint_url)
     reports = ray.util.queue.Queue(actor_options={"num_cpus": 0})  # unbounded: a worker's put never waits
-    trainer = make_trainer(trial, epoch_sink=reports)
+    trainer = make_trainer(trial, epoch_queue=reports)
     failure: list[BaseException] = []
 
     def fit() -> None:
@@ -246,22 +247,19 @@ def hyperband_first_rung(epochs: int, reduction_factor: int) -> int:
 
 
 def make_scheduler(spec: JobSpec, concurrency: int):
-    """The early-stopping scheduler; the Tuner's TuneConfig gives it the metric and mode."""
-    if spec.tune.scheduler == "asha":
-        return ray.tune.schedulers.ASHAScheduler(
-            time_attr="training_iteration",  # one report per epoch, numbered by the epoch (run_trial)
-            max_t=spec.train.epochs,
-            grace_period=spec.tune.grace_period,
-            reduction_factor=spec.tune.reduction_factor,
-        )
-    if spec.tune.scheduler == "hyperband":
-        return CappedHyperBand(
-            concurrency,
-            time_attr="training_iteration",
-            max_t=spec.train.epochs,
-            reduction_factor=spec.tune.reduction_factor,
-        )
-    return None
+    """The early-stopping scheduler `tune.scheduler` names (SCHEDULERS); the Tuner's TuneConfig gives it the
+    metric and mode."""
+    scheduler = SCHEDULERS[spec.tune.scheduler]
+    if scheduler is None:
+        return None
+    # ASHA's first rung is the grace period; HyperBand's brackets set their own, and it starts the trials itself
+    own = {"grace_period": spec.tune.grace_period} if scheduler is ASHAScheduler else {"concurrency": concurrency}
+    return scheduler(
+        time_attr="training_iteration",  # one report per epoch, numbered by the epoch (run_trial)
+        max_t=spec.train.epochs,
+        reduction_factor=spec.tune.reduction_factor,
+        **own,
+    )
 
 
 class CappedHyperBand(ray.tune.schedulers.HyperBandScheduler):
@@ -289,7 +287,7 @@ class CappedHyperBand(ray.tune.schedulers.HyperBandScheduler):
         trials = tune_controller.get_trials()
         for trial in trials:  # Tune starts every PENDING trial: a new one waits, PAUSED, until chosen here
             if trial.status == Trial.PENDING and trial not in self.started:
-                tune_controller._set_trial_status(trial, Trial.PAUSED)  # the status API Tune gives its schedulers
+                compat_ray.set_trial_status(tune_controller, trial, Trial.PAUSED)
                 self.waiting.append(trial)
         if sum(t.status in (Trial.PENDING, Trial.RUNNING) for t in trials) >= self.concurrency:
             return None
@@ -302,6 +300,13 @@ class CappedHyperBand(ray.tune.schedulers.HyperBandScheduler):
                 self.started.add(trial)
                 return trial
         return None
+
+
+SCHEDULERS = {  # tune.scheduler -> its Tune scheduler; `none`: Tune's default, every trial runs to the end
+    "asha": ASHAScheduler,
+    "hyperband": CappedHyperBand,
+    "none": None,
+}
 
 
 def concurrent_trials(spec: JobSpec) -> int:
@@ -339,24 +344,12 @@ def result_rows(grid: ray.tune.ResultGrid, spec: JobSpec) -> list[dict]:
                 "stopped_early": result.error is None and epochs < spec.train.epochs,
                 "status": "error" if result.error else "done",
                 "checkpoint": (result.metrics or {}).get(CHECKPOINT_PATH_KEY),
-                "history": [{"epoch": h.get("epoch"), **{k: h.get(k) for k in HISTORY_KEYS}} for h in history],
+                "history": [{k: h.get(k) for k in SEARCH_HISTORY} for h in history],
             }
         )
     # ranked by each trial's best epoch: that epoch is what publishing the winner exports (train.select_metric)
     rows.sort(key=lambda r: (r["best_metric"] is None, -sign * (r["best_metric"] or 0)))
     return rows
-
-
-HISTORY_KEYS = (
-    "train_loss",
-    "val_loss",
-    "val_accuracy",
-    "val_top5",
-    "images_per_second",
-    "epoch_seconds",
-    "feature_pass_images",  # with the frozen-prefix cache: activations computed (not read) this epoch
-    "feature_pass_seconds",
-)
 
 
 def results_table(rows: list[dict], spec: JobSpec) -> str:

@@ -1,0 +1,252 @@
+"""Fine-tuning on Ray Train: the per-worker function, and the driver call that runs it on a worker group.
+
+`fine_tune` is plain PyTorch (tlray.training.setup builds the worker, tlray.training.loop runs each epoch)
+except for the lines marked ``# Ray n:`` — that is everything Ray Train changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from tlray import sinks
+from tlray.console import say
+from tlray.data import dataset as data
+from tlray.errors import user_error_inside
+from tlray.io import checkpoints, storage
+from tlray.metrics import metric_mode, select_epoch
+from tlray.plan import TRAIN_RUN, RunPlan
+from tlray.spec import JobSpec, TrainSpec
+from tlray.training import loop, rng, setup
+from tlray.training.setup import cpu_threads
+from tlray.training.state import TrainState
+
+REPORT_POLL_ENV, REPORT_POLL_SECONDS = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
+
+
+def train_loop_per_worker(config: dict) -> None:
+    try:
+        fine_tune(config)
+    except Exception as exc:
+        # A bad input found on a worker (an undecodable image, say) arrives wrapped in Ray's
+        # task errors; raise it bare so the driver reports it as bad input (exit 2). Its first
+        # line is tlray's message: Ray Data appends its retry advice below.
+        user_error = user_error_inside(exc)
+        if user_error is None:
+            raise
+        raise type(user_error)(str(user_error).splitlines()[0]) from None
+
+
+def fine_tune(config: dict) -> None:
+    """One worker's share of the fine-tune: plain PyTorch, plus the steps marked "Ray n"."""
+    plan: RunPlan = config["plan"]  # everything the driver resolved (tlray.plan): the worker's only input
+    spec, source = plan.spec, plan.data  # the data: classes, counts and a reference to the keys; never the index
+
+    # Ray 1: this worker's place in the group and its device (cuda:N or cpu).
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    nodes = count_nodes(world_size)
+    if device.type == "cpu":  # Ray sets 1 thread per reserved CPU; decoding uint8 leaves the node's others idle
+        workers_on_node = context.get_local_world_size() * plan.runs_at_once  # a search's trials share the node
+        torch.set_num_threads(cpu_threads(node_cpus(), workers_on_node, spec.scaling.cpus_per_worker))
+        if rank == 0:
+            say(f"{world_size} CPU worker(s) on {nodes} node(s), {torch.get_num_threads()} torch thread(s) each")
+
+    model, parts, precision = setup.build_model(plan, rank, device)  # alike on every rank, then its own streams
+
+    # Ray 2: move to the device and wrap the trained part in DistributedDataParallel (when world_size > 1):
+    # gradients exist, and are all-reduced, for the trained blocks only.
+    # channels_last: NHWC convolutions run on the GPU's tensor cores without layout changes
+    model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
+    trained = ray.train.torch.prepare_model(parts.rest, move_to_device=False)
+    worker = setup.build_worker(plan, model, parts.prefix, trained, precision, rank, world_size, device, nodes)
+
+    # Ray 3: a re-run of the same run name (or a restarted worker group) resumes: from the newest complete
+    # checkpoint in the run's storage, never older than the one Ray recorded (tlray.io.checkpoints says why).
+    progress = setup.resume(worker, resume_state(plan.checkpoints_uri, plan.endpoint_url, rank, world_size), spec.train)
+
+    # Ray 4: this worker's fixed share of the rows, in a new order each epoch, decoded to uint8 by Ray Data tasks; one
+    # pipeline runs on across epochs, so the next epoch's batches are ready when this one ends. With the
+    # cache, the rows' activations instead (computed by the frozen blocks the first time a row comes up).
+    reader = worker.cache or data  # the cache answers the pipeline's two calls with activations in place of images
+    epochs = range(progress.start_epoch, spec.train.epochs)
+    epoch_started = time.perf_counter()
+    epoch_batches = reader.train_epochs(source, spec.train.seed, epochs, rank, world_size, worker.batch_size, device)
+    with contextlib.closing(open_sinks(config, context, rank)) as epoch_sinks:
+        for epoch, batches in epoch_batches:
+            metrics = loop.run_epoch(worker, epoch, batches, progress, epoch_started)
+
+            # Ray 5: report metrics every epoch; rank 0 adds a checkpoint that Ray copies to the run's storage.
+            with tempfile.TemporaryDirectory() as checkpoint_dir:
+                checkpoint = None
+                rank_rngs = rng.gather(device, world_size)  # every rank's streams, so each resumes its own
+                if rank == 0:
+                    state = TrainState.capture(*worker.stateful, epoch, progress, rank_rngs, precision.description)
+                    checkpoints.write(state.to_checkpoint(), checkpoint_dir)  # the state, then its seal
+                    checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir)
+                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoints.folder_name(epoch))
+            # rank 0's sinks, once its checkpoint is stored: a run stopped after this resumes after this epoch
+            epoch_sinks.log_epoch(epoch + 1, metrics)
+            epoch_started = time.perf_counter()
+
+
+def open_sinks(config: dict, context, rank: int) -> sinks.Sinks:
+    """Rank 0's metrics sinks (tlray.sinks); the other ranks log nowhere."""
+    if rank != 0:
+        return sinks.Sinks([])
+    run_name = context.get_experiment_name()
+    trial = None if run_name == TRAIN_RUN else run_name
+    plan: RunPlan = config["plan"]
+    return sinks.open_all(sinks.SinkContext(trial, plan.spec.train.epochs, config.get("epoch_queue")))
+
+
+# ---------------------------------------------------------------------------------------
+# What a worker asks Ray: its node, the group's nodes, the checkpoint to resume from
+# ---------------------------------------------------------------------------------------
+def node_cpus() -> float:
+    """CPUs Ray gives this node (from its cgroup limits in a container, unlike os.cpu_count())."""
+    node_id = ray.get_runtime_context().get_node_id()
+    return next((n["Resources"].get("CPU", 1.0) for n in ray.nodes() if n["NodeID"] == node_id), 1.0)
+
+
+def count_nodes(world_size: int) -> int:
+    """The Ray nodes the worker group is on, by node ID (Ray Train's local ranks go by IP address)."""
+    node_ids = [ray.get_runtime_context().get_node_id()] * world_size
+    if world_size > 1:
+        dist.all_gather_object(node_ids, node_ids[0])
+    return len(set(node_ids))
+
+
+def resume_state(checkpoints_uri: str, endpoint_url: str | None, rank: int, world_size: int) -> dict | None:
+    """The newest complete checkpoint's state, else the one Ray recorded (older checkpoints have no seal); None
+    for a new run. Rank 0 picks the checkpoint and hands the others its epoch; each rank reads it into CPU memory.
+    A broadcast of the state itself would stage model and optimizer state on every GPU (NCCL's object collectives
+    pickle through device memory): with AdamW three times the parameters, on top of the model."""
+    state, chosen = None, None
+    if rank == 0:
+        found = checkpoints.newest_complete(checkpoints_uri, endpoint_url)
+        if found is not None:
+            state, chosen = found.state, found.state["epoch"]
+            if found.skipped:
+                say(f"checkpoints not resumed from, being incomplete: {', '.join(found.skipped)}")
+    if world_size > 1:
+        holder = [chosen]
+        dist.broadcast_object_list(holder, src=0)  # an int
+        chosen = holder[0]
+    if chosen is None:
+        recorded = ray.train.get_checkpoint()  # every rank has it
+        return load_checkpoint_state(recorded) if recorded else None
+    return state if rank == 0 else checkpoints.read_epoch(checkpoints_uri, chosen, endpoint_url)
+
+
+def load_checkpoint_state(checkpoint: ray.train.Checkpoint) -> dict:
+    with checkpoint.as_directory() as checkpoint_dir:
+        return torch.load(Path(checkpoint_dir, checkpoints.STATE_FILE), map_location="cpu", weights_only=False)
+
+
+# ---------------------------------------------------------------------------------------
+# Driver side
+# ---------------------------------------------------------------------------------------
+def fit(plan: RunPlan) -> ray.train.Result:
+    """Run the loop on `scaling.num_workers` Ray Train workers; checkpoints go to `plan.checkpoints_uri`."""
+    warn_if_no_cpu_left_for_data(plan.spec, trials=1)
+    return make_trainer(plan).fit()
+
+
+def make_trainer(plan: RunPlan, epoch_queue=None):
+    """A TorchTrainer for one run of the loop; its checkpoints go to `plan.checkpoints_uri`, named after its last
+    part, so that running the same plan again resumes.
+
+    `plan.runs_at_once`: trainers sharing the cluster (a search's concurrent trials), so that CPU workers do not
+    start more torch threads than there are cores: oversubscribed, they run several times slower.
+    Each worker builds its own Ray Data pipeline per epoch from `plan.data` (data.iter_batches):
+    that is what lets every epoch read a new global permutation of the keys.
+    `epoch_queue`: a queue (ray.util.queue.Queue) that rank 0 puts each epoch's metrics in, once its checkpoint is
+    stored (tlray.sinks.tune_queue): how a search's trial hands its epochs to Tune.
+    """
+    from ray.train.torch import TorchTrainer
+
+    # Ray Train's controller takes each worker's report on its health-check poll (every 2 s by default), and
+    # a worker's next report waits for it: up to 2 s lost per epoch. The driver's value reaches the controller.
+    os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_SECONDS)
+    spec = plan.spec
+    storage_uri, name = plan.checkpoints_uri.rsplit("/", 1)
+    filesystem, storage_path = storage.filesystem(storage_uri, plan.endpoint_url)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"plan": plan, "epoch_queue": epoch_queue},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=spec.scaling.num_workers,
+            use_gpu=spec.scaling.use_gpu,
+            resources_per_worker=worker_resources(spec),
+            placement_strategy=spec.scaling.placement.upper(),  # soft: SPREAD packs what no other node can take
+        ),
+        torch_config=ray.train.torch.TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=spec.scaling.max_failures),
+            checkpoint_config=checkpoint_config(spec.train),
+        ),
+    )
+
+
+def checkpoint_config(train: TrainSpec) -> ray.train.CheckpointConfig:
+    """Keep the best `checkpoints_to_keep` epochs by `select_metric` (the most recent ones with `last`).
+
+    Ray's checkpoint manager always keeps the latest checkpoint besides those, and that latest one is what
+    `ray.train.get_checkpoint()` hands a re-run to resume from; so the epoch publish picks is never pruned.
+    """
+    if train.select_metric == "last":
+        return ray.train.CheckpointConfig(num_to_keep=train.checkpoints_to_keep)
+    return ray.train.CheckpointConfig(
+        num_to_keep=train.checkpoints_to_keep,
+        checkpoint_score_attribute=train.select_metric,
+        checkpoint_score_order=metric_mode(train.select_metric),
+    )
+
+
+def load_selected_checkpoint(checkpoints_uri: str, endpoint_url: str | None, select_metric: str):
+    """(state of the epoch `select_metric` picks, every epoch's metrics), from a trainer's storage folder.
+
+    The newest complete checkpoint holds the whole history: it, not the one Ray recorded, since a run stopped
+    between sealing its last checkpoint and Ray recording it (and then run again, with no epoch left to train)
+    has that epoch in storage only. The selected epoch's checkpoint is a sibling that checkpoint_config kept.
+    """
+    found = checkpoints.newest_complete(checkpoints_uri, endpoint_url)
+    if found is None:
+        raise RuntimeError(f"no complete checkpoint under {checkpoints_uri}: nothing to publish")
+    state, history = found.state, found.state["history"]
+    selected = select_epoch(history, select_metric).epoch
+    if selected != state["epoch"] + 1:
+        state = checkpoints.read_epoch(checkpoints_uri, selected - 1, endpoint_url)
+    return state, history
+
+
+def warn_if_no_cpu_left_for_data(spec: JobSpec, trials: int) -> None:
+    # Ray Data decodes in tasks that need a CPU beside the workers'; with none left they
+    # wait forever (an autoscaling cluster may still add a node, so this only warns).
+    spare = ray.cluster_resources().get("CPU", 0) - trials * spec.scaling.num_workers * spec.scaling.cpus_per_worker
+    if spare < 1:
+        say(
+            f"warning: the cluster has {spare:g} CPU(s) left beside {trials} x {spec.scaling.num_workers} worker(s) x "
+            f"{spec.scaling.cpus_per_worker:g} CPU; Ray Data needs at least 1 to decode images. "
+            "Lower scaling.cpus_per_worker or scaling.num_workers, or add a node."
+        )
+
+
+def worker_resources(spec: JobSpec) -> dict[str, float]:
+    resources = {"CPU": spec.scaling.cpus_per_worker}
+    if spec.scaling.use_gpu:
+        resources["GPU"] = spec.scaling.gpus_per_worker
+    return resources
