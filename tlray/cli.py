@@ -204,7 +204,7 @@ def prepare(spec, if_data_changed: bool = False):
     """
     from tlray.artifacts import champion, warmstart
     from tlray.artifacts.publish import check_output, check_selectable
-    from tlray.data.dataset import build_index
+    from tlray.data.index import build_index
     from tlray.io.weights import fetch_weights
     from tlray.models import model as models
 
@@ -252,12 +252,12 @@ def train_and_publish(spec, if_data_changed: bool = False):
 
 def data_source(spec, index):
     """The index's keys into Ray's object store: what workers and trials read the data through."""
-    from tlray.data import dataset as data
+    from tlray.data import pipeline
     from tlray.models import model as models
 
     model = spec.model  # the weights' own preset: resnet50's V1 and V2 resize differently
     preprocessing = models.preprocessing(model.arch, spec.dataset.image_size, model.builder_weights)
-    return data.data_source(index, spec.dataset, preprocessing, seed=spec.train.seed)
+    return pipeline.data_source(index, spec.dataset, preprocessing, seed=spec.train.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,7 +17,7 @@ import torch
 
 from tlray.artifacts import champion, publish
 from tlray.cli import main
-from tlray.data.dataset import open_rgb
+from tlray.data.pipeline import open_rgb
 from tlray.flows.evaluate import load_published
 from tlray.io import storage
 from tlray.models import model as models

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import tlray
-from tlray.data.dataset import DatasetIndex
+from tlray.data.index import DatasetIndex
 from tlray.errors import UserError
 from tlray.io import storage
 from tlray.plan import RunPlan

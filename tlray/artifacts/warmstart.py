@@ -14,7 +14,7 @@ import io
 import torch
 
 from tlray.artifacts import champion, publish
-from tlray.data.dataset import DatasetIndex
+from tlray.data.index import DatasetIndex
 from tlray.errors import UserError
 from tlray.io import storage
 from tlray.spec import JobSpec

@@ -2,7 +2,7 @@
 
 `tlray evaluate MODEL DATA_URI` and the champion gate share this: the exported program
 (model/model.pt2) with the preprocessing its metadata.json names, over images decoded by Ray Data
-tasks exactly as in training (data.image_dataset), normalised on the device.
+tasks exactly as in training (tlray.data.pipeline), normalised on the device.
 """
 
 from __future__ import annotations
@@ -19,11 +19,14 @@ import torch
 
 from tlray.artifacts import champion, publish
 from tlray.console import start_ray
-from tlray.data import dataset as data
-from tlray.data.dataset import BAD_LABEL, DatasetIndex, DataSource
+from tlray.data import layouts, order, pipeline
+from tlray.data.errors import DataError
+from tlray.data.index import DatasetIndex
+from tlray.data.listing import fingerprint
+from tlray.data.pipeline import BAD_LABEL, DataSource
+from tlray.data.preprocessing import Preprocessing
 from tlray.errors import UserError
 from tlray.io import storage
-from tlray.models.model import Preprocessing
 from tlray.spec import DatasetSpec
 
 GATE_METRICS = {"val_accuracy": "accuracy", "val_top5": "top5", "val_loss": "loss"}
@@ -91,17 +94,10 @@ def load_published(model_uri: str, endpoint_url: str | None = None) -> Published
 def labelled_index(dataset: DatasetSpec, model_classes: list[str]) -> DatasetIndex:
     """Every image under `dataset.uri` (both splits of a train/val layout) in the "val" split, labelled
     with the index of its class in `model_classes`. Classes the model does not know are exit 2."""
-    files = data.list_files(dataset.uri, dataset.endpoint_url)
-    images = {f.key: f for f in files if data.is_image_key(f.key)}
-    if not images:
-        raise data.DataError(f"DATA_URI: no images ({', '.join(data.IMAGE_EXTENSIONS)}) under {dataset.uri}")
-    if dataset.layout == "manifest":
-        labelled = data.manifest_labels(dataset, images)
-    else:
-        labelled = data.imagefolder_labels(list(images.values()), dataset)
+    images, labelled = layouts.labelled_files(dataset, uri_key="DATA_URI")
     unknown = sorted({label for _, label, _ in labelled} - set(model_classes))
     if unknown:
-        raise data.DataError(
+        raise DataError(
             f"DATA_URI: {len(unknown)} class(es) the model does not know: {', '.join(unknown)} "
             f"(it knows {', '.join(model_classes)})"
         )
@@ -113,7 +109,7 @@ def labelled_index(dataset: DatasetSpec, model_classes: list[str]) -> DatasetInd
         classes=list(model_classes),
         train=[],
         val=samples,
-        fingerprint=data.fingerprint([images[k] for k, _ in samples]),
+        fingerprint=fingerprint([images[k] for k, _ in samples]),
     )
 
 
@@ -134,8 +130,8 @@ def split_logits(
     source = dataclasses.replace(source, preprocessing=model.preprocessing, augment=False, on_bad_image="skip")
     module = model.module(device)
     logits, labels = [], []
-    rows = data.val_rows(source.counts[split], 0, 1)
-    for batch in data.iter_batches(source, split, rows, batch_size, device):
+    rows = order.val_rows(source.counts[split], 0, 1)
+    for batch in pipeline.iter_batches(source, split, rows, batch_size, device):
         good = batch["label"] != BAD_LABEL
         out = torch.zeros(len(good), len(model.classes))
         if good.any():
@@ -223,7 +219,7 @@ def evaluate(model_uri: str, dataset: DatasetSpec, out: str | None, batch_size: 
     index = labelled_index(dataset, model.classes)  # before Ray: bad input stops here
     print(f"[tlray] evaluating {model.run} on {len(index.val)} images from {index.root}")
     start_ray()
-    source = data.data_source(index, dataset, model.preprocessing)
+    source = pipeline.data_source(index, dataset, model.preprocessing)
     logits, labels = split_logits(model, source, "val", batch_size)
     report = {
         "model": model.run,

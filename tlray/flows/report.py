@@ -33,10 +33,11 @@ def confusion_matrix_of(model, source, state: dict) -> dict:
 
 
 def confusion_matrix(model, source) -> list[list[int]]:
-    """Counts[true][predicted] of `model` over the validation split of a data.DataSource."""
+    """Counts[true][predicted] of `model` over the validation split of a tlray.data.pipeline.DataSource."""
     import torch
 
-    from tlray.data.dataset import iter_batches, val_rows
+    from tlray.data.order import val_rows
+    from tlray.data.pipeline import iter_batches
 
     num_classes = len(source.classes)
     counts = np.zeros((num_classes, num_classes), dtype=np.int64)

@@ -20,8 +20,9 @@ import torch.distributed as dist
 from torch import nn
 
 from tlray.console import say
-from tlray.data import dataset as data
-from tlray.data.dataset import BAD_LABEL, MAX_BAD_FRACTION, DataError
+from tlray.data import order, pipeline
+from tlray.data.errors import DataError
+from tlray.data.pipeline import BAD_LABEL, MAX_BAD_FRACTION
 from tlray.errors import user_error_inside
 from tlray.io import checkpoints, storage
 from tlray.io.weights import fetch_weights
@@ -93,7 +94,7 @@ def fine_tune(config: dict) -> None:
     features = (lambda cached: cached) if cache else frozen_output
 
     # every step a full batch (a last batch of one image breaks BatchNorm), the same count on every worker
-    batch_size, steps_per_epoch = data.train_batches(source.counts["train"], world_size, spec.train.batch_size)
+    batch_size, steps_per_epoch = order.train_batches(source.counts["train"], world_size, spec.train.batch_size)
 
     scheduler = make_lr_schedule(optimizer, spec.train, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -114,7 +115,7 @@ def fine_tune(config: dict) -> None:
     # Ray 4: this worker's fixed share of the rows, in a new order each epoch, decoded to uint8 by Ray Data tasks; one
     # pipeline runs on across epochs, so the next epoch's batches are ready when this one ends. With the
     # cache, the rows' activations instead (computed by the frozen blocks the first time a row comes up).
-    reader = cache or data  # the cache answers the pipeline's two calls with activations in place of images
+    reader = cache or pipeline  # the cache answers the pipeline's two calls with activations in place of images
     epochs = range(start_epoch, spec.train.epochs)
     epoch_started = time.perf_counter()
     if state:  # each rank goes on with its own random streams (dropout masks), as if never stopped
@@ -126,7 +127,7 @@ def fine_tune(config: dict) -> None:
         )
         elapsed = time.perf_counter() - started
 
-        val_rows = data.val_rows(source.counts["val"], rank, world_size)
+        val_rows = order.val_rows(source.counts["val"], rank, world_size)
         val_batches = reader.iter_batches(source, "val", val_rows, spec.train.batch_size, device)
         val, val_bad_rows = evaluate(  # the bare trained part: a DDP forward would sync buffers
             model,
@@ -462,7 +463,7 @@ def make_trainer(plan: RunPlan, epoch_sink=None):
 
     `plan.runs_at_once`: trainers sharing the cluster (a search's concurrent trials), so that CPU workers do not
     start more torch threads than there are cores: oversubscribed, they run several times slower.
-    Each worker builds its own Ray Data pipeline per epoch from `plan.data` (data.iter_batches):
+    Each worker builds its own Ray Data pipeline per epoch from `plan.data` (pipeline.iter_batches):
     that is what lets every epoch read a new global permutation of the keys.
     `epoch_sink`: a queue (ray.util.queue.Queue) that rank 0 puts each epoch's metrics in, once its checkpoint is
     stored: how a search's trial hands its epochs to Tune.

@@ -25,7 +25,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from tlray.compat import ray as compat_ray
-from tlray.data.dataset import DatasetIndex
+from tlray.data.index import DatasetIndex
 from tlray.errors import UserError, user_error_inside
 from tlray.io import checkpoints, storage
 from tlray.plan import RunPlan
