@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/data_path.py [--only pipeline|index]     # `make bench` runs it (bench/run.py)
 
-1. Images/s of tlray's Ray Data pipeline (data.iter_batches: GET, decode, resize to uint8) from
+1. Images/s of tlray's Ray Data pipeline (tlray.data.pipeline.iter_batches: GET, decode, resize to uint8) from
    local files, from S3 (moto on loopback, its own process), and from S3 behind a proxy that adds
    30 ms to every request. Target: with the latency, at least 0.8x the local images/s.
 2. The driver's time and memory to index 1,000,000 keys (bench/index_scale.py).
@@ -96,8 +96,11 @@ def pipeline_images_per_second(uri: str, endpoint: str | None, image_size: int, 
     """Images/s of tlray's Ray Data pipeline over the training split, last of `passes` passes."""
     import torch
 
-    from tlray.data.dataset import DatasetSpec, build_index, data_source, iter_batches, train_rows
+    from tlray.data.index import build_index
+    from tlray.data.order import train_rows
+    from tlray.data.pipeline import data_source, iter_batches
     from tlray.models import model as models
+    from tlray.spec import DatasetSpec
 
     spec = DatasetSpec(uri=uri, endpoint_url=endpoint, image_size=image_size)
     index = build_index(spec)

@@ -50,7 +50,7 @@ def rss_mib(field: str) -> int:
 
 
 def measure(keys: int, classes: int) -> dict:
-    from tlray.data.dataset import KeyTable, build_index
+    from tlray.data.index import KeyTable, build_index
     from tlray.io import s3
     from tlray.spec import DatasetSpec
 

@@ -71,8 +71,11 @@ def plain_loop(images: Path, weights: Path, args, depth: int, cached: bool) -> d
     """Seconds per epoch (train loop only) and of the feature pass, in one process."""
     import torch
 
-    from tlray.data.dataset import DatasetSpec, build_index, epoch_order, open_rgb
+    from tlray.data.index import build_index
+    from tlray.data.order import epoch_order
+    from tlray.data.pipeline import open_rgb
     from tlray.models import model as models
+    from tlray.spec import DatasetSpec
 
     device = torch.device(args.device)
     index = build_index(DatasetSpec(uri=str(images), image_size=args.image_size))
@@ -125,7 +128,8 @@ def plain_loop(images: Path, weights: Path, args, depth: int, cached: bool) -> d
 # tlray, 1 worker
 # ---------------------------------------------------------------------------------------
 def tlray_run(images: Path, weights: Path, args, depth: int, cache: str, out: Path) -> dict:
-    from tlray.data.dataset import build_index, data_source
+    from tlray.data.index import build_index
+    from tlray.data.pipeline import data_source
     from tlray.models import model as models
     from tlray.plan import plan_run
     from tlray.spec import JobSpec

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
-from tlray.data.dataset import DataSource
+from tlray.data.pipeline import DataSource
 from tlray.io import storage
 from tlray.models import model as models
 from tlray.spec import JobSpec

@@ -39,13 +39,16 @@ FreezeDepth = Annotated[
     Field(union_mode="left_to_right"),
 ]
 
+# The values of `dataset.layout`: each one is the module of that name in tlray.data.layouts
+DataLayout = Literal["imagefolder", "manifest"]
+
 
 class DatasetSpec(_Section):
     uri: str = Field(
         description="Where the labelled images are: `s3://bucket/prefix` or a local folder "
         "(relative paths are relative to the working directory)."
     )
-    layout: Literal["imagefolder", "manifest"] = Field(
+    layout: DataLayout = Field(
         "imagefolder",
         description="`imagefolder`: `<uri>/<class>/<image>` or `<uri>/train|val/<class>/<image>`; "
         "`manifest`: a CSV/JSONL index named by `manifest`.",

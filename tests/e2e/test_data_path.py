@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from tlray.data import dataset as data
-from tlray.data.dataset import build_index, data_source, epoch_order, rank_shares, train_rows, val_rows
+from tlray.data import pipeline
+from tlray.data.index import build_index
+from tlray.data.order import epoch_order, rank_shares, train_batches, train_rows, val_rows
+from tlray.data.pipeline import data_source
 from tlray.models import model as models
 from tlray.spec import DatasetSpec
 
@@ -88,7 +90,7 @@ def test_over_a_run_the_ranks_meet_each_row_about_once_in_all():
 
     A global reshuffle every epoch would have each rank meet almost every row (k x the work)."""
     rows, world, batch, epochs = 10_007, 4, 32, 10
-    per_epoch = batch * data.train_batches(rows, world, batch)[1]
+    per_epoch = batch * train_batches(rows, world, batch)[1]
     met = [set() for _ in range(world)]
     for epoch in range(epochs):
         for rank in range(world):
@@ -127,11 +129,11 @@ def _fresh_ray_per_test():  # this module shares one Ray (local_ray) instead of 
 def test_pipeline_yields_the_permutation_in_order_in_whole_batches(small_source):
     index, source = small_source
     rows = train_rows(source.counts["train"], seed=3, epoch=1, rank=0, world_size=1)
-    dataset = data.image_dataset(source, "train", rows, batch_size=8, cluster_cpus=2)
+    dataset = pipeline.image_dataset(source, "train", rows, batch_size=8, cluster_cpus=2)
     stats = dataset.materialize()
     assert stats.num_blocks() >= 8  # at least 4 blocks per CPU: both CPUs have work
     seen, sizes = [], []
-    for batch in data.iter_batches(source, "train", rows, 8, torch.device("cpu")):
+    for batch in pipeline.iter_batches(source, "train", rows, 8, torch.device("cpu")):
         assert batch["image"].dtype == torch.uint8 and batch["image"].shape[1:] == (3, 16, 16)
         seen += batch["row"].tolist()
         sizes.append(len(batch["row"]))
@@ -142,7 +144,7 @@ def test_pipeline_yields_the_permutation_in_order_in_whole_batches(small_source)
 
 
 def test_uint8_pipeline_predicts_what_the_float_reference_predicts(small_source):
-    from tlray.data.dataset import open_rgb
+    from tlray.data.pipeline import open_rgb
 
     index, source = small_source
     torch.manual_seed(0)
@@ -151,7 +153,8 @@ def test_uint8_pipeline_predicts_what_the_float_reference_predicts(small_source)
     expected = torch.stack([reference(open_rgb(index.location(key))) for key, _ in index.val])
     got, rows = [], []
     with torch.no_grad():
-        for batch in data.iter_batches(source, "val", val_rows(source.counts["val"], 0, 1), 16, torch.device("cpu")):
+        rows_in_order = val_rows(source.counts["val"], 0, 1)
+        for batch in pipeline.iter_batches(source, "val", rows_in_order, 16, torch.device("cpu")):
             got.append(model(source.preprocessing.normalise(batch["image"])))
             rows += batch["row"].tolist()
         want = model(expected)
@@ -253,7 +256,7 @@ def test_one_feature_extractor_epoch_on_a_class_sorted_folder_learns_every_class
     # 2,400 images: more than twice the 1,024-row local shuffle buffer that used to be the only shuffle
     root = write_colour_classes(tmp_path / "images", classes=4, per_class=600)
     preprocessing = models.preprocessing("resnet18", 32)
-    sample = [data.open_rgb(str(p)) for p in sorted(root.glob("*/*.png"))[::8]]
+    sample = [pipeline.open_rgb(str(p)) for p in sorted(root.glob("*/*.png"))[::8]]
     weights = calibrated_random_resnet18(
         torch.stack([preprocessing.eval_transform()(i) for i in sample]), tmp_path / "w.pt"
     )

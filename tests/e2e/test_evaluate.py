@@ -19,7 +19,7 @@ from tlray.artifacts import champion
 from tlray.artifacts.manifest import manifest_digest, read_run_manifest
 from tlray.artifacts.published import load_published
 from tlray.cli import main
-from tlray.data.dataset import open_rgb
+from tlray.data.pipeline import open_rgb
 from tlray.io import storage
 from tlray.metrics import select_epoch
 from tlray.models import model as models

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from tlray.artifacts.export import run_uri
-from tlray.data.dataset import build_index
+from tlray.data.index import build_index
 from tlray.io import checkpoints, storage
 from tlray.k8s import manifests as k8s
 from tlray.models import model as models

@@ -21,7 +21,7 @@ import pytest
 
 from tlray import prestop
 from tlray.artifacts.export import run_uri
-from tlray.data.dataset import build_index
+from tlray.data.index import build_index
 from tlray.io import checkpoints
 from tlray.k8s import manifests as k8s
 from tlray.spec import load_spec

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from tlray.cli import main
-from tlray.data.dataset import build_index, train_batches, train_rows
+from tlray.data.index import build_index
+from tlray.data.order import train_batches, train_rows
 from tlray.spec import DatasetSpec
 
 from conftest import spec_dict, write_image_folder, write_spec

@@ -17,7 +17,9 @@ import torch
 
 from tlray.artifacts.export import run_uri
 from tlray.cli import main
-from tlray.data.dataset import build_index, open_rgb, train_rows
+from tlray.data.index import build_index
+from tlray.data.order import train_rows
+from tlray.data.pipeline import open_rgb
 from tlray.metrics import select_epoch
 from tlray.models import model as models
 from tlray.spec import load_spec

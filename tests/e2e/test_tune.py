@@ -15,7 +15,8 @@ from PIL import Image
 
 from tlray.artifacts.export import run_uri
 from tlray.cli import main
-from tlray.data.dataset import build_index, open_rgb
+from tlray.data.index import build_index
+from tlray.data.pipeline import open_rgb
 from tlray.models import model as models
 from tlray.spec import load_spec
 

@@ -20,7 +20,7 @@ import torch
 
 import tlray
 from tlray.artifacts.manifest import FORMAT_VERSION, MANIFEST, is_sealed, utc_timestamp, write_manifest
-from tlray.data.dataset import DatasetIndex
+from tlray.data.index import DatasetIndex
 from tlray.errors import UserError
 from tlray.io import storage
 from tlray.metrics import select_epoch, too_few_classes

@@ -16,7 +16,7 @@ import torch
 from tlray.artifacts import champion
 from tlray.artifacts.manifest import MANIFEST
 from tlray.artifacts.published import PublishedModel, load_published
-from tlray.data.dataset import DatasetIndex
+from tlray.data.index import DatasetIndex
 from tlray.errors import UserError
 from tlray.io import storage
 from tlray.spec import JobSpec

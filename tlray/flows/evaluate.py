@@ -13,8 +13,11 @@ from pathlib import Path
 from tlray.artifacts.plots import plot_confusion
 from tlray.artifacts.published import PublishedModel, load_published
 from tlray.console import start_ray
-from tlray.data import dataset as data
-from tlray.data.dataset import DatasetIndex, DataSource
+from tlray.data import layouts, pipeline
+from tlray.data.errors import DataError
+from tlray.data.index import DatasetIndex
+from tlray.data.listing import fingerprint
+from tlray.data.pipeline import DataSource
 from tlray.errors import UserError
 from tlray.flows.scoring import classification_report, remap_logits, split_logits
 from tlray.io import storage
@@ -37,7 +40,7 @@ def evaluate(
     index = labelled_index(dataset, model.classes)  # 3. the images, labelled by its classes: before Ray
     print(f"[tlray] evaluating {model.run} on {len(index.val)} images from {index.root}")
     start_ray()  # 4. join the cluster or start one
-    source = data.data_source(index, dataset, model.preprocessing)
+    source = pipeline.data_source(index, dataset, model.preprocessing)
     logits, labels = split_logits(model, source, "val", batch_size)  # 5. score every image
     report = {
         "model": model.run,
@@ -58,17 +61,10 @@ def evaluate(
 def labelled_index(dataset: DatasetSpec, model_classes: list[str]) -> DatasetIndex:
     """Every image under `dataset.uri` (both splits of a train/val layout) in the "val" split, labelled
     with the index of its class in `model_classes`. Classes the model does not know are exit 2."""
-    files = data.list_files(dataset.uri, dataset.endpoint_url)
-    images = {f.key: f for f in files if data.is_image_key(f.key)}
-    if not images:
-        raise data.DataError(f"DATA_URI: no images ({', '.join(data.IMAGE_EXTENSIONS)}) under {dataset.uri}")
-    if dataset.layout == "manifest":
-        labelled = data.manifest_labels(dataset, images)
-    else:
-        labelled = data.imagefolder_labels(list(images.values()), dataset)
+    images, labelled = layouts.labelled_files(dataset, uri_key="DATA_URI")
     unknown = sorted({label for _, label, _ in labelled} - set(model_classes))
     if unknown:
-        raise data.DataError(
+        raise DataError(
             f"DATA_URI: {len(unknown)} class(es) the model does not know: {', '.join(unknown)} "
             f"(it knows {', '.join(model_classes)})"
         )
@@ -80,7 +76,7 @@ def labelled_index(dataset: DatasetSpec, model_classes: list[str]) -> DatasetInd
         classes=list(model_classes),
         train=[],
         val=samples,
-        fingerprint=data.fingerprint([images[k] for k, _ in samples]),
+        fingerprint=fingerprint([images[k] for k, _ in samples]),
     )
 
 

@@ -1,6 +1,6 @@
 """`tlray predict`: batch inference with a published model over a folder or S3 prefix of images.
 
-Ray Data does the work: CPU tasks fetch and decode the images to uint8 (data.image_dataset, the
+Ray Data does the work: CPU tasks fetch and decode the images to uint8 (tlray.data.pipeline, the
 training pipeline), then a pool of actors, each holding the exported program (on a GPU when the
 cluster has them), normalises and classifies them in batches (`map_batches`). The driver gathers
 the rows in order, shows progress, and writes one Parquet or CSV file. An image that cannot be
@@ -19,8 +19,10 @@ import numpy as np
 
 from tlray.artifacts.published import PublishedModel, load_published
 from tlray.console import start_ray
-from tlray.data import dataset as data
-from tlray.data.dataset import BAD_LABEL
+from tlray.data import pipeline
+from tlray.data.index import DatasetIndex
+from tlray.data.listing import files_under, fingerprint
+from tlray.data.pipeline import BAD_LABEL
 from tlray.errors import UserError
 from tlray.io import storage
 from tlray.spec import DatasetSpec
@@ -58,19 +60,16 @@ class Row:
     error: str | None
 
 
-def image_index(data_uri: str, endpoint_url: str | None, classes: list[str]) -> data.DatasetIndex:
-    """Every image under DATA_URI, at any depth, as the "val" split (labels unused: all 0)."""
-    files = data.list_files(data_uri, endpoint_url)
-    keys = sorted(f.key for f in files if data.is_image_key(f.key))
-    if not keys:
-        raise data.DataError(f"DATA_URI: no images ({', '.join(data.IMAGE_EXTENSIONS)}) under {data_uri}")
-    return data.DatasetIndex(
+def image_index(data_uri: str, endpoint_url: str | None, classes: list[str]) -> DatasetIndex:
+    """Every image under DATA_URI, at any depth, as the "val" split (labels unused: all 0): no layout."""
+    images = files_under(data_uri, endpoint_url, "DATA_URI")
+    return DatasetIndex(
         root=storage.absolute_uri(data_uri).rstrip("/"),
         endpoint_url=endpoint_url,
         classes=classes,
         train=[],
-        val=[(k, 0) for k in keys],
-        fingerprint=data.fingerprint([f for f in files if f.key in set(keys)]),
+        val=[(k, 0) for k in sorted(images)],
+        fingerprint=fingerprint(list(images.values())),
     )
 
 
@@ -102,20 +101,20 @@ class Classify:
 
 
 def run_inference(
-    model: PublishedModel, index: data.DatasetIndex, endpoint_url: str | None, batch_size: int, top_k: int
+    model: PublishedModel, index: DatasetIndex, endpoint_url: str | None, batch_size: int, top_k: int
 ) -> list[Row]:
     import ray
 
     dataset_spec = DatasetSpec(uri=index.root, endpoint_url=endpoint_url, on_bad_image="skip")
-    source = data.data_source(index, dataset_spec, model.preprocessing)
-    data.configure_ray_data()
+    source = pipeline.data_source(index, dataset_spec, model.preprocessing)
+    pipeline.configure_ray_data()
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     # one actor per GPU; on CPUs one, beside the decoding tasks (it holds a whole model in memory)
     actors = max(1, gpus)
     rows = np.arange(len(index.val))
     program_ref = [ray.put(model.program)]  # in a list: Ray passes a bare ObjectRef argument resolved
-    predictions = data.image_dataset(source, "val", rows, batch_size, resources.get("CPU", 1)).map_batches(
+    predictions = pipeline.image_dataset(source, "val", rows, batch_size, resources.get("CPU", 1)).map_batches(
         Classify,
         fn_constructor_args=(program_ref, model.preprocessing, model.classes, top_k),
         batch_size=batch_size,

@@ -1,6 +1,6 @@
 """Scoring a model on a split: logits, labels, the classification report, the confusion matrix.
 
-Images are decoded by Ray Data tasks exactly as in training (data.image_dataset) and normalised on the
+Images are decoded by Ray Data tasks exactly as in training (pipeline.image_dataset) and normalised on the
 device; undecodable images keep label -1 and are left out of every count. `tlray evaluate`, the champion
 gate and a search's report share these.
 """
@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from tlray.artifacts.published import PublishedModel
-from tlray.data import dataset as data
-from tlray.data.dataset import BAD_LABEL, DataSource
+from tlray.data import order, pipeline
+from tlray.data.pipeline import BAD_LABEL, DataSource
 
 
 def confusion_matrix_of(model: torch.nn.Module, source: DataSource, state: dict) -> dict:
@@ -25,13 +25,13 @@ def confusion_matrix_of(model: torch.nn.Module, source: DataSource, state: dict)
 
 
 def confusion_matrix(model: torch.nn.Module, source: DataSource) -> list[list[int]]:
-    """Counts[true][predicted] of `model` over the validation split of a data.DataSource."""
+    """Counts[true][predicted] of `model` over the validation split of a pipeline.DataSource."""
     num_classes = len(source.classes)
     counts = np.zeros((num_classes, num_classes), dtype=np.int64)
     model.eval()
-    rows = data.val_rows(source.counts["val"], 0, 1)
+    rows = order.val_rows(source.counts["val"], 0, 1)
     with torch.no_grad():
-        for batch in data.iter_batches(source, "val", rows, 64, torch.device("cpu")):
+        for batch in pipeline.iter_batches(source, "val", rows, 64, torch.device("cpu")):
             good = batch["label"] >= 0  # undecodable images carry a negative label
             predicted = model(source.preprocessing.normalise(batch["image"][good])).argmax(1)
             np.add.at(counts, (batch["label"][good].numpy(), predicted.numpy()), 1)
@@ -52,8 +52,8 @@ def split_logits(
     source = dataclasses.replace(source, preprocessing=model.preprocessing, augment=False, on_bad_image="skip")
     module = model.module(device)
     logits, labels = [], []
-    rows = data.val_rows(source.counts[split], 0, 1)
-    for batch in data.iter_batches(source, split, rows, batch_size, device):
+    rows = order.val_rows(source.counts[split], 0, 1)
+    for batch in pipeline.iter_batches(source, split, rows, batch_size, device):
         good = batch["label"] != BAD_LABEL
         out = torch.zeros(len(good), len(model.classes))
         if good.any():

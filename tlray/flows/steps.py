@@ -14,8 +14,9 @@ from tlray.artifacts import champion, warmstart
 from tlray.artifacts.export import check_output, check_selectable
 from tlray.artifacts.manifest import manifest_digest
 from tlray.artifacts.published import load_published
-from tlray.data import dataset as data
-from tlray.data.dataset import DatasetIndex, DataSource, build_index
+from tlray.data import pipeline
+from tlray.data.index import DatasetIndex, build_index
+from tlray.data.pipeline import DataSource
 from tlray.flows.evaluate import gate_score
 from tlray.io import storage
 from tlray.io.weights import fetch_weights
@@ -103,4 +104,4 @@ def data_source(spec: JobSpec, index: DatasetIndex) -> DataSource:
     """The index's keys into Ray's object store: what workers and trials read the data through."""
     model = spec.model  # the weights' own preset: resnet50's V1 and V2 resize differently
     preprocessing = models.preprocessing(model.arch, spec.dataset.image_size, model.builder_weights)
-    return data.data_source(index, spec.dataset, preprocessing, seed=spec.train.seed)
+    return pipeline.data_source(index, spec.dataset, preprocessing, seed=spec.train.seed)

@@ -146,7 +146,7 @@ def data_check(spec_path: str) -> Callable[[dict], str | None]:
 
     def unchanged(template: dict) -> str | None:
         from tlray.artifacts import champion
-        from tlray.data.dataset import build_index
+        from tlray.data.index import build_index
         from tlray.spec import load_spec
 
         spec = load_spec(spec_path, spec_overrides(template["spec"]["jobTemplate"].get("entrypoint", "")))

@@ -14,8 +14,9 @@ import torch.distributed as dist
 from torch import nn
 
 from tlray.console import say
-from tlray.data import dataset as data
-from tlray.data.dataset import BAD_LABEL, MAX_BAD_FRACTION, DataError
+from tlray.data import order, pipeline
+from tlray.data.errors import DataError
+from tlray.data.pipeline import BAD_LABEL, MAX_BAD_FRACTION
 from tlray.metrics import BY_NAME
 from tlray.training.setup import Worker
 from tlray.training.state import Progress
@@ -34,8 +35,8 @@ def run_epoch(worker: Worker, epoch: int, batches, progress: Progress, started: 
     )
     elapsed = time.perf_counter() - train_started
 
-    val_rows = data.val_rows(source.counts["val"], w.rank, w.world_size)
-    val_batches = (w.cache or data).iter_batches(source, "val", val_rows, w.val_batch_size, w.device)
+    val_rows = order.val_rows(source.counts["val"], w.rank, w.world_size)
+    val_batches = (w.cache or pipeline).iter_batches(source, "val", val_rows, w.val_batch_size, w.device)
     val, val_bad_rows = validate(  # the bare trained part: a DDP forward would sync buffers
         w.model,
         lambda images: unwrap(w.trained)(w.features(images)),

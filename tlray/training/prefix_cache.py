@@ -6,7 +6,7 @@ about to train on that are not in its entry yet (the *feature pass*), then every
 its rows' activations back and trains only the blocks after the cut.
 
 Once per image across the cluster: every rank trains on a fixed share of the rows, a seeded
-random partition (tlray.data.rank_shares), in a new order every epoch. So a rank meets the
+random partition (tlray.data.order.rank_shares), in a new order every epoch. So a rank meets the
 same rows every epoch and its node computes each of them once: over a run the frozen blocks
 run about once per image in all, on one node or many. (A global reshuffle every epoch would
 have every node meet almost every row: k nodes, almost k times the work and the disk.) What
@@ -50,8 +50,9 @@ import torch.distributed as dist
 from torch import nn
 
 from tlray.console import say
-from tlray.data import dataset as data
-from tlray.data.dataset import DataSource
+from tlray.data import order, pipeline
+from tlray.data.pipeline import DataSource
+from tlray.data.split import SPLIT_FOLDERS
 from tlray.models import model as models
 from tlray.spec import JobSpec
 
@@ -110,9 +111,9 @@ def tensors_digest(module: nn.Module) -> str:
 
 
 def cache_key(arch: str, depth: int, prefix: nn.Module, source: DataSource, dtype: str, compute: str) -> str:
-    tables = data.key_tables(source.tables)
+    tables = pipeline.key_tables(source.tables)
     splits = hashlib.blake2b(digest_size=16)
-    for split in data.SPLIT_FOLDERS:  # which image and label each row number means
+    for split in SPLIT_FOLDERS:  # which image and label each row number means
         for array in (tables[split].blob, tables[split].offsets, tables[split].labels):
             splits.update(np.ascontiguousarray(array).tobytes())
     identity = {
@@ -150,16 +151,16 @@ class FrozenPrefixCache:
     def train_epochs(
         self, source: DataSource, seed: int, epochs: range, rank: int, world: int, batch_size: int, device
     ):
-        """As data.train_epochs: (epoch, batches) in the epoch's shuffle order, activations in place of images."""
-        per_epoch = batch_size * data.train_batches(source.counts["train"], world, batch_size)[1]
-        val_rows = data.val_rows(source.counts["val"], rank, world)
+        """As pipeline.train_epochs: (epoch, batches) in the epoch's shuffle order, activations in place of images."""
+        per_epoch = batch_size * order.train_batches(source.counts["train"], world, batch_size)[1]
+        val_rows = order.val_rows(source.counts["val"], rank, world)
         for epoch in epochs:
-            rows = data.train_rows(source.counts["train"], seed, epoch, rank, world)[:per_epoch]
+            rows = order.train_rows(source.counts["train"], seed, epoch, rank, world)[:per_epoch]
             self.fill(source, {"train": rows, "val": val_rows}, batch_size, device)  # validation's too, at once
             yield epoch, self.batches("train", rows, batch_size, device)
 
     def iter_batches(self, source: DataSource, split: str, rows: np.ndarray, batch_size: int, device):
-        """As data.iter_batches, activations in place of images."""
+        """As pipeline.iter_batches, activations in place of images."""
         self.fill(source, {split: rows}, batch_size, device)
         return self.batches(split, rows, batch_size, device)
 
@@ -187,7 +188,7 @@ class FrozenPrefixCache:
                 if self.announce:
                     cached = len(rows) - len(todo)
                     say(f"frozen-prefix cache: computing {len(todo):,} {split} activations ({cached:,} already cached)")
-                for batch in data.iter_batches(source, split, todo, batch_size, device):
+                for batch in pipeline.iter_batches(source, split, todo, batch_size, device):
                     out = self.frozen(batch["image"]).to("cpu", STORAGE[self.dtype][0]).contiguous()
                     slots = self.slots(split, batch["row"].cpu().numpy())
                     features[slots] = out.view(torch.int16).numpy() if self.dtype == "bfloat16" else out.numpy()
@@ -220,8 +221,8 @@ class FrozenPrefixCache:
 def share_rows(source: DataSource, seed: int, rank: int, world: int) -> dict[str, np.ndarray]:
     """The rows a rank ever reads, per split, sorted: its training share, its validation rows."""
     return {
-        "train": data.rank_shares(source.counts["train"], seed, world)[rank],
-        "val": data.val_rows(source.counts["val"], rank, world),
+        "train": order.rank_shares(source.counts["train"], seed, world)[rank],
+        "val": order.val_rows(source.counts["val"], rank, world),
     }
 
 

@@ -27,7 +27,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from tlray.compat import ray as compat_ray
 from tlray.console import say
-from tlray.data.dataset import DatasetIndex
+from tlray.data.index import DatasetIndex
 from tlray.errors import UserError, user_error_inside
 from tlray.io import checkpoints, storage
 from tlray.metrics import SEARCH_HISTORY, too_few_classes

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from tlray.console import say
-from tlray.data import dataset as data
-from tlray.data.dataset import BAD_LABEL, DataSource
+from tlray.data import order
+from tlray.data.pipeline import BAD_LABEL, DataSource
 from tlray.io.weights import fetch_weights
 from tlray.models import model as models
 from tlray.plan import RunPlan
@@ -97,7 +97,7 @@ def build_worker(
     frozen_output = run_frozen(frozen, source.preprocessing, device, precision.dtype)
     cache = prefix_cache.for_worker(spec, source, frozen, frozen_output, device, precision.dtype, rank, world_size)
     # every step a full batch (a last batch of one image breaks BatchNorm), the same count on every worker
-    batch_size, steps_per_epoch = data.train_batches(source.counts["train"], world_size, spec.train.batch_size)
+    batch_size, steps_per_epoch = order.train_batches(source.counts["train"], world_size, spec.train.batch_size)
     return Worker(
         model=model,
         trained=trained,

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from tlray import sinks
 from tlray.console import say
-from tlray.data import dataset as data
+from tlray.data import pipeline
 from tlray.errors import user_error_inside
 from tlray.io import checkpoints, storage
 from tlray.metrics import metric_mode, select_epoch
@@ -77,7 +77,7 @@ def fine_tune(config: dict) -> None:
     # Ray 4: this worker's fixed share of the rows, in a new order each epoch, decoded to uint8 by Ray Data tasks; one
     # pipeline runs on across epochs, so the next epoch's batches are ready when this one ends. With the
     # cache, the rows' activations instead (computed by the frozen blocks the first time a row comes up).
-    reader = worker.cache or data  # the cache answers the pipeline's two calls with activations in place of images
+    reader = worker.cache or pipeline  # the cache answers the pipeline's two calls with activations in place of images
     epochs = range(progress.start_epoch, spec.train.epochs)
     epoch_started = time.perf_counter()
     epoch_batches = reader.train_epochs(source, spec.train.seed, epochs, rank, world_size, worker.batch_size, device)
@@ -168,7 +168,7 @@ def make_trainer(plan: RunPlan, epoch_queue=None):
 
     `plan.runs_at_once`: trainers sharing the cluster (a search's concurrent trials), so that CPU workers do not
     start more torch threads than there are cores: oversubscribed, they run several times slower.
-    Each worker builds its own Ray Data pipeline per epoch from `plan.data` (data.iter_batches):
+    Each worker builds its own Ray Data pipeline per epoch from `plan.data` (pipeline.iter_batches):
     that is what lets every epoch read a new global permutation of the keys.
     `epoch_queue`: a queue (ray.util.queue.Queue) that rank 0 puts each epoch's metrics in, once its checkpoint is
     stored (tlray.sinks.tune_queue): how a search's trial hands its epochs to Tune.

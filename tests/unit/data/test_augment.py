@@ -7,7 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from tlray.data.dataset import DecodeBatch, build_index, data_source
+from tlray.data.index import build_index
+from tlray.data.pipeline import DecodeBatch, data_source
 from tlray.models import model as models
 from tlray.spec import DatasetSpec
 

@@ -273,7 +273,7 @@ def test_launcher_creates_no_rayjob_while_the_data_is_unchanged(api, s3_bucket, 
     from test_light_cli import probe
 
     from tlray.artifacts import champion
-    from tlray.data.dataset import build_index
+    from tlray.data.index import build_index
     from tlray.io import storage
     from tlray.spec import load_spec
 
@@ -314,7 +314,7 @@ def test_launcher_creates_no_rayjob_while_the_data_is_unchanged(api, s3_bucket, 
 
 def test_launcher_data_check_prints_what_it_found(api, s3_bucket, s3_env, tmp_path, capsys):
     from tlray.artifacts import champion
-    from tlray.data.dataset import build_index
+    from tlray.data.index import build_index
     from tlray.io import storage
     from tlray.spec import load_spec
 

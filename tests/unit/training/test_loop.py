@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from tlray import metrics
-from tlray.data.dataset import BAD_LABEL, DataError, DataSource
+from tlray.data.errors import DataError
+from tlray.data.pipeline import BAD_LABEL, DataSource
 from tlray.spec import TrainSpec
 from tlray.training.loop import check_bad_images, run_epoch, train_epoch, validate
 from tlray.training.setup import Precision, Worker, make_lr_schedule, make_optimizer

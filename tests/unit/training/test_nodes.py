@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from tlray.data.dataset import build_index
+from tlray.data.index import build_index
 from tlray.spec import JobSpec
 from tlray.training import nodes
 

@@ -7,7 +7,7 @@ import pickle
 
 import torch
 
-from tlray.data.dataset import DataSource
+from tlray.data.pipeline import DataSource
 from tlray.models import model as models
 from tlray.plan import Weights, plan_run, weights_of
 from tlray.spec import JobSpec

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from tlray.data.dataset import build_index, data_source
+from tlray.data.index import build_index
+from tlray.data.pipeline import data_source
 from tlray.models import model as models
 from tlray.plan import plan_run
 from tlray.spec import JobSpec
@@ -129,11 +130,11 @@ def empty_the_cache() -> None:
 
 
 def epoch_rows(source, seed: int, epoch: int, workers: int, batch: int) -> set[int]:
-    from tlray.data import dataset as data
+    from tlray.data import order
 
     rows, world = source.counts["train"], workers
-    per_worker = batch * data.train_batches(rows, world, batch)[1]
-    return {int(r) for rank in range(world) for r in data.train_rows(rows, seed, epoch, rank, world)[:per_worker]}
+    per_worker = batch * order.train_batches(rows, world, batch)[1]
+    return {int(r) for rank in range(world) for r in order.train_rows(rows, seed, epoch, rank, world)[:per_worker]}
 
 
 @pytest.mark.parametrize("depth, workers", [(2, 2), ("all", 1)])  # partial with two workers; the feature extractor
@@ -288,13 +289,13 @@ def test_an_entry_is_filled_once_and_read_by_every_worker_and_trial(job):
 
 
 def iter_decoded(source, rows):
-    from tlray.data.dataset import iter_batches
+    from tlray.data.pipeline import iter_batches
 
     return iter_batches(source, "train", rows, 16, torch.device("cpu"))
 
 
 def source_labels(source) -> np.ndarray:
-    from tlray.data.dataset import key_tables
+    from tlray.data.pipeline import key_tables
 
     return key_tables(source.tables)["train"].labels
 
@@ -303,21 +304,22 @@ def source_labels(source) -> np.ndarray:
 # One decision for the worker group
 # ---------------------------------------------------------------------------------------
 class LocalTables:
-    """Stands for the object-store reference of a DataSource's key tables (tlray.data.key_tables)."""
+    """Stands for the object-store reference of a DataSource's key tables (tlray.data.pipeline.key_tables)."""
 
     def hex(self) -> str:
         return "local-tables"
 
 
 def local_source() -> object:
-    from tlray.data import dataset as data
+    from tlray.data import pipeline
+    from tlray.data.index import KeyTable
 
     tables = {
-        split: data.KeyTable.of([(f"class_{i % 3}/{i:03d}.png", i % 3) for i in range(count)])
+        split: KeyTable.of([(f"class_{i % 3}/{i:03d}.png", i % 3) for i in range(count)])
         for split, count in (("train", 40), ("val", 12))
     }
-    data._TABLES[LocalTables().hex()] = tables
-    return data.DataSource(
+    pipeline.LOADED_TABLES[LocalTables().hex()] = tables
+    return pipeline.DataSource(
         root="/images",
         endpoint_url=None,
         classes=("class_0", "class_1", "class_2"),

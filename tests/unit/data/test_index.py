@@ -1,4 +1,4 @@
-"""The dataset index of a local image folder: layouts, the stable split, data errors, decoding."""
+"""The dataset index of a local image folder: classes, the given splits, ignored files, fingerprints, data errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tlray.data.dataset import DataError, DatasetIndex, build_index, in_val_split, open_rgb
+from tlray.data.errors import DataError
+from tlray.data.index import DatasetIndex, build_index
 from tlray.spec import DatasetSpec
 
 from conftest import spec_dict, write_image_folder
@@ -25,26 +26,6 @@ def test_class_folders_give_sorted_classes_and_a_split(image_folder):
     assert index.val and index.train
     assert {key for key, _ in index.train}.isdisjoint(key for key, _ in index.val)
     assert all(key.split("/")[0] == index.classes[label] for key, label in index.train + index.val)
-
-
-def test_adding_files_never_moves_an_existing_file_between_splits(tmp_path):
-    root = write_image_folder(tmp_path / "data", classes=2, per_class=30)
-    before = index_of(root, split_seed=7)
-    write_image_folder(tmp_path / "more", classes=2, per_class=60, seed=1)
-    for path in (tmp_path / "more").glob("*/*.png"):
-        path.rename(root / path.parent.name / f"new_{path.name}")
-    after = index_of(root, split_seed=7)
-    assert set(before.val) <= set(after.val)
-    assert set(before.train) <= set(after.train)
-    assert len(after.train) + len(after.val) == 180
-    assert before.fingerprint != after.fingerprint
-
-
-def test_split_seed_changes_the_split_and_fraction_is_respected():
-    keys = [f"c/{i}.png" for i in range(4000)]
-    val = [k for k in keys if in_val_split(k, 0, 0.2)]
-    assert 0.17 < len(val) / len(keys) < 0.23
-    assert val != [k for k in keys if in_val_split(k, 1, 0.2)]
 
 
 def test_train_and_val_folders_are_used_as_given(tmp_path):
@@ -109,54 +90,3 @@ def test_a_class_with_only_validation_images_is_an_error(tmp_path):
     write_image_folder(tmp_path / "d" / "val", classes=3, per_class=2)
     with pytest.raises(DataError, match="class_2 have no training images"):
         index_of(tmp_path / "d")
-
-
-@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "1"])
-def test_every_image_mode_decodes_to_rgb(tmp_path, mode):
-    path = tmp_path / ("x.tif" if mode == "CMYK" else "x.png")
-    Image.new(mode, (5, 3)).save(path)
-    image = open_rgb(str(path))
-    assert image.mode == "RGB" and image.size == (5, 3)
-
-
-def test_gif_gives_its_first_frame(tmp_path):
-    frames = [Image.new("P", (4, 4), color) for color in (1, 2)]
-    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
-    assert open_rgb(str(tmp_path / "a.gif")).size == (4, 4)
-
-
-def manifest_index(root: Path, name: str, body: str) -> DatasetIndex:
-    (root / name).write_text(body)
-    return index_of(root, layout="manifest", manifest=str(root / name))
-
-
-def test_manifest_csv_and_jsonl_give_the_same_index(image_folder):
-    rows = [(f"class_{k}/{n:03d}.png", f"c{k}", "val" if n < 3 else "train") for k in range(3) for n in range(12)]
-    csv_index = manifest_index(
-        image_folder, "index.csv", "path,label,split\n" + "".join(f"{p},{label},{s}\n" for p, label, s in rows)
-    )
-    jsonl = "".join(f'{{"path": "{image_folder}/{p}", "label": "{label}", "split": "{s}"}}\n' for p, label, s in rows)
-    jsonl_index = manifest_index(image_folder, "index.jsonl", jsonl)
-    assert csv_index.classes == jsonl_index.classes == ["c0", "c1", "c2"]
-    assert csv_index.train == jsonl_index.train and len(csv_index.val) == 9
-
-
-@pytest.mark.parametrize(
-    "body, expected",
-    [
-        ("file,label\nclass_0/000.png,a\n", "lacks column(s) path"),
-        ("path,label\nclass_0/000.png,a\nclass_0/999.png,b\n", "line 3: image 'class_0/999.png' does not exist"),
-        ("path,label\nclass_0/000.png,a\nclass_1/000.png,\n", "line 3: empty label"),
-        ("path,label,split\nclass_0/000.png,a,test\n", "split 'test' is neither train nor val"),
-    ],
-    ids=["missing-column", "missing-image", "empty-label", "unknown-split"],
-)
-def test_bad_manifests_name_the_line(image_folder, body, expected):
-    with pytest.raises(DataError, match="dataset.manifest") as error:
-        manifest_index(image_folder, "index.csv", body)
-    assert expected in str(error.value)
-
-
-def test_manifest_that_is_not_json_names_the_line(image_folder):
-    with pytest.raises(DataError, match="line 2 of .* is not JSON"):
-        manifest_index(image_folder, "index.jsonl", '{"path": "class_0/000.png", "label": "a"}\n{oops\n')
