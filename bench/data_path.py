@@ -97,11 +97,11 @@ def pipeline_images_per_second(uri: str, endpoint: str | None, image_size: int, 
     import torch
 
     from tlray.data.dataset import DatasetSpec, build_index, data_source, iter_batches, train_rows
-    from tlray.models import model as models
+    from tlray.models.preprocessing import preprocessing
 
     spec = DatasetSpec(uri=uri, endpoint_url=endpoint, image_size=image_size)
     index = build_index(spec)
-    source = data_source(index, spec, models.preprocessing("resnet18", image_size))
+    source = data_source(index, spec, preprocessing("resnet18", image_size))
     rate = 0.0
     for epoch in range(passes):
         rows = train_rows(len(index.train), 0, epoch, 0, 1)

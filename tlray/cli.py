@@ -206,7 +206,7 @@ def prepare(spec, if_data_changed: bool = False):
     from tlray.artifacts.publish import check_output, check_selectable
     from tlray.data.dataset import build_index
     from tlray.io.weights import fetch_weights
-    from tlray.models import model as models
+    from tlray.models.build import build_model
 
     index = build_index(spec.dataset)  # list and split the data; every data problem is exit 2 here
     print(f"[tlray] dataset: {index.summary()}")
@@ -219,7 +219,7 @@ def prepare(spec, if_data_changed: bool = False):
     check_selectable(spec, index)
     spec = warmstart.resolve(spec, index)  # model.weights: latest -> the champion's checkpoint
     weights = fetch_weights(spec.model.builder_weights, spec.dataset.endpoint_url)
-    model = models.build_model(spec.model.arch, weights, len(index.classes))  # the weights load
+    model = build_model(spec.model.arch, weights, len(index.classes))  # the weights load
     return spec, index, model
 
 
@@ -253,10 +253,10 @@ def train_and_publish(spec, if_data_changed: bool = False):
 def data_source(spec, index):
     """The index's keys into Ray's object store: what workers and trials read the data through."""
     from tlray.data import dataset as data
-    from tlray.models import model as models
+    from tlray.models.preprocessing import preprocessing as preprocessing_for
 
     model = spec.model  # the weights' own preset: resnet50's V1 and V2 resize differently
-    preprocessing = models.preprocessing(model.arch, spec.dataset.image_size, model.builder_weights)
+    preprocessing = preprocessing_for(model.arch, spec.dataset.image_size, model.builder_weights)
     return data.data_source(index, spec.dataset, preprocessing, seed=spec.train.seed)
 
 

@@ -16,7 +16,8 @@ from torch import nn
 
 from tlray.data.dataset import DataSource
 from tlray.io import storage
-from tlray.models import model as models
+from tlray.models.freeze import FreezeSummary, freeze
+from tlray.models.preprocessing import Preprocessing
 from tlray.spec import JobSpec
 
 TRAIN_RUN = "train"  # the Ray Train run of `tlray train`, under its run folder (a trial's is named after it)
@@ -36,8 +37,8 @@ class RunPlan:
     run_uri: str  # <output.uri>/<name>/runs/<run id>
     weights: Weights | None  # None: random init
     classes: tuple[str, ...]
-    preprocessing: models.Preprocessing
-    freeze: models.FreezeSummary  # of spec.freeze_depth, counted on the driver's model
+    preprocessing: Preprocessing
+    freeze: FreezeSummary  # of spec.freeze_depth, counted on the driver's model
     data: DataSource  # the dataset's keys in Ray's object store, and how to read them
     checkpoints_uri: str  # this trainer's Ray Train storage: <run>/train, or a trial's <run>/trials/<trial id>
     runs_at_once: int = 1  # trainers sharing the cluster (a search's concurrent trials)
@@ -79,9 +80,9 @@ def plan_run(spec: JobSpec, source: DataSource, run_uri: str, model: nn.Module) 
     )
 
 
-def freeze_summary(spec: JobSpec, model: nn.Module) -> models.FreezeSummary:
+def freeze_summary(spec: JobSpec, model: nn.Module) -> FreezeSummary:
     """What `spec` freezes, counted on `model` (freezing it: a later call re-freezes it from scratch)."""
-    return models.freeze(model, spec.model.arch, spec.freeze_depth, spec.model.batchnorm)
+    return freeze(model, spec.model.arch, spec.freeze_depth, spec.model.batchnorm)
 
 
 def weights_of(spec: JobSpec) -> Weights | None:

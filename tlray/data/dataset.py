@@ -33,7 +33,7 @@ from tlray.io.s3 import S3Error, StoredObject
 from tlray.spec import DatasetSpec
 
 if TYPE_CHECKING:  # torch stays out of the index: `tlray launch --if-data-changed` builds one in a small pod
-    from tlray.models.model import Preprocessing
+    from tlray.models.preprocessing import Preprocessing
 
 log = logging.getLogger("tlray")
 

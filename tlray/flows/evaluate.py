@@ -23,7 +23,7 @@ from tlray.data import dataset as data
 from tlray.data.dataset import BAD_LABEL, DatasetIndex, DataSource
 from tlray.errors import UserError
 from tlray.io import storage
-from tlray.models.model import Preprocessing
+from tlray.models.preprocessing import Preprocessing
 from tlray.spec import DatasetSpec
 
 GATE_METRICS = {"val_accuracy": "accuracy", "val_top5": "top5", "val_loss": "loss"}

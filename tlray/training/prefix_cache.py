@@ -52,7 +52,7 @@ from torch import nn
 from tlray.console import say
 from tlray.data import dataset as data
 from tlray.data.dataset import DataSource
-from tlray.models import model as models
+from tlray.models.split import prefix_output_shape
 from tlray.spec import JobSpec
 
 CACHE_DIR_ENV = "TLRAY_CACHE_DIR"
@@ -243,7 +243,7 @@ def for_worker(
     wait in the next collective, and the group would hang. Rank 0 logs the group's decision.
     """
     train = spec.train
-    shape = models.prefix_output_shape(frozen, source.preprocessing.crop_size) if spec.freeze_depth else ()
+    shape = prefix_output_shape(frozen, source.preprocessing.crop_size) if spec.freeze_depth else ()
     rows = share_rows(source, train.seed, rank, world)
     needed = entry_bytes(shape, {split: len(r) for split, r in rows.items()}, train.cache_dtype)
     compute = f"{device.type} {amp_dtype}"

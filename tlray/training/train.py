@@ -25,7 +25,10 @@ from tlray.data.dataset import BAD_LABEL, MAX_BAD_FRACTION, DataError
 from tlray.errors import user_error_inside
 from tlray.io import checkpoints, storage
 from tlray.io.weights import fetch_weights
-from tlray.models import model as models
+from tlray.models.build import build_model
+from tlray.models.freeze import freeze, parameter_groups
+from tlray.models.preprocessing import Preprocessing
+from tlray.models.split import split
 from tlray.plan import TRAIN_RUN, RunPlan
 from tlray.spec import JobSpec, TrainSpec
 from tlray.training import prefix_cache, rng
@@ -68,9 +71,9 @@ def fine_tune(config: dict) -> None:
 
     # Load weights, new head, then freeze — all on the bare model, before DDP wraps it.
     weights = fetch_weights(plan.weights.location, plan.endpoint_url, plan.weights.identity) if plan.weights else None
-    model = models.build_model(spec.model.arch, weights, len(plan.classes))
-    models.freeze(model, spec.model.arch, spec.freeze_depth, spec.model.batchnorm)  # logs the counts
-    parts = models.split(model, spec.model.arch, spec.freeze_depth)  # the frozen blocks | the rest
+    model = build_model(spec.model.arch, weights, len(plan.classes))
+    freeze(model, spec.model.arch, spec.freeze_depth, spec.model.batchnorm)  # logs the counts
+    parts = split(model, spec.model.arch, spec.freeze_depth)  # the frozen blocks | the rest
     rng.seed_worker(spec.train.seed, rank, device)  # built alike on every rank; from here each its own stream
     frozen, trained = parts.prefix, parts.rest
     optimizer = make_optimizer(model, spec.train)  # its trainable parameters, no weight decay on norms and biases
@@ -197,7 +200,7 @@ def fine_tune(config: dict) -> None:
 def train_epoch(model, trained, features, batches, optimizer, scheduler, scaler, loss_fn, amp_dtype):
     """One pass over this worker's batches: (summed loss, images trained on, rows of undecodable images).
 
-    `model` is the whole model (switched to train mode; frozen blocks stay in eval, models.freeze), `trained`
+    `model` is the whole model (switched to train mode; frozen blocks stay in eval, tlray.models.freeze), `trained`
     its trained part (DDP-wrapped on several workers), `features` uint8 images (or cached activations) -> its
     input. Plain PyTorch: runs without Ray.
     """
@@ -318,10 +321,10 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def make_optimizer(trainable: nn.Module | list[nn.Parameter], train: TrainSpec) -> torch.optim.Optimizer:
     """The optimizer of a model's trainable parameters, with weight decay on those it suits (not on norm layers,
-    biases, or ViT's position embedding and class token: models.parameter_groups). Given a list of parameters
-    rather than the model, their names are unknown and every one decays."""
+    biases, or ViT's position embedding and class token: tlray.models.freeze.parameter_groups). Given a list of
+    parameters rather than the model, their names are unknown and every one decays."""
     if isinstance(trainable, nn.Module):
-        groups = models.parameter_groups(trainable, train.weight_decay)
+        groups = parameter_groups(trainable, train.weight_decay)
     else:
         groups = [{"params": list(trainable), "weight_decay": train.weight_decay}]
     if train.optimizer == "sgd":
@@ -423,8 +426,8 @@ def evaluate(model, forward, batches, num_classes, loss_fn, amp_dtype) -> tuple[
     return metrics, bad_rows
 
 
-def run_frozen(frozen: nn.Module, preprocessing: models.Preprocessing, device, amp_dtype):
-    """uint8 images -> the frozen blocks' output: no autograd graph, the blocks in eval mode (models.freeze)."""
+def run_frozen(frozen: nn.Module, preprocessing: Preprocessing, device, amp_dtype):
+    """uint8 images -> the frozen blocks' output: no autograd graph, the blocks in eval mode (tlray.models.freeze)."""
 
     def forward(images: torch.Tensor) -> torch.Tensor:
         with (

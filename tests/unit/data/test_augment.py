@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tlray.data.dataset import DecodeBatch, build_index, data_source
-from tlray.models import model as models
+from tlray.models.preprocessing import preprocessing
 from tlray.spec import DatasetSpec
 
 from conftest import write_image_folder
@@ -23,7 +23,7 @@ def source(tmp_path_factory):
         root = write_image_folder(tmp_path_factory.mktemp("aug") / "images", classes=2, per_class=20, size=48)
         spec = DatasetSpec(uri=str(root), val_fraction=0.2, augment=True)
         index = build_index(spec)
-        yield data_source(index, spec, models.preprocessing("resnet18", 32), seed=3)
+        yield data_source(index, spec, preprocessing("resnet18", 32), seed=3)
     finally:
         ray.shutdown()
 
