@@ -43,12 +43,12 @@ def random_checkpoint(path: Path, arch: str = "resnet18") -> Path:
     """A random-init checkpoint standing in for pretrained weights (nothing is downloaded)."""
     import torch
 
-    from tlray.models import model as models
+    from tlray.models.build import build_model
 
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(0)
-        torch.save(models.build_model(arch, None, 1000).state_dict(), path)
+        torch.save(build_model(arch, None, 1000).state_dict(), path)
     return path
 
 

@@ -99,12 +99,12 @@ def pipeline_images_per_second(uri: str, endpoint: str | None, image_size: int, 
     from tlray.data.index import build_index
     from tlray.data.order import train_rows
     from tlray.data.pipeline import data_source, iter_batches
-    from tlray.models import model as models
+    from tlray.plan import preprocessing as preprocessing_for
     from tlray.spec import DatasetSpec
 
     spec = DatasetSpec(uri=uri, endpoint_url=endpoint, image_size=image_size)
     index = build_index(spec)
-    source = data_source(index, spec, models.preprocessing("resnet18", image_size))
+    source = data_source(index, spec, preprocessing_for("resnet18", image_size))
     rate = 0.0
     for epoch in range(passes):
         rows = train_rows(len(index.train), 0, epoch, 0, 1)

@@ -45,10 +45,10 @@ def frozen_shares(arch: str, image_size: int) -> list[float]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from tlray.models import model as models
+    from tlray.models import build, layout, split
 
-    model = models.build_model(arch, None, 10).eval()
-    blocks = len(models.backbone_block_names(arch))
+    model = build.build_model(arch, None, 10).eval()
+    blocks = len(layout.backbone_block_names(arch))
     x = torch.zeros(1, 3, image_size, image_size)
 
     def flops(module) -> int:
@@ -57,7 +57,7 @@ def frozen_shares(arch: str, image_size: int) -> list[float]:
         return counter.get_total_flops()
 
     total = flops(model)
-    return [flops(models.split(model, arch, depth).prefix) / total for depth in range(blocks + 1)]
+    return [flops(split.split(model, arch, depth).prefix) / total for depth in range(blocks + 1)]
 
 
 def predicted_speedup(phi: float, cached: bool) -> float:
@@ -74,19 +74,20 @@ def plain_loop(images: Path, weights: Path, args, depth: int, cached: bool) -> d
     from tlray.data.index import build_index
     from tlray.data.order import epoch_order
     from tlray.data.pipeline import open_rgb
-    from tlray.models import model as models
+    from tlray.models import build, freeze, split
+    from tlray.plan import preprocessing as preprocessing_for
     from tlray.spec import DatasetSpec
 
     device = torch.device(args.device)
     index = build_index(DatasetSpec(uri=str(images), image_size=args.image_size))
-    preprocessing = models.preprocessing(args.arch, args.image_size)
+    preprocessing = preprocessing_for(args.arch, args.image_size)
     transform = preprocessing.uint8_transform(False)
     torch.manual_seed(0)
-    model = models.build_model(args.arch, str(weights), len(index.classes))
-    models.freeze(model, args.arch, depth)
-    parts = models.split(model, args.arch, depth)
+    model = build.build_model(args.arch, str(weights), len(index.classes))
+    freeze.freeze(model, args.arch, depth)
+    parts = split.split(model, args.arch, depth)
     model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
-    optimizer = torch.optim.AdamW(models.trainable_parameters(model), lr=1e-3)
+    optimizer = torch.optim.AdamW(freeze.trainable_parameters(model), lr=1e-3)
     loss_fn = torch.nn.CrossEntropyLoss()
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
     labels_of = torch.tensor([label for _, label in index.train])
@@ -130,8 +131,9 @@ def plain_loop(images: Path, weights: Path, args, depth: int, cached: bool) -> d
 def tlray_run(images: Path, weights: Path, args, depth: int, cache: str, out: Path) -> dict:
     from tlray.data.index import build_index
     from tlray.data.pipeline import data_source
-    from tlray.models import model as models
+    from tlray.models import build
     from tlray.plan import plan_run
+    from tlray.plan import preprocessing as preprocessing_for
     from tlray.spec import JobSpec
     from tlray.training.trainer import load_checkpoint_state, make_trainer
 
@@ -153,8 +155,8 @@ def tlray_run(images: Path, weights: Path, args, depth: int, cache: str, out: Pa
         }
     )
     index = build_index(spec.dataset)
-    source = data_source(index, spec.dataset, models.preprocessing(args.arch, args.image_size))
-    model = models.build_model(args.arch, None, len(source.classes))
+    source = data_source(index, spec.dataset, preprocessing_for(args.arch, args.image_size))
+    model = build.build_model(args.arch, None, len(source.classes))
     result = make_trainer(plan_run(spec, source, str(out / f"d{depth}-{cache}"), model)).fit()
     state = load_checkpoint_state(result.checkpoint)
     history = state["history"]
@@ -171,13 +173,13 @@ def tlray_run(images: Path, weights: Path, args, depth: int, cache: str, out: Pa
 def modes(work: Path, args) -> dict:
     import ray
 
-    from tlray.models import model as models
+    from tlray.models import layout
     from tlray.training import prefix_cache
 
     os.environ[prefix_cache.CACHE_DIR_ENV] = str(work / f"cache-{time.time_ns()}")  # a cold cache, inherited by Ray
     images = write_images(work / f"images-{args.images}-{args.image_size}", args.images, args.image_size)
     weights = random_checkpoint(work / f"{args.arch}-random.pt", args.arch)
-    blocks = len(models.backbone_block_names(args.arch))
+    blocks = len(layout.backbone_block_names(args.arch))
     depths = [0, *args.depths, blocks]
     phis = frozen_shares(args.arch, args.image_size)
     rows = []

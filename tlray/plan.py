@@ -3,7 +3,7 @@
 It is the whole contract between the driver and what runs elsewhere. Ray Train's workers get it as their only
 config; a search's trials get it with their own hyper-parameters (`for_trial`); publishing reads the run's
 classes, preprocessing, freeze summary and data from it. The driver builds the model once, to check that the
-weights load and to count what the freeze depth freezes (tlray.cli.prepare); the workers build their own.
+weights load and to count what the freeze depth freezes (tlray.flows.steps); the workers build their own.
 """
 
 from __future__ import annotations
@@ -15,8 +15,12 @@ from pathlib import Path
 from torch import nn
 
 from tlray.data.pipeline import DataSource
+from tlray.data.preprocessing import Preprocessing
 from tlray.io import storage
-from tlray.models import model as models
+from tlray.models import archs
+from tlray.models.archs import ModelError
+from tlray.models.build import torchvision_weights, weights_enum
+from tlray.models.freeze import FreezeSummary, freeze
 from tlray.spec import JobSpec
 
 TRAIN_RUN = "train"  # the Ray Train run of `tlray train`, under its run folder (a trial's is named after it)
@@ -36,8 +40,8 @@ class RunPlan:
     run_uri: str  # <output.uri>/<name>/runs/<run id>
     weights: Weights | None  # None: random init
     classes: tuple[str, ...]
-    preprocessing: models.Preprocessing
-    freeze: models.FreezeSummary  # of spec.freeze_depth, counted on the driver's model
+    preprocessing: Preprocessing
+    freeze: FreezeSummary  # of spec.freeze_depth, counted on the driver's model
     data: DataSource  # the dataset's keys in Ray's object store, and how to read them
     checkpoints_uri: str  # this trainer's Ray Train storage: <run>/train, or a trial's <run>/trials/<trial id>
     runs_at_once: int = 1  # trainers sharing the cluster (a search's concurrent trials)
@@ -79,9 +83,9 @@ def plan_run(spec: JobSpec, source: DataSource, run_uri: str, model: nn.Module) 
     )
 
 
-def freeze_summary(spec: JobSpec, model: nn.Module) -> models.FreezeSummary:
+def freeze_summary(spec: JobSpec, model: nn.Module) -> FreezeSummary:
     """What `spec` freezes, counted on `model` (freezing it: a later call re-freezes it from scratch)."""
-    return models.freeze(model, spec.model.arch, spec.freeze_depth, spec.model.batchnorm)
+    return freeze(model, spec.model.arch, spec.freeze_depth, spec.model.batchnorm)
 
 
 def weights_of(spec: JobSpec) -> Weights | None:
@@ -98,3 +102,31 @@ def weights_of(spec: JobSpec) -> Weights | None:
         location = storage.absolute_uri(name)
         return Weights(location, f"sha256 {storage.sha256_of(location)}")
     return Weights(name, name)  # torchvision's weights, by name
+
+
+def preprocessing(arch: str, image_size: int | None, weights: str | None = None) -> Preprocessing:
+    """The preset of the weights the model starts from (reading it downloads nothing): resnet50's IMAGENET1K_V1
+    resizes to 256, its V2 to 232; SWAG weights crop 384 or more, bicubic. `weights` is the spec's name for them
+    ("IMAGENET1K_V2", "ResNet50_Weights.DEFAULT"); for a checkpoint or None (random init) the DEFAULT preset.
+
+    image_size replaces the crop size and scales the resize size by the same ratio. Left out, a ViT without
+    torchvision weights takes the size it is built for, not DEFAULT's (vit_h_14's DEFAULT is 518 px).
+    """
+    member = torchvision_weights(arch, weights) if weights else None
+    preset = (member or weights_enum(arch).DEFAULT).transforms()
+    crop, resize = preset.crop_size[0], preset.resize_size[0]
+    if image_size is not None:
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+            raise ModelError(f"dataset.image_size: need a positive number of pixels, got {image_size!r}")
+        problem = archs.image_size_problem(arch, weights, image_size)
+        if problem:
+            raise ModelError(f"dataset.image_size: {problem}")
+    size = image_size or archs.fixed_input_size(arch, weights) or crop
+    crop, resize = size, round(resize * size / crop)
+    return Preprocessing(
+        resize_size=resize,
+        crop_size=crop,
+        mean=tuple(float(x) for x in preset.mean),
+        std=tuple(float(x) for x in preset.std),
+        interpolation=preset.interpolation.value,
+    )

@@ -131,7 +131,7 @@ class ModelSpec(_Section):
 
     @property
     def builder_weights(self) -> str | None:
-        """What `models.build_model` takes: None for random init, else the weights name or checkpoint."""
+        """What `tlray.models.build.build_model` takes: None for random init, else the weights name or checkpoint."""
         return self.weights if self.pretrained else None
 
 

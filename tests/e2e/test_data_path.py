@@ -13,7 +13,8 @@ from tlray.data import pipeline
 from tlray.data.index import build_index
 from tlray.data.order import epoch_order, rank_shares, train_batches, train_rows, val_rows
 from tlray.data.pipeline import data_source
-from tlray.models import model as models
+from tlray.models import build
+from tlray.plan import preprocessing as preprocessing_for
 from tlray.spec import DatasetSpec
 
 from conftest import write_image_folder
@@ -118,7 +119,7 @@ def small_source(local_ray, tmp_path_factory):
     root = write_image_folder(tmp_path_factory.mktemp("imgs") / "images", classes=3, per_class=100, size=20)
     spec = DatasetSpec(uri=str(root), val_fraction=0.2, image_size=16)
     index = build_index(spec)
-    return index, data_source(index, spec, models.preprocessing("resnet18", 16))
+    return index, data_source(index, spec, preprocessing_for("resnet18", 16))
 
 
 @pytest.fixture(autouse=True)
@@ -148,7 +149,7 @@ def test_uint8_pipeline_predicts_what_the_float_reference_predicts(small_source)
 
     index, source = small_source
     torch.manual_seed(0)
-    model = models.build_model("resnet18", None, 3).eval()
+    model = build.build_model("resnet18", None, 3).eval()
     reference = source.preprocessing.eval_transform()
     expected = torch.stack([reference(open_rgb(index.location(key))) for key, _ in index.val])
     got, rows = [], []
@@ -233,7 +234,7 @@ def calibrated_random_resnet18(images: torch.Tensor, path: Path) -> Path:
     """A stand-in for pretrained weights, made offline: random convolutions whose BatchNorm
     statistics are measured on the data, so the frozen features are well scaled."""
     torch.manual_seed(0)
-    model = models.build_model("resnet18", None, 1000)
+    model = build.build_model("resnet18", None, 1000)
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.momentum = None  # a plain average over the calibration batches
@@ -255,7 +256,7 @@ def test_one_feature_extractor_epoch_on_a_class_sorted_folder_learns_every_class
 
     # 2,400 images: more than twice the 1,024-row local shuffle buffer that used to be the only shuffle
     root = write_colour_classes(tmp_path / "images", classes=4, per_class=600)
-    preprocessing = models.preprocessing("resnet18", 32)
+    preprocessing = preprocessing_for("resnet18", 32)
     sample = [pipeline.open_rgb(str(p)) for p in sorted(root.glob("*/*.png"))[::8]]
     weights = calibrated_random_resnet18(
         torch.stack([preprocessing.eval_transform()(i) for i in sample]), tmp_path / "w.pt"

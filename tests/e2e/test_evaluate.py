@@ -22,7 +22,7 @@ from tlray.cli import main
 from tlray.data.pipeline import open_rgb
 from tlray.io import storage
 from tlray.metrics import select_epoch
-from tlray.models import model as models
+from tlray.models import build
 
 from conftest import spec_dict, write_image_folder, write_spec
 from s3_fixtures import isolate_aws, raw_client, upload_tree
@@ -112,7 +112,7 @@ def test_the_run_publishes_its_best_epoch_and_a_manifest_and_becomes_champion(ch
 def direct_predictions(run: str, endpoint: str, keys: list[str], bucket: str) -> torch.Tensor:
     """Softmax of the published state_dict in a plain torchvision model, on the images preprocessed by hand."""
     metadata = storage.read_json(f"{run}/metadata.json", endpoint)
-    model = models.build_model(metadata["arch"], None, len(metadata["classes"]))
+    model = build.build_model(metadata["arch"], None, len(metadata["classes"]))
     model.load_state_dict(
         torch.load(io.BytesIO(storage.read_bytes(f"{run}/model/state_dict.pt", endpoint)), weights_only=True)
     )

@@ -23,7 +23,7 @@ from tlray.artifacts.export import run_uri
 from tlray.data.index import build_index
 from tlray.io import checkpoints, storage
 from tlray.k8s import manifests as k8s
-from tlray.models import model as models
+from tlray.models.build import build_model
 from tlray.spec import load_spec
 
 from conftest import ROOT, Driver, spec_dict, write_image_folder, write_spec
@@ -92,7 +92,7 @@ def fault_data(two_nodes, s3_server, tmp_path_factory):
     upload_tree(s3_server, bucket, "images/", write_image_folder(root / "images", classes=3, per_class=24, size=24))
     torch.manual_seed(0)
     buffer = root / "weights.pt"
-    torch.save(models.build_model(ARCH, None, 1000).state_dict(), buffer)
+    torch.save(build_model(ARCH, None, 1000).state_dict(), buffer)
     raw_client(s3_server).put_object(Bucket=bucket, Key="weights.pt", Body=buffer.read_bytes())
     return bucket
 
@@ -290,7 +290,7 @@ def test_a_node_that_cannot_see_a_local_path_stops_the_run_before_training(two_n
     from tlray.training import nodes
 
     data = write_image_folder(tmp_path / "images")
-    torch.save(models.build_model("resnet18", None, 1000).state_dict(), tmp_path / "weights.pt")
+    torch.save(build_model("resnet18", None, 1000).state_dict(), tmp_path / "weights.pt")
     model = {"arch": "resnet18", "weights": str(tmp_path / "weights.pt"), "mode": "partial", "freeze_depth": 1}
     spec_path = write_spec(tmp_path / "job.yaml", spec_dict(str(data), str(tmp_path / "out"), model=model))
     spec = load_spec(spec_path)

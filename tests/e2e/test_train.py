@@ -21,7 +21,8 @@ from tlray.data.index import build_index
 from tlray.data.order import train_rows
 from tlray.data.pipeline import open_rgb
 from tlray.metrics import select_epoch
-from tlray.models import model as models
+from tlray.models import build
+from tlray.plan import preprocessing as preprocessing_for
 from tlray.spec import load_spec
 
 from conftest import RAY_INTERNALS, Driver, spec_dict, write_image_folder, write_spec
@@ -64,10 +65,10 @@ def test_two_worker_run_exports_a_model_plain_pytorch_loads(tmp_path, capsys):
 
     # tlray's own predictions: the state_dict in a torchvision model, tlray's eval preprocessing
     images = sorted(data.glob("*/*.png"))[:6]
-    transform = models.preprocessing("resnet18", 32).eval_transform()
+    transform = preprocessing_for("resnet18", 32).eval_transform()
     batch = torch.stack([transform(open_rgb(str(p))) for p in images])
     torch.save(batch, tmp_path / "batch.pt")
-    model = models.build_model("resnet18", None, 3)
+    model = build.build_model("resnet18", None, 3)
     model.load_state_dict(torch.load(run / "model" / "state_dict.pt", weights_only=True))
     expected = model.eval()(batch)
 
@@ -91,7 +92,7 @@ def test_two_worker_run_exports_a_model_plain_pytorch_loads(tmp_path, capsys):
 def test_run_terminated_after_first_epoch_resumes_from_its_checkpoint_and_frozen_prefix_cache(tmp_path):
     data = write_image_folder(tmp_path / "images", classes=3, per_class=40, size=24, seed=11)
     torch.manual_seed(0)
-    torch.save(models.build_model("resnet18", None, 1000).state_dict(), tmp_path / "weights.pt")
+    torch.save(build.build_model("resnet18", None, 1000).state_dict(), tmp_path / "weights.pt")
     model = {"arch": "resnet18", "weights": str(tmp_path / "weights.pt"), "mode": "partial", "freeze_depth": 2}
     spec_path = write_spec(
         tmp_path / "job.yaml",

@@ -17,7 +17,8 @@ from tlray.artifacts.export import run_uri
 from tlray.cli import main
 from tlray.data.index import build_index
 from tlray.data.pipeline import open_rgb
-from tlray.models import model as models
+from tlray.models import build, layout
+from tlray.plan import preprocessing as preprocessing_for
 from tlray.spec import load_spec
 
 from conftest import Driver, spec_dict, write_image_folder, write_spec
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.slow
 def search_spec(tmp_path: Path, train: dict | None = None, **tune) -> Path:
     data = write_image_folder(tmp_path / "images", classes=3, per_class=12)
     weights = tmp_path / "pretrained_resnet18.pt"  # a stand-in for downloaded ImageNet weights
-    torch.save(models.build_model("resnet18", None, 1000).state_dict(), weights)
+    torch.save(build.build_model("resnet18", None, 1000).state_dict(), weights)
     spec = spec_dict(
         str(data),
         str(tmp_path / "out"),
@@ -79,7 +80,7 @@ def check_search(spec_path: Path, out: str) -> None:
     metadata = json.loads((run / "metadata.json").read_text())
     assert metadata["hyperparameters"]["trial"] == best["trial"]
     assert metadata["hyperparameters"]["lr"] == pytest.approx(best["lr"])
-    blocks = len(models.backbone_block_names(spec.model.arch))
+    blocks = len(layout.backbone_block_names(spec.model.arch))
     assert metadata["freeze_depth"] == (blocks if best["freeze_depth"] == "all" else best["freeze_depth"])
     assert metadata["spec"]["train"]["lr"] == pytest.approx(best["lr"])
     # the trial's best epoch (train.select_metric: val_accuracy) is what is published
@@ -87,7 +88,7 @@ def check_search(spec_path: Path, out: str) -> None:
 
     # ... and its exported program reproduces the reported metric on the validation split
     index = build_index(spec.dataset)
-    transform = models.preprocessing(spec.model.arch, spec.dataset.image_size).eval_transform()
+    transform = preprocessing_for(spec.model.arch, spec.dataset.image_size).eval_transform()
     images = torch.stack([transform(open_rgb(index.location(key))) for key, _ in index.val])
     labels = torch.tensor([label for _, label in index.val])
     program = torch.export.load(str(run / "model" / "model.pt2")).module()

@@ -11,9 +11,9 @@ import torch
 
 from tlray.artifacts import champion
 from tlray.artifacts.manifest import FORMAT_VERSION, ManifestError, read_run_manifest, read_verified
+from tlray.data.preprocessing import Preprocessing
 from tlray.errors import UserError
 from tlray.io import storage
-from tlray.models.model import Preprocessing
 
 
 @dataclass(frozen=True)

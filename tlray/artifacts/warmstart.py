@@ -66,11 +66,12 @@ def resolve(spec: JobSpec, index: DatasetIndex) -> JobSpec:
 def expand_head(state: dict, arch: str, old: list[str], new: list[str], seed: int) -> dict:
     """`state` with the classifier resized to `new` classes: the rows of classes in `old` copied by name,
     the others freshly initialised (as torchvision initialises a new head, seeded)."""
-    from tlray.models import model as models
+    from tlray.models.build import build_model
+    from tlray.models.layout import head_module
 
-    model = models.build_model(arch, None, len(old))
+    model = build_model(arch, None, len(old))
     model.load_state_dict(state)
-    head = models.head_module(model, arch)
+    head = head_module(model, arch)
     name = next(n for n, m in model.named_modules() if m is head)
     torch.manual_seed(seed)
     fresh = torch.nn.Linear(head.in_features, len(new))

@@ -21,8 +21,9 @@ from tlray.flows.evaluate import gate_score
 from tlray.io import storage
 from tlray.io.weights import fetch_weights
 from tlray.metrics import metric_mode
-from tlray.models import model as models
+from tlray.models import build
 from tlray.plan import RunPlan, plan_run
+from tlray.plan import preprocessing as preprocessing_for
 from tlray.spec import JobSpec
 from tlray.training import nodes
 
@@ -53,7 +54,7 @@ def warm_start(spec: JobSpec, index: DatasetIndex) -> tuple[JobSpec, torch.nn.Mo
     model on the driver, built from those weights: they load."""
     spec = warmstart.resolve(spec, index)
     weights = fetch_weights(spec.model.builder_weights, spec.dataset.endpoint_url)
-    return spec, models.build_model(spec.model.arch, weights, len(index.classes))
+    return spec, build.build_model(spec.model.arch, weights, len(index.classes))
 
 
 def join_cluster(spec: JobSpec, index: DatasetIndex, run: str) -> None:
@@ -103,5 +104,5 @@ def gate_champion(spec: JobSpec, run: str, source: DataSource) -> champion.Decis
 def data_source(spec: JobSpec, index: DatasetIndex) -> DataSource:
     """The index's keys into Ray's object store: what workers and trials read the data through."""
     model = spec.model  # the weights' own preset: resnet50's V1 and V2 resize differently
-    preprocessing = models.preprocessing(model.arch, spec.dataset.image_size, model.builder_weights)
+    preprocessing = preprocessing_for(model.arch, spec.dataset.image_size, model.builder_weights)
     return pipeline.data_source(index, spec.dataset, preprocessing, seed=spec.train.seed)

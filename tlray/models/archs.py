@@ -3,8 +3,11 @@
 `tlray validate`, `render` and the spec's rules need an arch's block names (to check freeze_depth)
 and weights names (to tell a torchvision weights name from a checkpoint path). Reading them off
 torchvision means importing torch: seconds and a gigabyte, more than the 0.5 GiB pod that runs
-`tlray launch`. So they are written down here, and tests/test_light_cli.py checks this table
-against the models torchvision builds (on the meta device, as `tlray.models` does).
+`tlray launch`. So they are written down here, and tests/unit/flows/test_light_cli.py checks this table
+against the models torchvision builds (on the meta device, as tlray.models.layout does).
+
+A family's name here is also the name of its module in tlray/models/families/, which says where
+its models' blocks and head are: a new family is its rows in ARCHS plus that one module.
 """
 
 from __future__ import annotations
@@ -136,7 +139,7 @@ def weights_names(arch: str) -> list[str]:
 
 def torchvision_weights_name(arch: str, name: str) -> str | None:
     """The weights member that `name` means ("DEFAULT", "IMAGENET1K_V2", "ResNet18_Weights.DEFAULT"), else None:
-    then `name` is a checkpoint, as `models.build_model` decides."""
+    then `name` is a checkpoint, as `tlray.models.build.build_model` decides."""
     member = name.removeprefix(arch_of(arch).weights_enum + ".")
     return member if member in weights_names(arch) else None
 

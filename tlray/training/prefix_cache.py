@@ -53,7 +53,7 @@ from tlray.console import say
 from tlray.data import order, pipeline
 from tlray.data.pipeline import DataSource
 from tlray.data.split import SPLIT_FOLDERS
-from tlray.models import model as models
+from tlray.models import split as model_split
 from tlray.spec import JobSpec
 
 CACHE_DIR_ENV = "TLRAY_CACHE_DIR"
@@ -244,7 +244,7 @@ def for_worker(
     wait in the next collective, and the group would hang. Rank 0 logs the group's decision.
     """
     train = spec.train
-    shape = models.prefix_output_shape(frozen, source.preprocessing.crop_size) if spec.freeze_depth else ()
+    shape = model_split.prefix_output_shape(frozen, source.preprocessing.crop_size) if spec.freeze_depth else ()
     rows = share_rows(source, train.seed, rank, world)
     needed = entry_bytes(shape, {split: len(r) for split, r in rows.items()}, train.cache_dtype)
     compute = f"{device.type} {amp_dtype}"

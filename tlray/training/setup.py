@@ -18,8 +18,9 @@ from torch import nn
 from tlray.console import say
 from tlray.data import order
 from tlray.data.pipeline import BAD_LABEL, DataSource
+from tlray.data.preprocessing import Preprocessing
 from tlray.io.weights import fetch_weights
-from tlray.models import model as models
+from tlray.models import build, freeze, split
 from tlray.plan import RunPlan
 from tlray.spec import TrainSpec
 from tlray.training import prefix_cache, rng
@@ -36,7 +37,7 @@ class Precision:
 class Worker:
     """What one rank trains with; built alike on every rank."""
 
-    model: nn.Module  # the whole model, on the device; its frozen blocks stay in eval mode (models.freeze)
+    model: nn.Module  # the whole model, on the device; its frozen blocks stay in eval mode (freeze.freeze)
     trained: nn.Module  # the part after the frozen blocks: DistributedDataParallel-wrapped on several workers
     features: Callable[[torch.Tensor], torch.Tensor]  # uint8 images (or cached activations) -> `trained`'s input
     cache: prefix_cache.FrozenPrefixCache | None  # None: the frozen blocks run on every batch
@@ -60,7 +61,7 @@ class Worker:
         return self.model, self.optimizer, self.scheduler, self.scaler
 
 
-def build_model(plan: RunPlan, rank: int, device: torch.device) -> tuple[nn.Module, models.Split, Precision]:
+def build_model(plan: RunPlan, rank: int, device: torch.device) -> tuple[nn.Module, split.Split, Precision]:
     """The model with its weights, new head and frozen blocks, split at the cut; and the precision it runs in.
 
     Built on the bare model, before DDP wraps it, the same on every rank (DDP also broadcasts rank 0's weights);
@@ -69,9 +70,9 @@ def build_model(plan: RunPlan, rank: int, device: torch.device) -> tuple[nn.Modu
     spec = plan.spec
     torch.manual_seed(spec.train.seed)
     weights = fetch_weights(plan.weights.location, plan.endpoint_url, plan.weights.identity) if plan.weights else None
-    model = models.build_model(spec.model.arch, weights, len(plan.classes))
-    models.freeze(model, spec.model.arch, spec.freeze_depth, spec.model.batchnorm)  # logs the counts
-    parts = models.split(model, spec.model.arch, spec.freeze_depth)  # the frozen blocks | the rest
+    model = build.build_model(spec.model.arch, weights, len(plan.classes))
+    freeze.freeze(model, spec.model.arch, spec.freeze_depth, spec.model.batchnorm)  # logs the counts
+    parts = split.split(model, spec.model.arch, spec.freeze_depth)  # the frozen blocks | the rest
     rng.seed_worker(spec.train.seed, rank, device)
     precision = mixed_precision(spec.train.amp, device)
     if rank == 0:
@@ -145,10 +146,10 @@ def cpu_threads(node_cpus: float, workers_on_node: int, cpus_per_worker: float) 
 
 def make_optimizer(trainable: nn.Module | list[nn.Parameter], train: TrainSpec) -> torch.optim.Optimizer:
     """The optimizer of a model's trainable parameters, with weight decay on those it suits (not on norm layers,
-    biases, or ViT's position embedding and class token: models.parameter_groups). Given a list of parameters
+    biases, or ViT's position embedding and class token: freeze.parameter_groups). Given a list of parameters
     rather than the model, their names are unknown and every one decays."""
     if isinstance(trainable, nn.Module):
-        groups = models.parameter_groups(trainable, train.weight_decay)
+        groups = freeze.parameter_groups(trainable, train.weight_decay)
     else:
         groups = [{"params": list(trainable), "weight_decay": train.weight_decay}]
     if train.optimizer == "sgd":
@@ -195,8 +196,8 @@ def mixed_precision(amp: str, device: torch.device) -> Precision:
     )
 
 
-def run_frozen(frozen: nn.Module, preprocessing: models.Preprocessing, device, amp_dtype):
-    """uint8 images -> the frozen blocks' output: no autograd graph, the blocks in eval mode (models.freeze)."""
+def run_frozen(frozen: nn.Module, preprocessing: Preprocessing, device, amp_dtype):
+    """uint8 images -> the frozen blocks' output: no autograd graph, the blocks in eval mode (freeze.freeze)."""
 
     def forward(images: torch.Tensor) -> torch.Tensor:
         with (

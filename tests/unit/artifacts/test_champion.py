@@ -8,13 +8,13 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from run_fixtures import fake_run
 
 from tlray.artifacts import champion
 from tlray.artifacts.manifest import manifest_digest, read_run_manifest
 from tlray.io import storage
 from tlray.io.s3 import WriteConflict
 
+from run_fixtures import fake_run
 from s3_fixtures import FlakyProxy
 
 

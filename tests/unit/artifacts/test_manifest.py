@@ -7,10 +7,10 @@ import hashlib
 import json
 
 import pytest
-from run_fixtures import fake_run
 
 from tlray.artifacts.manifest import ManifestError, is_sealed, read_run_manifest, read_verified
 
+from run_fixtures import fake_run
 from s3_fixtures import raw_client
 
 

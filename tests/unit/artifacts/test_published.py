@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from run_fixtures import fake_run
 
 from tlray.artifacts.manifest import FORMAT_VERSION, ManifestError, write_manifest
 from tlray.artifacts.published import load_published
 from tlray.errors import UserError
 from tlray.io import storage
+
+from run_fixtures import fake_run
 
 
 def test_a_metadata_version_this_tlray_cannot_read_is_refused(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 
 from tlray.data.index import build_index
 from tlray.data.pipeline import DecodeBatch, data_source
-from tlray.models import model as models
+from tlray.plan import preprocessing as preprocessing_for
 from tlray.spec import DatasetSpec
 
 from conftest import write_image_folder
@@ -24,7 +24,7 @@ def source(tmp_path_factory):
         root = write_image_folder(tmp_path_factory.mktemp("aug") / "images", classes=2, per_class=20, size=48)
         spec = DatasetSpec(uri=str(root), val_fraction=0.2, augment=True)
         index = build_index(spec)
-        yield data_source(index, spec, models.preprocessing("resnet18", 32), seed=3)
+        yield data_source(index, spec, preprocessing_for("resnet18", 32), seed=3)
     finally:
         ray.shutdown()
 

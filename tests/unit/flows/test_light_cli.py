@@ -76,22 +76,22 @@ def test_arch_table_matches_torchvision():
     """tlray.archs is written down to keep torch out of the light commands; this keeps it true."""
     import torchvision
 
-    from tlray.models import model as models
+    from tlray.models import layout
 
     assert list(archs.SUPPORTED_FAMILIES) == ["resnet", "efficientnet", "mobilenet", "convnext", "regnet", "vit"]
     for arch, entry in archs.ARCHS.items():
         # the block map, read off the model torchvision builds (on the meta device: no memory, no weights)
-        assert archs.backbone_block_names(arch) == models.backbone_block_names(arch), arch
+        assert archs.backbone_block_names(arch) == layout.backbone_block_names(arch), arch
         enum = torchvision.models.get_model_weights(arch)
         assert entry.weights_enum == enum.__name__, arch
         assert set(archs.weights_names(arch)) == set(enum.__members__), arch
 
 
 def test_weights_names_resolve_like_torchvision():
-    from tlray.models import model as models
+    from tlray.models import build
 
     for name in ("DEFAULT", "IMAGENET1K_V2", "ResNet50_Weights.IMAGENET1K_V1", "IMAGENET1K_V9", "ckpt.pt"):
-        member = models.torchvision_weights("resnet50", name)
+        member = build.torchvision_weights("resnet50", name)
         assert archs.torchvision_weights_name("resnet50", name) == (member and name.rsplit(".", 1)[-1]), name
 
 

@@ -13,7 +13,12 @@ import torch
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-from tlray.models import model as models
+from tlray.models.archs import ModelError
+from tlray.models.build import build_model
+from tlray.models.freeze import freeze, trainable_parameters
+from tlray.models.layout import backbone_block_names, layout_of
+from tlray.models.split import prefix_output_shape, split
+from tlray.plan import preprocessing
 
 FEATURE_EXTRACTOR_NECK = {"vit_b_32": ["encoder.ln"]}  # frozen with the blocks at the full depth only
 ARCHS = [
@@ -30,7 +35,7 @@ ARCHS = [
 @functools.cache
 def _built(arch: str) -> nn.Module:
     torch.manual_seed(0)
-    return models.build_model(arch, None, 3).eval()
+    return build_model(arch, None, 3).eval()
 
 
 def fresh(arch: str) -> nn.Module:
@@ -43,13 +48,13 @@ def batch_for(arch: str) -> torch.Tensor:
 
 
 def depths(arch: str) -> list:
-    return [*range(len(models.backbone_block_names(arch)) + 1), "all"]
+    return [*range(len(backbone_block_names(arch)) + 1), "all"]
 
 
 def block_param_ids(model: nn.Module, arch: str, depth: int) -> set[int]:
     """The parameters the first `depth` block paths cover, read off the block map; at the full depth also
     the head-side layers before the head's input (ViT's final LayerNorm)."""
-    blocks = models._layout(arch).blocks
+    blocks = layout_of(arch).blocks
     paths = [path for _, block in blocks[:depth] for path in block]
     paths += FEATURE_EXTRACTOR_NECK.get(arch, []) if depth == len(blocks) else []
     return {id(p) for path in paths for p in params_at(model, path)}
@@ -74,7 +79,7 @@ def test_rest_of_prefix_is_the_model(arch):
     with torch.no_grad():
         expected = model(x)
         for depth in depths(arch)[:-1]:  # "all" resolves to the last one (next test)
-            s = models.split(model, arch, depth)
+            s = split(model, arch, depth)
             torch.testing.assert_close(s.rest(s.prefix(x)), expected, rtol=0, atol=0, msg=f"depth {depth}")
 
 
@@ -82,53 +87,53 @@ def test_rest_of_prefix_is_the_model(arch):
 def test_prefix_holds_the_first_blocks_parameters(arch):
     model = _built(arch)
     all_ids = {id(p) for p in model.parameters()}
-    n = len(models.backbone_block_names(arch))
+    n = len(backbone_block_names(arch))
     for depth in depths(arch):
         d = n if depth == "all" else depth
-        s = models.split(model, arch, depth)
+        s = split(model, arch, depth)
         prefix_ids, rest_ids = {id(p) for p in s.prefix.parameters()}, {id(p) for p in s.rest.parameters()}
         assert prefix_ids == block_param_ids(model, arch, d), depth
         assert rest_ids == all_ids - prefix_ids, depth
-    assert isinstance(models.split(model, arch, 0).prefix, nn.Identity)
+    assert isinstance(split(model, arch, 0).prefix, nn.Identity)
 
 
 @pytest.mark.parametrize(("arch", "shape"), [("resnet18", (512,)), ("convnext_tiny", (768, 1, 1))])
 def test_feature_extractor_prefix_is_pooled(arch, shape):
     model = _built(arch)
-    s = models.split(model, arch, "all")
+    s = split(model, arch, "all")
     with torch.no_grad():
         assert s.prefix(batch_for(arch)).shape == (2, *shape)
     model.train()
     try:
-        assert models.prefix_output_shape(s, 64) == shape
+        assert prefix_output_shape(s, 64) == shape
         assert all(m.training for m in model.modules())  # the helper restores the modes
     finally:
         model.eval()
-    assert models.prefix_output_shape(models.split(model, arch, 0), 64) == (3, 64, 64)
+    assert prefix_output_shape(split(model, arch, 0), 64) == (3, 64, 64)
 
 
 def test_split_refuses_bad_depth_and_wrapped_models():
-    with pytest.raises(models.ModelError, match="^model.freeze_depth"):
-        models.split(_built("resnet18"), "resnet18", 6)
-    with pytest.raises(models.ModelError, match="bare model"):
-        models.split(nn.DataParallel(_built("resnet18")), "resnet18", 1)
+    with pytest.raises(ModelError, match="^model.freeze_depth"):
+        split(_built("resnet18"), "resnet18", 6)
+    with pytest.raises(ModelError, match="bare model"):
+        split(nn.DataParallel(_built("resnet18")), "resnet18", 1)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_frozen_blocks_stay_in_eval(arch):
     model = fresh(arch)
-    n = len(models.backbone_block_names(arch))
+    n = len(backbone_block_names(arch))
     for depth in (n // 2, n):
-        models.freeze(model, arch, depth, batchnorm="frozen")
+        freeze(model, arch, depth, batchnorm="frozen")
         model.train()
-        s = models.split(model, arch, depth)
+        s = split(model, arch, depth)
         assert own_modules(model, s.prefix) and own_modules(model, s.rest)
         assert not any(m.training for m in own_modules(model, s.prefix)), depth
         assert all(m.training for m in own_modules(model, s.rest)), depth
     # batchnorm: train: the frozen BatchNorm layers follow model.train(); Dropout, StochasticDepth & co. stay off
-    models.freeze(model, arch, n // 2, batchnorm="train")
+    freeze(model, arch, n // 2, batchnorm="train")
     model.train()
-    s = models.split(model, arch, n // 2)
+    s = split(model, arch, n // 2)
     is_batchnorm = [isinstance(m, nn.modules.batchnorm._BatchNorm) for m in own_modules(model, s.prefix)]
     assert [m.training for m in own_modules(model, s.prefix)] == is_batchnorm
     assert all(m.training for m in own_modules(model, s.rest))
@@ -139,8 +144,8 @@ def test_frozen_blocks_stay_in_eval(arch):
 def test_frozen_prefix_is_a_pure_function_of_the_image():
     arch, depth = "efficientnet_b0", 5
     model = fresh(arch)
-    models.freeze(model, arch, depth)
-    prefix = models.split(model, arch, depth).prefix
+    freeze(model, arch, depth)
+    prefix = split(model, arch, depth).prefix
     assert any(isinstance(m, StochasticDepth) for m in prefix.modules())
     x = batch_for(arch)
     torch.manual_seed(1)
@@ -152,7 +157,7 @@ def test_frozen_prefix_is_a_pure_function_of_the_image():
     assert torch.equal(first, second) and torch.equal(first, evaluated)
     clone = copy.deepcopy(model)  # the lock survives copying
     clone.train()
-    assert not any(m.training for m in own_modules(clone, models.split(clone, arch, depth).prefix))
+    assert not any(m.training for m in own_modules(clone, split(clone, arch, depth).prefix))
 
 
 # What the spec must refuse: ViT runs at the one size it is built for (224 here), ConvNeXt needs 32 px.
@@ -166,7 +171,7 @@ def test_a_non_default_image_size_trains_a_step_or_is_refused_by_the_spec(arch, 
 
     from conftest import spec_dict
 
-    depth = len(models.backbone_block_names(arch)) // 2
+    depth = len(backbone_block_names(arch)) // 2
     raw = spec_dict(str(tmp_path / "images"), str(tmp_path / "out"))
     raw["dataset"]["image_size"] = image_size
     raw["model"] = {"arch": arch, "weights": "DEFAULT", "mode": "partial", "freeze_depth": depth}
@@ -176,18 +181,18 @@ def test_a_non_default_image_size_trains_a_step_or_is_refused_by_the_spec(arch, 
         assert [p.key for p in refused.value.problems] == ["dataset.image_size"]
         return
     spec = validate_spec(raw)
-    crop = models.preprocessing(arch, spec.dataset.image_size, spec.model.weights).crop_size
+    crop = preprocessing(arch, spec.dataset.image_size, spec.model.weights).crop_size
     assert crop == image_size
     model = fresh(arch)
-    models.freeze(model, arch, depth)
+    freeze(model, arch, depth)
     model.train()
-    parts = models.split(model, arch, depth)
+    parts = split(model, arch, depth)
     torch.manual_seed(0)
     with torch.no_grad():  # as the workers run the frozen prefix
         features = parts.prefix(torch.randn(2, 3, crop, crop))
     loss = nn.functional.cross_entropy(parts.rest(features), torch.tensor([0, 2]))
     loss.backward()
-    grads = [p.grad for p in models.trainable_parameters(model)]
+    grads = [p.grad for p in trainable_parameters(model)]
     assert torch.isfinite(loss) and all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
@@ -196,7 +201,7 @@ def test_vit_feature_extractor_prefix_ends_at_the_class_token_the_head_reads():
 
     arch, hidden_dim = "vit_b_32", 768
     model = fresh(arch)
-    models.freeze(model, arch, "all")
+    freeze(model, arch, "all")
     head_input = []
     hook = model.heads.register_forward_hook(lambda module, args, out: head_input.append(args[0]))
     torch.manual_seed(0)
@@ -204,7 +209,7 @@ def test_vit_feature_extractor_prefix_ends_at_the_class_token_the_head_reads():
     try:
         with torch.no_grad():
             expected = model(x)
-            s = models.split(model, arch, "all")
+            s = split(model, arch, "all")
             features = s.prefix(x)
             out = s.rest(features)
     finally:
@@ -216,12 +221,12 @@ def test_vit_feature_extractor_prefix_ends_at_the_class_token_the_head_reads():
     assert all(p.requires_grad for p in model.heads.parameters())
 
     # the cache holds one vector an image, not 50 tokens (197 at patch size 16)
-    shape = models.prefix_output_shape(s, 224)
+    shape = prefix_output_shape(s, 224)
     assert shape == (hidden_dim,)
     counts = {"train": 30, "val": 10}
     assert activation_bytes(shape, counts, "float32") == 40 * hidden_dim * 4
     assert activation_bytes(shape, counts, "bfloat16") == 40 * hidden_dim * 2
     # a partial depth keeps every token, and encoder.ln trains with the head
-    models.freeze(model, arch, 12)
-    assert models.prefix_output_shape(models.split(model, arch, 12), 224) == (50, hidden_dim)
+    freeze(model, arch, 12)
+    assert prefix_output_shape(split(model, arch, 12), 224) == (50, hidden_dim)
     assert all(p.requires_grad for p in model.encoder.ln.parameters())

@@ -8,8 +8,9 @@ import pickle
 import torch
 
 from tlray.data.pipeline import DataSource
-from tlray.models import model as models
+from tlray.models import build
 from tlray.plan import Weights, plan_run, weights_of
+from tlray.plan import preprocessing as preprocessing_for
 from tlray.spec import JobSpec
 
 from conftest import spec_dict
@@ -17,16 +18,16 @@ from s3_fixtures import raw_client
 
 
 def source(classes=("a", "b", "c")) -> DataSource:
-    preprocessing = models.preprocessing("resnet18", 32)
+    preprocessing = preprocessing_for("resnet18", 32)
     counts = {"train": 9, "val": 3}
     return DataSource("/data", None, classes, counts, "f00d", None, preprocessing, False, "skip", 4, 30.0)
 
 
 def test_the_plan_holds_what_workers_and_publish_need_and_derives_each_trials(tmp_path):
-    torch.save(models.build_model("resnet18", None, 1000).state_dict(), tmp_path / "w.pt")
+    torch.save(build.build_model("resnet18", None, 1000).state_dict(), tmp_path / "w.pt")
     model = {"arch": "resnet18", "weights": str(tmp_path / "w.pt"), "mode": "partial", "freeze_depth": 2}
     spec = JobSpec.model_validate(spec_dict(str(tmp_path), str(tmp_path / "out"), model=model))
-    driver_model = models.build_model("resnet18", str(tmp_path / "w.pt"), 3)
+    driver_model = build.build_model("resnet18", str(tmp_path / "w.pt"), 3)
     plan = plan_run(spec, source(), "/out/tiny/runs/tiny-1234", driver_model)
 
     digest = hashlib.sha256((tmp_path / "w.pt").read_bytes()).hexdigest()

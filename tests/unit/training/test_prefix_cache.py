@@ -16,8 +16,10 @@ import torch
 
 from tlray.data.index import build_index
 from tlray.data.pipeline import data_source
-from tlray.models import model as models
+from tlray.models import build, freeze
+from tlray.models import split as model_split
 from tlray.plan import plan_run
+from tlray.plan import preprocessing as preprocessing_for
 from tlray.spec import JobSpec
 from tlray.training import prefix_cache
 from tlray.training.prefix_cache import decide
@@ -92,7 +94,7 @@ def job(local_ray, tmp_path_factory):
     images = write_image_folder(root / "images", classes=3, per_class=40, size=32, seed=7)
     torch.manual_seed(0)
     weights = root / "weights.pt"
-    torch.save(models.build_model("resnet18", None, 1000).state_dict(), weights)
+    torch.save(build.build_model("resnet18", None, 1000).state_dict(), weights)
     spec = JobSpec.model_validate(
         spec_dict(
             str(images),
@@ -104,7 +106,7 @@ def job(local_ray, tmp_path_factory):
     return (
         spec.model_dump(mode="json"),
         str(weights),
-        data_source(index, spec.dataset, models.preprocessing("resnet18", 32)),
+        data_source(index, spec.dataset, preprocessing_for("resnet18", 32)),
     )
 
 
@@ -117,7 +119,7 @@ def train(job, tmp_path: Path, name: str, depth, workers: int, cache: str) -> di
         "scaling": {**spec_data["scaling"], "num_workers": workers, "cpus_per_worker": 0.5},  # a CPU left for Ray Data
     }
     spec = JobSpec.model_validate(spec_data)
-    model = models.build_model(spec.model.arch, None, len(source.classes))
+    model = build.build_model(spec.model.arch, None, len(source.classes))
     result = make_trainer(plan_run(spec, source, str(tmp_path / "runs" / name), model)).fit()
     return load_checkpoint_state(result.checkpoint)
 
@@ -167,9 +169,9 @@ def test_frozen_blocks_build_no_graph_and_ddp_reduces_only_trained_gradients(tmp
     dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path / 'pg'}")
     try:
         torch.manual_seed(0)
-        model = models.build_model("resnet18", None, 3)
-        models.freeze(model, "resnet18", 3)  # stem, layer1, layer2 frozen; layer3, layer4, fc trained
-        parts = models.split(model, "resnet18", 3)
+        model = build.build_model("resnet18", None, 3)
+        freeze.freeze(model, "resnet18", 3)  # stem, layer1, layer2 frozen; layer3, layer4, fc trained
+        parts = model_split.split(model, "resnet18", 3)
         trained = DistributedDataParallel(parts.rest)
         reduced = []
 
@@ -181,7 +183,7 @@ def test_frozen_blocks_build_no_graph_and_ddp_reduces_only_trained_gradients(tmp
 
         trained.register_comm_hook(None, count_and_pass)
         model.train()
-        frozen_output = run_frozen(parts.prefix, models.preprocessing("resnet18", 64), torch.device("cpu"), None)
+        frozen_output = run_frozen(parts.prefix, preprocessing_for("resnet18", 64), torch.device("cpu"), None)
         images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
         with torch.profiler.profile() as profile:
             features = frozen_output(images)
@@ -208,24 +210,31 @@ def test_frozen_blocks_build_no_graph_and_ddp_reduces_only_trained_gradients(tmp
 # ---------------------------------------------------------------------------------------
 def test_the_key_changes_with_everything_the_activations_depend_on(job):
     spec_data, weights, source = job
-    model = models.build_model("resnet18", weights, 3)
-    prefix = models.split(model, "resnet18", 2).prefix
+    model = build.build_model("resnet18", weights, 3)
+    prefix = model_split.split(model, "resnet18", 2).prefix
     key = prefix_cache.cache_key("resnet18", 2, prefix, source, "float32", "cpu None")
     assert key == prefix_cache.cache_key("resnet18", 2, prefix, source, "float32", "cpu None")
 
-    other_weights = models.build_model("resnet18", weights, 3)
+    other_weights = build.build_model("resnet18", weights, 3)
     with torch.no_grad():
         other_weights.layer1[0].conv1.weight[0, 0, 0, 0] += 1e-3  # one frozen value, at the same file path
     spec = JobSpec.model_validate({**spec_data, "dataset": {**spec_data["dataset"], "val_fraction": 0.5}})
     resplit = data_source(build_index(spec.dataset), spec.dataset, source.preprocessing)
     variants = {
-        "weights": ("resnet18", 2, models.split(other_weights, "resnet18", 2).prefix, source, "float32", "cpu None"),
-        "cut": ("resnet18", 3, models.split(model, "resnet18", 3).prefix, source, "float32", "cpu None"),
+        "weights": (
+            "resnet18",
+            2,
+            model_split.split(other_weights, "resnet18", 2).prefix,
+            source,
+            "float32",
+            "cpu None",
+        ),
+        "cut": ("resnet18", 3, model_split.split(model, "resnet18", 3).prefix, source, "float32", "cpu None"),
         "preprocessing": (
             "resnet18",
             2,
             prefix,
-            dataclasses.replace(source, preprocessing=models.preprocessing("resnet18", 48)),
+            dataclasses.replace(source, preprocessing=preprocessing_for("resnet18", 48)),
             "float32",
             "cpu None",
         ),
@@ -253,9 +262,9 @@ def test_an_entry_is_filled_once_and_read_by_every_worker_and_trial(job):
 
     _, weights, source = job
     empty_the_cache()
-    model = models.build_model("resnet18", weights, 3)
-    models.freeze(model, "resnet18", "all")
-    prefix = models.split(model, "resnet18", "all").prefix
+    model = build.build_model("resnet18", weights, 3)
+    freeze.freeze(model, "resnet18", "all")
+    prefix = model_split.split(model, "resnet18", "all").prefix
     frozen = run_frozen(prefix, source.preprocessing, torch.device("cpu"), None)
     key = prefix_cache.cache_key("resnet18", 5, prefix, source, "bfloat16", "cpu None")
     rows = np.arange(0, source.counts["train"], 3)
@@ -326,7 +335,7 @@ def local_source() -> object:
         counts={"train": 40, "val": 12},
         fingerprint="f",
         tables=LocalTables(),
-        preprocessing=models.preprocessing("resnet18", 32),
+        preprocessing=preprocessing_for("resnet18", 32),
         augment=False,
         on_bad_image="skip",
         read_concurrency=4,
@@ -372,9 +381,9 @@ def decide_on_rank(rank: int, world: int, port: int, without_room: tuple[int, ..
             )
         )
         torch.manual_seed(0)
-        model = models.build_model("resnet18", None, 3)
-        models.freeze(model, "resnet18", 1)
-        prefix = models.split(model, "resnet18", 1).prefix
+        model = build.build_model("resnet18", None, 3)
+        freeze.freeze(model, "resnet18", 1)
+        prefix = model_split.split(model, "resnet18", 1).prefix
         cpu = torch.device("cpu")
         frozen = setup.run_frozen(prefix, source.preprocessing, cpu, None)
         cache = prefix_cache.for_worker(spec, source, prefix, frozen, cpu, None, rank, world)

@@ -18,7 +18,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from tlray.io import checkpoints
-from tlray.models import model as models
+from tlray.models.build import build_model
+from tlray.models.freeze import freeze, lock_eval
 from tlray.spec import TrainSpec
 from tlray.training.loop import train_epoch
 from tlray.training.setup import Precision, make_lr_schedule, make_optimizer, mixed_precision
@@ -92,9 +93,9 @@ def bn_epochs(rank: int) -> dict:
     model, prefix, rest = frozen_bn_model()
     for p in prefix.parameters():
         p.requires_grad_(False)
-    for m in prefix.modules():  # what models.freeze does with batchnorm "train"
+    for m in prefix.modules():  # what tlray.models.freeze does with batchnorm "train"
         if not isinstance(m, nn.modules.batchnorm._BatchNorm):
-            models._lock_eval(m)
+            lock_eval(m)
     trained = DistributedDataParallel(rest)
     train = TrainSpec(epochs=3, lr=0.01, warmup_epochs=0)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], train)
@@ -134,8 +135,8 @@ def test_with_batchnorm_train_every_ranks_buffers_are_bit_equal_after_each_epoch
 
 
 def test_models_freeze_with_batchnorm_train_keeps_frozen_stochastic_layers_off():
-    model = models.build_model("efficientnet_b0", None, 3)  # StochasticDepth in every MBConv block
-    models.freeze(model, "efficientnet_b0", 4, batchnorm="train")
+    model = build_model("efficientnet_b0", None, 3)  # StochasticDepth in every MBConv block
+    freeze(model, "efficientnet_b0", 4, batchnorm="train")
     model.train()
     frozen, trained = model.features[:4], model.features[4:]
     kinds = {(type(m).__name__, m.training) for m in frozen.modules()}
