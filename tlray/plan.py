@@ -14,11 +14,11 @@ from pathlib import Path
 
 from torch import nn
 
+from tlray import archs
+from tlray.archs import ModelError
 from tlray.data.pipeline import DataSource
 from tlray.data.preprocessing import Preprocessing
 from tlray.io import storage
-from tlray.models import archs
-from tlray.models.archs import ModelError
 from tlray.models.build import torchvision_weights, weights_enum
 from tlray.models.freeze import FreezeSummary, freeze
 from tlray.spec import JobSpec

@@ -22,10 +22,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tlray import names
+from tlray import archs, names
 from tlray.errors import UserError
 from tlray.metrics import GATEABLE, SELECTABLE, metric_mode
-from tlray.models import archs
 
 CREDENTIAL_KEY = re.compile(r"secret|password|passwd|token|access_key|credential", re.IGNORECASE)
 

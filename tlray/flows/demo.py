@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tlray import console
+from tlray import archs, console
 from tlray.artifacts.export import PublishedRun
 from tlray.artifacts.plots import plot_demo
 from tlray.data import demo_data
@@ -28,7 +28,6 @@ from tlray.errors import UserError
 from tlray.flows.train import train
 from tlray.flows.tune import tune
 from tlray.io import storage
-from tlray.models import archs
 from tlray.spec import JobSpec, load_spec
 
 

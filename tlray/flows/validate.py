@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tlray.models import archs  # the block table, not torchvision: validate stays under a second
+from tlray import archs  # the block table, not torchvision: validate stays under a second
 from tlray.spec import load_spec
 
 

@@ -7,7 +7,7 @@ object store, S3 credentials from the ServiceAccount (EKS Pod Identity / IRSA) o
 optional Secret, never a literal.
 
 Light on purpose: `tlray render` and `tlray launch` (in a 0.5 GiB pod) import this module, so it
-needs neither torch nor pyarrow (`tlray.models.archs` has the weights names it checks).
+needs neither torch nor pyarrow (`tlray.archs` has the weights names it checks).
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from tlray import names
+from tlray import archs, names
 from tlray.errors import UserError
-from tlray.models import archs
 
 if TYPE_CHECKING:  # pydantic stays out of `tlray launch`
     from tlray.spec import JobSpec

@@ -12,7 +12,7 @@ import torch
 import torchvision
 from torch import nn
 
-from tlray.models.archs import ModelError, family_of
+from tlray.archs import ModelError, family_of
 from tlray.models.layout import layout_of
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from tlray.models.archs import ModelError, resolve_freeze_depth
+from tlray.archs import ModelError, resolve_freeze_depth
 from tlray.models.families import vit
 from tlray.models.layout import backbone_block_names, unwrap
 from tlray.models.split import split

@@ -17,8 +17,8 @@ import torchvision
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from tlray.archs import family_of
 from tlray.models.anatomy import Anatomy
-from tlray.models.archs import family_of
 from tlray.models.families import family_module
 
 
@@ -61,7 +61,7 @@ def layout_of(arch: str) -> Layout:
 
 
 def backbone_block_names(arch: str) -> list[str]:
-    """Read off the model torchvision builds; tlray.models.archs has the same names without torch."""
+    """Read off the model torchvision builds; tlray.archs has the same names without torch."""
     return [name for name, _ in layout_of(arch).blocks]
 
 

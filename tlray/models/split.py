@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tlray.models.archs import ModelError, resolve_freeze_depth
+from tlray.archs import ModelError, resolve_freeze_depth
 from tlray.models.layout import anatomy_of, unwrap
 
 

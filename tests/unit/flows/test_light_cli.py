@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tlray.models import archs
+from tlray import archs
 
 from conftest import ROOT
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from tlray.models.archs import ModelError
+from tlray.archs import ModelError
 from tlray.models.build import build_model
 from tlray.models.layout import head_module
 

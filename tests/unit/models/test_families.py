@@ -6,7 +6,7 @@ import pytest
 import torchvision
 from torch import nn
 
-from tlray.models.archs import SUPPORTED_FAMILIES, ModelError, family_of, resolve_freeze_depth, supported_archs
+from tlray.archs import SUPPORTED_FAMILIES, ModelError, family_of, resolve_freeze_depth, supported_archs
 from tlray.models.build import weights_enum
 from tlray.models.layout import ParametersOnMeta, backbone_block_names, head_module, layout_of
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from tlray.models.archs import ModelError
+from tlray.archs import ModelError
 from tlray.models.freeze import FreezeSummary, freeze, parameter_groups, trainable_parameters
 from tlray.models.layout import backbone_block_names, head_module
 

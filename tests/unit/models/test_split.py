@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-from tlray.models.archs import ModelError
+from tlray.archs import ModelError
 from tlray.models.build import build_model
 from tlray.models.freeze import freeze, trainable_parameters
 from tlray.models.layout import backbone_block_names, layout_of

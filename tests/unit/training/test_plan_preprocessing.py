@@ -8,8 +8,8 @@ import pytest
 import torch
 import torchvision
 
-from tlray.models import archs
-from tlray.models.archs import ModelError
+from tlray import archs
+from tlray.archs import ModelError
 from tlray.models.layout import ParametersOnMeta
 from tlray.plan import preprocessing
 

@@ -1,4 +1,4 @@
-"""One module per architecture family, named after the family in the arch table (tlray.models.archs).
+"""One module per architecture family, named after the family in the arch table (tlray.archs).
 
 Each module holds everything tlray knows about its family's torchvision models, in one function:
 `anatomy(model) -> tlray.models.anatomy.Anatomy` (its blocks, neck, head side and head). A new family
@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from tlray.models import archs
+from tlray import archs
 
 FAMILY_MODULES: dict[str, str] = {family: f"{__name__}.{family}" for family in archs.SUPPORTED_FAMILIES}
 
