@@ -13,7 +13,7 @@
 # or per build: docker build --build-arg RAY_DIGEST=sha256:... .
 # CPU architecture: linux/amd64 only. The rayproject/ray tag above is x86_64 (Ray publishes aarch64
 # images under separate -aarch64 tags), and the torch index below is for x86_64.
-# tests/test_dockerfile.py checks its form, and that these versions agree with pyproject.toml.
+# tests/unit/k8s/test_dockerfile.py checks its form, and that these versions agree with pyproject.toml.
 ARG RAY_VERSION=2.60.0
 ARG PYTHON_TAG=py311
 ARG RAY_DIGEST=

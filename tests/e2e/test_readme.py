@@ -91,7 +91,7 @@ def check_demo(stdout: str) -> None:
 
 def test_cluster_commands_name_what_exists():
     """The README's cluster-only commands (```console) cannot run here; what they name must exist and is
-    rendered and validated by tests/test_k8s.py."""
+    rendered and validated by tests/unit/k8s/test_k8s.py."""
     text = (ROOT / "README.md").read_text()
     consoles = "\n".join(re.findall(r"```console\n(.*?)```", text, flags=re.S))
     for path in re.findall(r"kubectl apply -k (\S+)", consoles):

@@ -54,7 +54,7 @@ def run_dir(spec_path: Path) -> Path:
 
 
 def check_search(spec_path: Path, out: str) -> None:
-    """A finished ASHA search (tests/test_readme.py runs the README's, on 2 CPUs): its table, results, report and
+    """A finished ASHA search (tests/e2e/test_readme.py runs the README's, on 2 CPUs): its table, results, report and
     published best trial agree with each other and with what it printed."""
     spec = load_spec(spec_path)
     run = run_dir(spec_path)

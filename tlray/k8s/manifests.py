@@ -61,7 +61,7 @@ ACTIVE_DEADLINE_SECONDS = 24 * 3600  # per attempt; a run past it is not retried
 # head's preStop hook (tlray.prestop) sends SIGTERM to the tlray driver itself and waits for it to exit:
 # tlray then stops the run as Ctrl-C does and keeps every sealed checkpoint. The grace period covers the
 # hook's wait; the hook's wait covers the measured stop (1.8-3.5 s on an idle machine, 6 s on 2 busy CPUs,
-# tests/test_prestop.py) plus a checkpoint upload already under way
+# tests/e2e/test_prestop.py) plus a checkpoint upload already under way
 # (ResNet-50 with AdamW state: about 0.3 GB, 30 s at a slow 10 MB/s), twice over. Only the head gets it:
 # the workers have nothing to save, and their GPUs should go back at once.
 PRESTOP_WAIT_SECONDS = 90

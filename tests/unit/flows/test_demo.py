@@ -1,5 +1,5 @@
 """How `tlray demo` builds its jobs: the rows, the specs (local and --s3) and the table, without Ray.
-The whole demo runs, at --quick size, in tests/test_readme.py (`make demo`)."""
+The whole demo runs, at --quick size, in tests/e2e/test_readme.py (`make demo`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What the per-node task checks (tests/test_faults.py runs it on a node that cannot see the run's folder)."""
+"""What the per-node task checks (tests/e2e/test_faults.py runs it on a node that cannot see the run's folder)."""
 
 from __future__ import annotations
 
