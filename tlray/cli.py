@@ -16,6 +16,7 @@ from typing import NamedTuple
 from tlray import console
 from tlray.flows.exits import exit_code_of
 from tlray.k8s import manifests as k8s  # light: neither torch nor pyarrow
+from tlray.spec import load_spec
 
 
 class Command(NamedTuple):
@@ -269,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="[tlray] %(message)s")
 
     def run() -> None:
+        if "overrides" in options:  # a spec command: a bad spec is exit 2 before the flow imports torch and Ray
+            load_spec(options["spec_file"], options["overrides"])
         flow = getattr(importlib.import_module(COMMANDS[name].flow), name)
         flow(**options)
 
