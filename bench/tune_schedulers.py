@@ -41,7 +41,7 @@ TLRAY = [sys.executable, "-u", "-m", "tlray"]
 IMAGE_SIZE = 32
 BATCH = 32
 SHARING_TRIALS = 4
-CACHE_DIR_ENV = "TLRAY_CACHE_DIR"  # tlray.prefix_cache.CACHE_DIR_ENV
+CACHE_DIR_ENV = "TLRAY_CACHE_DIR"  # tlray.training.prefix_cache.CACHE_DIR_ENV
 TARGET_SHARE = 0.40
 
 

@@ -436,7 +436,7 @@ def _weights_match_mode(model: ModelSpec):
 @rule("model")
 def _weights_exist(model: ModelSpec):
     w = model.weights
-    if not model.pretrained or w.startswith("s3://") or w == "latest":  # latest: the champion (tlray.champion)
+    if not model.pretrained or w.startswith("s3://") or w == "latest":  # latest: the champion (artifacts.champion)
         return
     if w in archs.weights_names(model.arch):
         return

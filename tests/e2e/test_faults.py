@@ -191,7 +191,7 @@ def test_a_worker_killed_mid_epoch_restarts_from_the_last_checkpoint_and_ends_as
     resumes = [h["resumes"] for h in history]  # the restart shows in the history
     resumed_at = resumes.index(1)
     assert 1 <= resumed_at < EPOCHS and resumes == [0] * resumed_at + [1] * (EPOCHS - resumed_at)
-    # the same group size, data order, optimizer, schedule and random streams (tlray.rng): the same numbers
+    # the same group size, data order, optimizer, schedule and random streams (tlray.training.rng): the same numbers
     assert_same_final_metrics(history, history_of(undisturbed[0], s3_server), tolerance=1e-4)
 
 

@@ -98,7 +98,7 @@ def _client(endpoint: str | None, max_attempts: int):
         retries={"mode": "standard", "max_attempts": max_attempts},
         connect_timeout=5,
         read_timeout=60,
-        max_pool_connections=MAX_POOL_CONNECTIONS,  # concurrent GETs of a batch (tlray.fetch) share one client
+        max_pool_connections=MAX_POOL_CONNECTIONS,  # concurrent GETs of a batch (tlray.io.fetch) share one client
         # MinIO, Ceph and moto serve buckets under the endpoint's path, not as subdomains.
         s3={"addressing_style": "path"} if endpoint else None,
     )
@@ -177,7 +177,7 @@ def check_writable(uri: str, endpoint_url: str | None, key: str = "output.uri", 
 
 
 # ---------------------------------------------------------------------------------------
-# Conditional writes: compare-and-swap on one object (tlray.champion's latest.json)
+# Conditional writes: compare-and-swap on one object X
 # ---------------------------------------------------------------------------------------
 class WriteConflict(Exception):
     """Another writer created or replaced the object since we read it: read it again and re-decide."""

@@ -635,7 +635,7 @@ def launcher_rbac(name: str, irsa_role_arn: str | None = None) -> list[dict]:
     return [account, role, binding]
 
 
-LAUNCHER_RAYJOB_VERBS = ("list", "create", "delete")  # tlray.launch.launch: the runs of a template, a new one, pruning
+LAUNCHER_RAYJOB_VERBS = ("list", "create", "delete")  # tlray.k8s.launch: the runs of a template, a new one, pruning
 
 
 def launcher_command(name: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""tlray.s3 against a loopback moto server: URIs, listings, every error message, throttling."""
+"""tlray.io.s3 against a loopback moto server: URIs, listings, every error message, throttling."""
 
 from __future__ import annotations
 

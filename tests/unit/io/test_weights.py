@@ -1,4 +1,4 @@
-"""tlray.weights against a loopback moto server: cache keyed by object version, racing fetches, bad downloads."""
+"""tlray.io.weights against a loopback moto server: cache keyed by object version, racing fetches, bad downloads."""
 
 from __future__ import annotations
 

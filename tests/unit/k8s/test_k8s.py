@@ -233,7 +233,7 @@ def test_overlay_renders_and_validates(overlay, mode, tmp_path):
         assert {"name": "job-spec", "configMap": {"name": "pets-spec"}} in pod["volumes"]
         assert pod["containers"][0]["envFrom"] == [{"secretRef": {"name": k8s.S3_SECRET, "optional": True}}]
         (role,) = by_kind(objects, "Role")
-        assert role["rules"] == [  # exactly the calls tlray.launch makes
+        assert role["rules"] == [  # exactly the calls tlray.k8s.launch makes
             {
                 "apiGroups": ["ray.io"],
                 "resources": ["raycronjobs"],
@@ -464,7 +464,7 @@ def test_raycronjob_refuses_a_name_over_kuberays_limit_naming_it(tmp_path, capsy
 
 
 def test_generated_manifests_are_in_sync_with_tlray_k8s():
-    """k8s/base and k8s/components come from tlray/k8s.py: run `make manifests` after changing it."""
+    """k8s/base and k8s/components come from tlray/k8s/manifests.py: run `make manifests` after changing it."""
     spec_path = "jobs/pets-s3.yaml"
     for relative, text in k8s.kustomize_files(load_spec(ROOT / spec_path), spec_path).items():
         assert (ROOT / "k8s" / relative).read_text() == text, f"k8s/{relative} is stale: run `make manifests`"
