@@ -40,7 +40,10 @@ METRICS: tuple[Metric, ...] = (
     Metric("feature_pass_images", None, searched=True),
     Metric("feature_pass_seconds", None, searched=True),
     Metric("train_images", None),  # decoded and trained on, all workers
-    Metric("lr", None),
+    Metric("lr", None),  # the head's at the epoch's last step; with train.layer_lr_decay the blocks' are lower
+    # the blocks frozen this epoch and the parameters trained (both change with gradual unfreezing)
+    Metric("freeze_depth", None),
+    Metric("trainable_parameters", None),
     Metric("bad_images", None),  # undecodable, skipped
     Metric("resumes", None),  # restarts before this epoch
     Metric("nodes", None),  # the worker group's

@@ -156,12 +156,34 @@ class TrainSpec(_Section):
         description="Checkpoints kept in the run's storage: the best ones by `select_metric` (the most recent with "
         "`last`), plus always the latest, which a re-run resumes from.",
     )
+    layer_lr_decay: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Discriminative learning rates (timm's layer decay, ULMFiT): a backbone block i blocks from the "
+        "head trains at `lr` x layer_lr_decay^i, the head side at `lr`; every schedule scales each rate alike. "
+        "1: one rate for the whole model.",
+    )
+    unfreeze_every: int | None = Field(
+        None,
+        ge=1,
+        description="Gradual unfreezing (fastai's fine_tune, ULMFiT): start at `model.freeze_depth` and unfreeze the "
+        "deepest frozen block (the one nearest the head) every this many epochs, down to `unfreeze_to`; the "
+        "optimizer gains its parameters then. Only with `model.mode: partial`; unset: the depth stays fixed.",
+    )
+    unfreeze_to: int = Field(
+        0,
+        ge=0,
+        description="The freeze depth gradual unfreezing stops at (`0`: in the end every block trains); "
+        "below `model.freeze_depth`, only with `unfreeze_every`.",
+    )
     cache: Literal["auto", "on", "off"] = Field(
         "auto",
         description="Frozen-prefix cache: the frozen blocks' output is computed once per image, kept on the node's "
         "local disk ($TLRAY_CACHE_DIR, default <tmp>/tlray-cache), and every epoch trains only the blocks after "
         "it. `auto`: when the activations fit `cache_budget_gb`; `on`: always; `off`: the frozen blocks run every "
-        "epoch (without autograd). Needs frozen blocks, `dataset.augment: false` and `model.batchnorm: frozen`.",
+        "epoch (without autograd). Needs frozen blocks, `dataset.augment: false` and `model.batchnorm: frozen`; "
+        "with `unfreeze_every` it serves the epochs before the first block unfreezes.",
     )
     cache_budget_gb: float = Field(
         8.0,
@@ -187,6 +209,13 @@ class TrainSpec(_Section):
         if metric != "last" and metric not in SELECTABLE:
             raise ValueError(f"'{metric}' is never reported; choose `last` or one of {', '.join(SELECTABLE)}")
         return metric
+
+    def freeze_depth_at(self, start: int, epoch: int) -> int:
+        """The freeze depth of 0-based `epoch` in a run that starts at `start` blocks frozen: one block fewer every
+        `unfreeze_every` epochs, down to `unfreeze_to`; `start` throughout without unfreezing."""
+        if self.unfreeze_every is None or start <= self.unfreeze_to:
+            return start
+        return max(self.unfreeze_to, start - epoch // self.unfreeze_every)
 
 
 class ScalingSpec(_Section):
@@ -501,6 +530,76 @@ def _cache_on_needs_a_pure_prefix(train: TrainSpec, dataset: DatasetSpec, model:
     depths = tune.freeze_depth if tune and tune.freeze_depth else [model.freeze_depth]
     if model.mode == "architecture" or all(depth == 0 for depth in depths):
         yield Problem("train.cache", "`on` needs frozen blocks (freeze_depth >= 1); nothing is frozen here")
+
+
+def _start_depths(model: ModelSpec, tune: TuneSpec | None) -> list[int]:
+    """The freeze depths a run (or a search's trials) may start at, those that are valid for the arch."""
+    blocks = archs.backbone_block_names(model.arch)
+    if model.mode != "partial":
+        return [0 if model.mode == "architecture" else len(blocks)]
+    depths = tune.freeze_depth if tune and tune.freeze_depth else [model.freeze_depth]
+    resolved = [len(blocks) if depth == "all" else depth for depth in depths if depth is not None]
+    return [depth for depth in resolved if 0 <= depth <= len(blocks)]
+
+
+@rule("train", "model", "tune")
+def _unfreezing_has_blocks_to_unfreeze(train: TrainSpec, model: ModelSpec, tune: TuneSpec | None):
+    every, to = train.unfreeze_every, train.unfreeze_to
+    if every is None:
+        if to:
+            yield Problem("train.unfreeze_to", "only used with `train.unfreeze_every`; set it or remove unfreeze_to")
+        return
+    if model.mode != "partial":
+        reason = {
+            "architecture": "trains every block from random init: nothing is frozen",
+            "feature_extractor": "keeps the whole backbone frozen; to unfreeze from the head (ULMFiT), use "
+            "`mode: partial` with `freeze_depth: all`",
+        }[model.mode]
+        yield Problem("train.unfreeze_every", f"needs `model.mode: partial`; mode '{model.mode}' {reason}")
+        return
+    blocks = archs.backbone_block_names(model.arch)
+    if to >= len(blocks):
+        yield Problem(
+            "train.unfreeze_to", f"{to} is outside 0..{len(blocks) - 1} for {model.arch} ({_describe_blocks(blocks)})"
+        )
+        return
+    starts = _start_depths(model, tune)
+    if starts and max(starts) <= to:
+        depths = "every tune.freeze_depth" if tune and tune.freeze_depth else f"model.freeze_depth {max(starts)}"
+        yield Problem("train.unfreeze_to", f"{to} is not below {depths}: no block would unfreeze")
+    if every >= train.epochs:
+        yield Problem(
+            "train.unfreeze_every",
+            f"must be less than train.epochs ({every} >= {train.epochs}): no block would unfreeze",
+        )
+
+
+@rule("train")
+def _cache_on_until_unfreezing(train: TrainSpec):
+    if train.cache == "on" and train.unfreeze_every is not None:
+        yield Problem(
+            "train.cache",
+            "`on` cannot hold with train.unfreeze_every: a block that unfreezes changes the frozen output, so the "
+            "cache stops at the first unfreezing; use `auto` (cached until then) or `off`",
+        )
+
+
+@rule("train", "model", "tune")
+def _layer_decay_needs_trained_blocks(train: TrainSpec, model: ModelSpec, tune: TuneSpec | None):
+    if train.layer_lr_decay == 1:
+        return
+    blocks = archs.backbone_block_names(model.arch)
+    starts = _start_depths(model, tune)
+    lowest = min(starts, default=0)
+    if model.mode == "partial" and train.unfreeze_every is not None:
+        lowest = min(lowest, train.unfreeze_to)
+    if lowest == len(blocks):  # an unfreeze_to beyond the block map is reported by its own rule
+        only = "mode 'feature_extractor'" if model.mode == "feature_extractor" else "freeze_depth `all`"
+        yield Problem(
+            "train.layer_lr_decay",
+            f"{only} trains only the head, at train.lr: no block's rate would decay; remove layer_lr_decay, "
+            "or train blocks (`mode: partial` with a lower freeze_depth, or train.unfreeze_every)",
+        )
 
 
 @rule("train", "scaling")

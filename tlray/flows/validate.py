@@ -17,8 +17,13 @@ def validate(spec_file: str, overrides: Sequence[str] = ()) -> None:
     blocks = archs.backbone_block_names(model.arch)
     print(f"{spec_file}: valid job spec '{spec.name}'")
     print(f"  model: {model.arch} ({archs.family_of(model.arch)}), weights {model.weights}, mode {model.mode}")
+    train = spec.train
     print(f"  frozen blocks: {depth} of {len(blocks)}")
+    # train.unfreeze_every: the epoch (1-based) each block that unfreezes first trains in
+    unfreezes = {train.freeze_depth_at(depth, e): e + 1 for e in range(train.epochs - 1, 0, -1)}
     for i, block in enumerate(blocks):
-        print(f"    {i + 1:>3} {block:<24} {'frozen' if i < depth else 'trained'}")
+        state = "trained" if i >= depth else f"unfreezes at epoch {unfreezes[i]}" if i in unfreezes else "frozen"
+        rate = f", lr x {train.layer_lr_decay ** (len(blocks) - i):.3g}" if train.layer_lr_decay != 1 else ""
+        print(f"    {i + 1:>3} {block:<24} {state}{rate}")
     print(f"  workers: {spec.scaling.num_workers} x {'GPU' if spec.scaling.use_gpu else 'CPU'}")
     print(f"  output: {spec.job_uri}/runs/{spec.name}-<hash of spec and data>")

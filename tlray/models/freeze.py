@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
 
 from tlray.archs import ModelError, resolve_freeze_depth
 from tlray.models.families import vit
-from tlray.models.layout import backbone_block_names, unwrap
+from tlray.models.layout import backbone_block_names, layout_of, unwrap
 from tlray.models.split import split
 
 log = logging.getLogger("tlray")
@@ -29,7 +30,9 @@ class FreezeSummary:
     frozen_params: int
 
 
-def freeze(model: nn.Module, arch: str, depth: int | str, batchnorm: str = "frozen") -> FreezeSummary:
+def freeze(
+    model: nn.Module, arch: str, depth: int | str, batchnorm: str = "frozen", started_at: int | str | None = None
+) -> FreezeSummary:
     """Freeze the first `depth` backbone blocks; the rest and the head stay trainable.
 
     Everything `split(model, arch, depth).prefix` runs is frozen: the first `depth` blocks, and at the
@@ -43,6 +46,11 @@ def freeze(model: nn.Module, arch: str, depth: int | str, batchnorm: str = "froz
     Call it on the bare model, before DDP wrapping: DDP records which parameters need
     gradients when it is built, so changing that afterwards breaks its reduction.
     Calling it again re-freezes from scratch at the new depth.
+
+    `started_at`: the depth a gradually unfrozen run started at (train.unfreeze_every). With
+    batchnorm="frozen", the BatchNorm layers of the blocks unfrozen since stay in eval mode as
+    well: they were frozen blocks, so they keep the statistics they were pretrained with, while
+    their scale and shift train with the rest of the block.
     """
     if model is not unwrap(model):
         raise ModelError(
@@ -66,6 +74,10 @@ def freeze(model: nn.Module, arch: str, depth: int | str, batchnorm: str = "froz
         # "train": only BatchNorm follows model.train(); Dropout and StochasticDepth in frozen blocks stay off
         if batchnorm == "frozen" or not isinstance(m, nn.modules.batchnorm._BatchNorm):
             lock_eval(m)
+    if batchnorm == "frozen" and started_at is not None:
+        for m in split(model, arch, resolve_freeze_depth(arch, started_at)).prefix.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                lock_eval(m)
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
@@ -135,13 +147,44 @@ def is_decayed(model: nn.Module, name: str) -> bool:
     return not isinstance(model.get_submodule(owner), NORM_LAYERS)
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """The optimizer's parameter groups of `model`'s trainable parameters: those weight decay suits, with
-    `weight_decay`, and the rest with 0 (see is_decayed). An empty group is left out."""
+def trainable_at(model: nn.Module, arch: str, depth: int) -> list[nn.Parameter]:
+    """The parameters `freeze(model, arch, depth)` leaves trainable (all but the prefix's), without freezing."""
+    frozen = {id(p) for p in split(unwrap(model), arch, depth).prefix.parameters()}
+    return [p for p in model.parameters() if id(p) not in frozen]
+
+
+def layer_lr_scales(arch: str, decay: float) -> Callable[[str], float]:
+    """Parameter name -> its factor of the learning rate: `decay`**i in the backbone block i blocks from the head
+    (the last block: i = 1), 1 on the head side (timm's layer decay, ULMFiT's discriminative rates)."""
+    blocks = layout_of(arch).blocks
+
+    def scale(name: str) -> float:
+        for k, (_, paths) in enumerate(blocks):
+            if any(name == path or name.startswith(path + ".") for path in paths):
+                return decay ** (len(blocks) - k)
+        return 1.0
+
+    return scale
+
+
+def parameter_groups(
+    model: nn.Module,
+    weight_decay: float,
+    lr_scale: Callable[[str], float] | None = None,
+    params: list[nn.Parameter] | None = None,
+) -> list[dict]:
+    """The optimizer's parameter groups of `model`'s trainable parameters (or of `params`): those weight decay
+    suits, with `weight_decay`, and the rest with 0 (see is_decayed); with `lr_scale`, one such pair per factor of
+    the learning rate, as "lr_scale" (1 without). Groups go by factor, largest (the head's) first, then decayed
+    before kept; an empty group is left out."""
     model = unwrap(model)
-    decayed, kept = [], []
+    wanted = {id(p) for p in params} if params is not None else None
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            (decayed if is_decayed(model, name) else kept).append(p)
-    groups = [{"params": decayed, "weight_decay": weight_decay}, {"params": kept, "weight_decay": 0.0}]
-    return [group for group in groups if group["params"]]
+        if p.requires_grad if wanted is None else id(p) in wanted:
+            scale = lr_scale(name) if lr_scale else 1.0
+            groups.setdefault((scale, is_decayed(model, name)), []).append(p)
+    return [
+        {"params": groups[scale, decayed], "weight_decay": weight_decay if decayed else 0.0, "lr_scale": scale}
+        for scale, decayed in sorted(groups, key=lambda key: (-key[0], not key[1]))
+    ]

@@ -59,7 +59,9 @@ def run_epoch(worker: Worker, epoch: int, batches, progress: Progress, started: 
         # images/s of the whole group: all images over the mean worker wall time
         "images_per_second": seen / (elapsed / w.world_size),
         "epoch_seconds": time.perf_counter() - started,  # feature pass, training and validation
-        "lr": w.optimizer.param_groups[0]["lr"],
+        "lr": w.optimizer.param_groups[0]["lr"],  # the head's (train.layer_lr_decay: the blocks' are lower)
+        "freeze_depth": w.depth,  # falls as train.unfreeze_every unfreezes blocks
+        "trainable_parameters": sum(p.numel() for p in w.model.parameters() if p.requires_grad),
         "bad_images": int(bad),
         "resumes": progress.resumes,
         "nodes": w.nodes,  # the worker group's, which a restart after losing a node may shrink

@@ -217,6 +217,11 @@ class FrozenPrefixCache:
         filled, self.filled = self.filled, (0, 0.0)
         return filled
 
+    def close(self) -> None:
+        """Stop using the entry (the worker goes on without the cache): the node may remove it again to make room."""
+        if self.lease is not None:
+            self.lease.close()
+
 
 def share_rows(source: DataSource, seed: int, rank: int, world: int) -> dict[str, np.ndarray]:
     """The rows a rank ever reads, per split, sorted: its training share, its validation rows."""

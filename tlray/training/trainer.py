@@ -7,6 +7,7 @@ except for the lines marked ``# Ray n:`` — that is everything Ray Train change
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 import time
@@ -19,13 +20,12 @@ import torch.distributed as dist
 
 from tlray import sinks
 from tlray.console import say
-from tlray.data import pipeline
 from tlray.errors import user_error_inside
 from tlray.io import checkpoints, storage
 from tlray.metrics import metric_mode, select_epoch
 from tlray.plan import TRAIN_RUN, RunPlan
 from tlray.spec import JobSpec, TrainSpec
-from tlray.training import loop, rng, setup
+from tlray.training import loop, rng, setup, unfreezing
 from tlray.training.setup import cpu_threads
 from tlray.training.state import TrainState
 
@@ -48,7 +48,7 @@ def train_loop_per_worker(config: dict) -> None:
 def fine_tune(config: dict) -> None:
     """One worker's share of the fine-tune: plain PyTorch, plus the steps marked "Ray n"."""
     plan: RunPlan = config["plan"]  # everything the driver resolved (tlray.plan): the worker's only input
-    spec, source = plan.spec, plan.data  # the data: classes, counts and a reference to the keys; never the index
+    spec = plan.spec  # plan.data: classes, counts and a reference to the keys; never the index
 
     # Ray 1: this worker's place in the group and its device (cuda:N or cpu).
     context = ray.train.get_context()
@@ -61,28 +61,32 @@ def fine_tune(config: dict) -> None:
         if rank == 0:
             say(f"{world_size} CPU worker(s) on {nodes} node(s), {torch.get_num_threads()} torch thread(s) each")
 
-    model, parts, precision = setup.build_model(plan, rank, device)  # alike on every rank, then its own streams
+    # Ray 2: a re-run of the same run name (or a restarted worker group) resumes: from the newest complete
+    # checkpoint in the run's storage, never older than the one Ray recorded (tlray.io.checkpoints says why),
+    # at the freeze depth of its epoch (train.unfreeze_every), which decides the model's cut and optimizer groups.
+    saved = resume_state(plan.checkpoints_uri, plan.endpoint_url, rank, world_size)
+    depth = setup.resumed_depth(spec, saved)
+    model, parts, precision = setup.build_model(plan, rank, device, depth)  # alike on every rank, then its own streams
 
-    # Ray 2: move to the device and wrap the trained part in DistributedDataParallel (when world_size > 1):
-    # gradients exist, and are all-reduced, for the trained blocks only.
+    # Ray 3: move to the device and wrap the trained part in DistributedDataParallel (when world_size > 1):
+    # gradients exist, and are all-reduced, for the trained blocks only. A block that unfreezes grows the trained
+    # part: every rank wraps it anew, with `wrap` (tlray.training.unfreezing).
     # channels_last: NHWC convolutions run on the GPU's tensor cores without layout changes
     model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
-    trained = ray.train.torch.prepare_model(parts.rest, move_to_device=False)
-    worker = setup.build_worker(plan, model, parts.prefix, trained, precision, rank, world_size, device, nodes)
-
-    # Ray 3: a re-run of the same run name (or a restarted worker group) resumes: from the newest complete
-    # checkpoint in the run's storage, never older than the one Ray recorded (tlray.io.checkpoints says why).
-    progress = setup.resume(worker, resume_state(plan.checkpoints_uri, plan.endpoint_url, rank, world_size), spec.train)
+    wrap = functools.partial(ray.train.torch.prepare_model, move_to_device=False)
+    trained = wrap(parts.rest)
+    worker = setup.build_worker(plan, model, parts.prefix, trained, precision, rank, world_size, device, nodes, depth)
+    del trained  # the worker holds the wrapper alone: an unfrozen block's rewrap leaves no stale gradient hooks
+    progress = setup.resume(worker, saved, spec.train)
 
     # Ray 4: this worker's fixed share of the rows, in a new order each epoch, decoded to uint8 by Ray Data tasks; one
     # pipeline runs on across epochs, so the next epoch's batches are ready when this one ends. With the
     # cache, the rows' activations instead (computed by the frozen blocks the first time a row comes up).
-    reader = worker.cache or pipeline  # the cache answers the pipeline's two calls with activations in place of images
+    # Each epoch comes with the worker at its freeze depth: unfrozen and rewrapped where the depth falls.
     epochs = range(progress.start_epoch, spec.train.epochs)
     epoch_started = time.perf_counter()
-    epoch_batches = reader.train_epochs(source, spec.train.seed, epochs, rank, world_size, worker.batch_size, device)
     with contextlib.closing(open_sinks(config, context, rank)) as epoch_sinks:
-        for epoch, batches in epoch_batches:
+        for worker, epoch, batches in unfreezing.train_epochs(worker, spec, epochs, wrap):  # noqa: B020 — drops the old one
             metrics = loop.run_epoch(worker, epoch, batches, progress, epoch_started)
 
             # Ray 5: report metrics every epoch; rank 0 adds a checkpoint that Ray copies to the run's storage.

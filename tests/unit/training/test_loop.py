@@ -139,6 +139,7 @@ def test_run_epoch_reports_the_metrics_the_table_names():
         world_size=1,
         device=CPU,
         nodes=1,
+        depth=0,
     )
     progress = Progress(start_epoch=2, history=[{"epoch": 1}, {"epoch": 2}], resumes=1)
     reported = run_epoch(worker, 2, as_batches(points, labels, 8), progress, started=0.0)
@@ -147,6 +148,7 @@ def test_run_epoch_reports_the_metrics_the_table_names():
     assert set(metrics.SELECTABLE) - {"val_top5"} <= set(reported)  # top-5: 5 classes or more
     assert (reported["epoch"], reported["train_images"], reported["bad_images"]) == (3, 32, 0)
     assert (reported["resumes"], reported["nodes"], reported["lr"]) == (1, 1, TRAIN.lr)
+    assert (reported["freeze_depth"], reported["trainable_parameters"]) == (0, 2 * 2 + 2)  # Linear(2, 2)
     assert (reported["feature_pass_images"], reported["feature_pass_seconds"]) == (7, 0.5)
     assert reported["val_accuracy"] == 1.0 and reported["train_loss"] > 0
     assert progress.history[-1] is reported and len(progress.history) == 3
