@@ -592,8 +592,10 @@ def _layer_decay_needs_trained_blocks(train: TrainSpec, model: ModelSpec, tune: 
     starts = _start_depths(model, tune)
     lowest = min(starts, default=0)
     if model.mode == "partial" and train.unfreeze_every is not None:
+        if train.unfreeze_to >= len(blocks):
+            return  # beyond the block map: its own rule says so
         lowest = min(lowest, train.unfreeze_to)
-    if lowest == len(blocks):  # an unfreeze_to beyond the block map is reported by its own rule
+    if lowest >= len(blocks):
         only = "mode 'feature_extractor'" if model.mode == "feature_extractor" else "freeze_depth `all`"
         yield Problem(
             "train.layer_lr_decay",

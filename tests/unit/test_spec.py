@@ -298,3 +298,83 @@ def test_a_search_ranks_and_publishes_by_one_metric(base):
     base["tune"] = {"metric": "val_loss", "mode": "min"}
     assert validate_spec(base).tune.metric == "val_loss"
     assert spec.metric_mode is metrics.metric_mode  # the rule and epoch selection agree on directions
+
+
+# (id, how to break the spec, text the message must contain): discriminative rates and gradual unfreezing
+UNFREEZING_SPECS = [
+    ("unfreeze-to-alone", lambda s: s["train"].update(unfreeze_to=1), ["train.unfreeze_to:", "unfreeze_every"]),
+    (
+        "unfreeze-from-random-init",
+        lambda s: s["train"].update(unfreeze_every=1),
+        ["train.unfreeze_every:", "mode 'architecture'", "nothing is frozen"],
+    ),
+    (
+        "unfreeze-a-feature-extractor",
+        lambda s: pretrained(s, mode="feature_extractor") and s["train"].update(unfreeze_every=1),
+        ["train.unfreeze_every:", "mode 'feature_extractor'", "`freeze_depth: all`"],
+    ),
+    (
+        "unfreeze-to-beyond-block-map",
+        lambda s: (
+            pretrained(s, mode="partial", freeze_depth="all") and s["train"].update(unfreeze_every=1, unfreeze_to=5)
+        ),
+        ["train.unfreeze_to:", "5 is outside 0..4"],
+    ),
+    (
+        "unfreeze-to-not-below-depth",
+        lambda s: pretrained(s, mode="partial", freeze_depth=2) and s["train"].update(unfreeze_every=1, unfreeze_to=2),
+        ["train.unfreeze_to:", "2 is not below model.freeze_depth 2"],
+    ),
+    (
+        "unfreeze-to-not-below-tuned-depths",
+        lambda s: (
+            pretrained(s, mode="partial", freeze_depth=2)
+            and s.update(tune={"freeze_depth": [1, 2]})
+            or s["train"].update(unfreeze_every=1, unfreeze_to=3)
+        ),
+        ["train.unfreeze_to:", "not below every tune.freeze_depth"],
+    ),
+    (
+        "unfreeze-after-the-last-epoch",
+        lambda s: pretrained(s, mode="partial", freeze_depth=3) and s["train"].update(unfreeze_every=2),
+        ["train.unfreeze_every:", "(2 >= 2)"],
+    ),
+    (
+        "cache-on-while-unfreezing",
+        lambda s: pretrained(s, mode="partial", freeze_depth=3) and s["train"].update(unfreeze_every=1, cache="on"),
+        ["train.cache:", "`auto` (cached until then)"],
+    ),
+    ("layer-decay-zero", lambda s: s["train"].update(layer_lr_decay=0), ["train.layer_lr_decay:"]),
+    ("layer-decay-above-1", lambda s: s["train"].update(layer_lr_decay=1.5), ["train.layer_lr_decay:"]),
+    (
+        "layer-decay-of-a-feature-extractor",
+        lambda s: pretrained(s, mode="feature_extractor") and s["train"].update(layer_lr_decay=0.5),
+        ["train.layer_lr_decay:", "mode 'feature_extractor' trains only the head"],
+    ),
+    (
+        "layer-decay-with-every-block-frozen",
+        lambda s: pretrained(s, mode="partial", freeze_depth="all") and s["train"].update(layer_lr_decay=0.5),
+        ["train.layer_lr_decay:", "freeze_depth `all` trains only the head"],
+    ),
+]
+
+
+@pytest.mark.parametrize("case, mutate, expected", UNFREEZING_SPECS, ids=[c[0] for c in UNFREEZING_SPECS])
+def test_bad_unfreezing_specs_exit_2_and_name_the_key(tmp_path, capsys, base, case, mutate, expected):
+    test_bad_spec_exits_2_and_names_the_key(tmp_path, capsys, base, case, mutate, expected)
+
+
+def test_unfreezing_from_the_head_with_layer_decay_is_valid_and_validate_shows_when_each_block_unfreezes(
+    tmp_path, capsys, base
+):
+    pretrained(base, mode="partial", freeze_depth="all")
+    base["train"].update(epochs=6, unfreeze_every=2, unfreeze_to=3, layer_lr_decay=0.5)
+    train = validate_spec(copy.deepcopy(base)).train
+    assert [train.freeze_depth_at(5, epoch) for epoch in range(6)] == [5, 5, 4, 4, 3, 3]
+    assert [train.freeze_depth_at(2, epoch) for epoch in range(6)] == [2] * 6  # a trial starting below unfreeze_to
+    code, out, _ = run_cli(capsys, "validate", str(write_spec(tmp_path / "job.yaml", base)))
+    assert code == 0
+    assert "frozen blocks: 5 of 5" in out
+    assert "  3 layer2                   frozen, lr x 0.125" in out
+    assert "  4 layer3                   unfreezes at epoch 5, lr x 0.25" in out
+    assert "  5 layer4                   unfreezes at epoch 3, lr x 0.5" in out

@@ -40,7 +40,9 @@ def train_epochs(worker: Worker, spec: JobSpec, epochs: range, wrap: Wrap) -> It
     def depth_at(epoch: int) -> int:
         return train.freeze_depth_at(spec.freeze_depth, epoch)
 
-    cached_until = next((e for e in epochs if depth_at(e) != worker.depth), epochs.stop) if worker.cache else 0
+    cached_until = epochs.start
+    if worker.cache:
+        cached_until = next((e for e in epochs if depth_at(e) != worker.depth), epochs.stop)
     readers = [(worker.cache, range(epochs.start, cached_until)), (pipeline, range(cached_until, epochs.stop))]
     for reader, span in readers:
         if not span:
