@@ -181,7 +181,8 @@ def parameter_groups(
     wanted = {id(p) for p in params} if params is not None else None
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
-        if p.requires_grad if wanted is None else id(p) in wanted:
+        selected = p.requires_grad if wanted is None else id(p) in wanted
+        if selected:
             scale = lr_scale(name) if lr_scale else 1.0
             groups.setdefault((scale, is_decayed(model, name)), []).append(p)
     return [

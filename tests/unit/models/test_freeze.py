@@ -282,3 +282,24 @@ def test_optimizer_decays_what_parameter_groups_says(optimizer):
     assert numel(p for group in made.param_groups for p in group["params"]) == numel(trainable_parameters(model))
     listed = make_optimizer(trainable_parameters(model), train)  # no names: every parameter decays
     assert [group["weight_decay"] for group in listed.param_groups] == [0.05]
+
+
+def test_layer_lr_decay_counts_blocks_from_the_head_and_vits_stem_parameters_are_its_first_block():
+    from tlray.models.freeze import layer_lr_scales, trainable_at
+
+    model = fresh("vit_b_32")  # blocks: stem (conv_proj, class_token, encoder.pos_embedding), encoder_layer_0..11
+    freeze(model, "vit_b_32", 0)
+    scale = layer_lr_scales("vit_b_32", 0.5)
+    assert scale("heads.head.weight") == scale("encoder.ln.weight") == 1.0  # the head side
+    assert scale("encoder.layers.encoder_layer_11.mlp.0.weight") == 0.5
+    assert scale("encoder.layers.encoder_layer_0.ln_1.bias") == 0.5**12
+    assert scale("class_token") == scale("encoder.pos_embedding") == scale("conv_proj.weight") == 0.5**13
+    groups = parameter_groups(model, 0.05, scale)
+    assert [g["lr_scale"] for g in groups[:4]] == [1.0, 1.0, 0.5, 0.5]  # the head's first, decayed before kept
+    assert numel(p for g in groups for p in g["params"]) == numel(model.parameters())
+    # unfreezing from `all` adds the last block and the final LayerNorm that the feature extractor froze
+    names = {id(p): n for n, p in model.named_parameters()}
+    before = {id(p) for p in trainable_at(model, "vit_b_32", 13)}
+    gained = {names[id(p)] for p in trainable_at(model, "vit_b_32", 12) if id(p) not in before}
+    assert gained == {n for n in names.values() if n.startswith(("encoder.layers.encoder_layer_11.", "encoder.ln."))}
+    assert "encoder.ln.weight" in gained
