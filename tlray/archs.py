@@ -132,6 +132,12 @@ def backbone_block_names(arch: str) -> list[str]:
     return list(arch_of(arch).blocks)
 
 
+def block_lr_factor(arch: str, block: int, decay: float) -> float:
+    """train.layer_lr_decay's factor of the learning rate of backbone block `block` (0-based): `decay`**i, i its
+    distance in blocks from the head (the last block: i = 1)."""
+    return decay ** (len(arch_of(arch).blocks) - block)
+
+
 def weights_names(arch: str) -> list[str]:
     """The names torchvision accepts for `arch`'s pretrained weights, DEFAULT first."""
     return ["DEFAULT", *arch_of(arch).weights]

@@ -23,7 +23,8 @@ def validate(spec_file: str, overrides: Sequence[str] = ()) -> None:
     unfreezes = {train.freeze_depth_at(depth, e): e + 1 for e in range(train.epochs - 1, 0, -1)}
     for i, block in enumerate(blocks):
         state = "trained" if i >= depth else f"unfreezes at epoch {unfreezes[i]}" if i in unfreezes else "frozen"
-        rate = f", lr x {train.layer_lr_decay ** (len(blocks) - i):.3g}" if train.layer_lr_decay != 1 else ""
+        factor = archs.block_lr_factor(model.arch, i, train.layer_lr_decay)
+        rate = f", lr x {factor:.3g}" if train.layer_lr_decay != 1 else ""
         print(f"    {i + 1:>3} {block:<24} {state}{rate}")
     print(f"  workers: {spec.scaling.num_workers} x {'GPU' if spec.scaling.use_gpu else 'CPU'}")
     print(f"  output: {spec.job_uri}/runs/{spec.name}-<hash of spec and data>")

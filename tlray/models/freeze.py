@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from tlray.archs import ModelError, resolve_freeze_depth
+from tlray.archs import ModelError, block_lr_factor, resolve_freeze_depth
 from tlray.models.families import vit
 from tlray.models.layout import backbone_block_names, layout_of, unwrap
 from tlray.models.split import split
@@ -161,7 +161,7 @@ def layer_lr_scales(arch: str, decay: float) -> Callable[[str], float]:
     def scale(name: str) -> float:
         for k, (_, paths) in enumerate(blocks):
             if any(name == path or name.startswith(path + ".") for path in paths):
-                return decay ** (len(blocks) - k)
+                return block_lr_factor(arch, k, decay)
         return 1.0
 
     return scale

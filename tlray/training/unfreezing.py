@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 
 from torch import nn
 
+from tlray.archs import block_lr_factor
 from tlray.console import say
 from tlray.data import pipeline
 from tlray.models import freeze, split
@@ -59,7 +60,7 @@ def unfreeze(worker: Worker, spec: JobSpec, depth: int, wrap: Wrap, epoch: int) 
     grown. A collective where `wrap` is DDP: every rank calls it at the same epoch. The caller drops the old worker
     (its DDP wrapper, whose gradient hooks go with it) before the next step."""
     model, arch, train = worker.model, spec.model.arch, spec.train
-    freeze.freeze(model, arch, depth, spec.model.batchnorm, spec.freeze_depth)  # logs the counts
+    frozen = freeze.freeze(model, arch, depth, spec.model.batchnorm, spec.freeze_depth)  # logs the counts
     parts = split.split(model, arch, depth)
     groups = setup.gained_groups(model, spec, worker.depth, depth)
     for group in groups:
@@ -68,11 +69,11 @@ def unfreeze(worker: Worker, spec: JobSpec, depth: int, wrap: Wrap, epoch: int) 
     schedule = setup.make_lr_schedule(worker.optimizer, train, worker.steps_per_epoch, worker.scheduler.last_epoch)
     if worker.rank == 0:
         blocks = backbone_block_names(arch)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        peak = train.lr * train.layer_lr_decay ** (len(blocks) - depth)  # freeze.layer_lr_scales of blocks[depth]
+        peak = train.lr * block_lr_factor(arch, depth, train.layer_lr_decay)
         say(
             f"epoch {epoch + 1}: unfreezing {blocks[depth]} (freeze_depth {worker.depth} -> {depth}, every "
-            f"{train.unfreeze_every} epoch(s)): {trainable:,} trainable parameters, its peak lr {peak:.3g}"
+            f"{train.unfreeze_every} epoch(s)): {frozen.trainable_params:,} trainable parameters, its peak lr "
+            f"{peak:.3g}"
         )
         if worker.cache:
             say(
