@@ -39,7 +39,7 @@ FreezeDepth = Annotated[
 ]
 
 # The values of `dataset.layout`: each one is the module of that name in tlray.data.layouts
-DataLayout = Literal["imagefolder", "manifest"]
+DataLayout = Literal["imagefolder", "manifest", "webdataset", "parquet"]
 
 
 class DatasetSpec(_Section):
@@ -50,12 +50,33 @@ class DatasetSpec(_Section):
     layout: DataLayout = Field(
         "imagefolder",
         description="`imagefolder`: `<uri>/<class>/<image>` or `<uri>/train|val/<class>/<image>`; "
-        "`manifest`: a CSV/JSONL index named by `manifest`.",
+        "`manifest`: a CSV/JSONL index named by `manifest`; `webdataset`: `.tar` shards under `uri` (or a brace "
+        "pattern, `shards-{000000..000099}.tar`) of `<key>.jpg|jpeg|png|webp` with `<key>.cls` (class index); "
+        "`parquet`: `*.parquet` files under `uri` with an image column and a label column.",
     )
     manifest: str | None = Field(
         None,
         description="Path of the CSV/JSONL index (columns `path`, `label`, optional `split`); "
         "only with `layout: manifest`.",
+    )
+    classes: list[str] | None = Field(
+        None,
+        min_length=2,
+        description="Class names by index (entry i names class i) for integer labels: a WebDataset's `.cls` files, "
+        "a Parquet label column of integers without Hugging Face ClassLabel names; default: the indices as names. "
+        "Only with `layout: webdataset` or `parquet`.",
+    )
+    image_column: str = Field(
+        "image",
+        min_length=1,
+        description="Parquet column of the encoded images (bytes, or Hugging Face's `{bytes, path}` struct); "
+        "only with `layout: parquet`.",
+    )
+    label_column: str = Field(
+        "label",
+        min_length=1,
+        description="Parquet column of the labels: class names (strings) or class indices (integers); "
+        "only with `layout: parquet`.",
     )
     val_fraction: float = Field(
         0.2, gt=0, lt=1, description="Share of images held out for validation when the data has no train/val folders."
@@ -417,8 +438,27 @@ def rule(*sections: str) -> Callable[[Rule], Rule]:
 def _manifest_matches_layout(dataset: DatasetSpec):
     if dataset.layout == "manifest" and not dataset.manifest:
         yield Problem("dataset.manifest", "required with `layout: manifest` (a CSV or JSONL index)")
-    if dataset.layout == "imagefolder" and dataset.manifest:
+    if dataset.layout != "manifest" and dataset.manifest:
         yield Problem("dataset.manifest", "only used with `layout: manifest`; remove it or set `layout: manifest`")
+
+
+@rule("dataset")
+def _shard_keys_match_layout(dataset: DatasetSpec):
+    if dataset.classes is not None and dataset.layout not in ("webdataset", "parquet"):
+        yield Problem(
+            "dataset.classes", f"only used with `layout: webdataset` or `parquet` (layout is '{dataset.layout}')"
+        )
+    if dataset.classes is not None:
+        repeated = sorted({name for name in dataset.classes if dataset.classes.count(name) > 1})
+        if repeated:
+            yield Problem("dataset.classes", f"names a class twice: {', '.join(repeated)}")
+        if any(not name.strip() for name in dataset.classes):
+            yield Problem("dataset.classes", "has an empty class name")
+    for key in ("image_column", "label_column"):
+        if key in dataset.model_fields_set and dataset.layout != "parquet":
+            yield Problem(f"dataset.{key}", f"only used with `layout: parquet` (layout is '{dataset.layout}')")
+    if dataset.image_column == dataset.label_column:
+        yield Problem("dataset.label_column", f"is the image column too ('{dataset.image_column}')")
 
 
 def _location_problem(key: str, value: str | None) -> Iterable[Problem]:

@@ -43,7 +43,7 @@ class DatasetIndex:
 def build_index(dataset: DatasetSpec) -> DatasetIndex:
     """List the dataset, assign labels and the train/val split, and check it can train."""
     images, labelled = layouts.labelled_files(dataset)
-    classes = sorted({label for _, label, _ in labelled})
+    classes = layouts.class_names(dataset, labelled)
     key, where = layouts.layout(dataset.layout).label_source(dataset)
     if len(classes) < 2:
         raise DataError(f"{key}: found {len(classes)} class(es) in {where}; a classifier needs at least 2")
@@ -57,14 +57,13 @@ def build_index(dataset: DatasetSpec) -> DatasetIndex:
         raise DataError(
             f"dataset.val_fraction: the validation split of {where} is empty; add images or raise val_fraction"
         )
-    used = {k for k, _, _ in labelled}
     return DatasetIndex(
-        root=storage.absolute_uri(dataset.uri).rstrip("/"),
+        root=storage.absolute_uri(layouts.root_of(dataset)).rstrip("/"),
         endpoint_url=dataset.endpoint_url,
         classes=classes,
         train=train,
         val=val,
-        fingerprint=fingerprint([f for k, f in images.items() if k in used]),
+        fingerprint=fingerprint(layouts.files_of(images, (k for k, _, _ in labelled))),
     )
 
 

@@ -47,6 +47,8 @@ class DataSource:
     read_retry_seconds: float
     seed: int = 0  # train.seed: with the epoch and the row, the seed of an image's random augmentation
     reader: str = "objects"  # the module of tlray.data.readers that fetches the bytes: the layout's READER
+    reader_options: tuple[tuple[str, str], ...] = ()  # its `read`'s keyword arguments (the layout's)
+    run_length: int = 1  # consecutive rows the training order keeps together (the layout's RUN_LENGTH)
 
     def key(self, split: str, row: int) -> str:
         return key_tables(self.tables)[split].key(row)
@@ -76,6 +78,8 @@ def data_source(index: DatasetIndex, dataset: DatasetSpec, preprocessing: Prepro
         read_retry_seconds=dataset.read_retry_seconds,
         seed=seed,
         reader=reader,
+        reader_options=tuple(sorted(layouts.reader_options(dataset).items())),
+        run_length=layouts.run_length(dataset),
     )
 
 
@@ -103,7 +107,10 @@ def train_epochs(source: DataSource, seed: int, epochs: range, rank: int, world_
     epochs = list(epochs)
     for first in range(0, len(epochs), chunk):
         group = epochs[first : first + chunk]
-        rows = [train_rows(source.counts["train"], seed, epoch, rank, world_size)[:per_epoch] for epoch in group]
+        rows = [
+            train_rows(source.counts["train"], seed, epoch, rank, world_size, source.run_length)[:per_epoch]
+            for epoch in group
+        ]
         epoch_of_row = np.repeat(group, [len(r) for r in rows])  # seeds the rows' random augmentation
         stream = iter(iter_batches(source, "train", np.concatenate(rows), batch_size, device, epoch_of_row))
         for epoch in group:
@@ -178,7 +185,12 @@ class DecodeBatch:
         # each image is decoded as soon as it arrives, while the batch's other reads are in flight; a read
         # that still fails after retries raises ReadFailure (never a bad image)
         reads = readers.reader(source.reader).read(
-            source.root, keys, source.endpoint_url, source.read_concurrency, source.read_retry_seconds
+            source.root,
+            keys,
+            source.endpoint_url,
+            source.read_concurrency,
+            source.read_retry_seconds,
+            **dict(source.reader_options),
         )
         for i, blob in reads:
             try:

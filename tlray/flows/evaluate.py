@@ -71,12 +71,12 @@ def labelled_index(dataset: DatasetSpec, model_classes: list[str]) -> DatasetInd
     position = {name: i for i, name in enumerate(model_classes)}
     samples = sorted((key, position[label]) for key, label, _ in labelled)
     return DatasetIndex(
-        root=storage.absolute_uri(dataset.uri).rstrip("/"),
+        root=storage.absolute_uri(layouts.root_of(dataset)).rstrip("/"),
         endpoint_url=dataset.endpoint_url,
         classes=list(model_classes),
         train=[],
         val=samples,
-        fingerprint=fingerprint([images[k] for k, _ in samples]),
+        fingerprint=fingerprint(layouts.files_of(images, (k for k, _ in samples))),
     )
 
 

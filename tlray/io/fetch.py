@@ -46,7 +46,7 @@ def read_as_completed(
         for i, key in enumerate(keys):
             yield i, read_one(root, key, endpoint_url, retry_seconds)
         return
-    pool = _pool(concurrency)
+    pool = shared_pool(concurrency)
     futures = {pool.submit(read_one, root, key, endpoint_url, retry_seconds): i for i, key in enumerate(keys)}
     try:
         for future in as_completed(futures):
@@ -57,34 +57,56 @@ def read_as_completed(
 
 
 @functools.cache
-def _pool(threads: int) -> ThreadPoolExecutor:
+def shared_pool(threads: int) -> ThreadPoolExecutor:
     """One pool per process and width: a task reads batch after batch without starting threads each time."""
     return ThreadPoolExecutor(threads, thread_name_prefix="tlray-read")
 
 
 def read_one(root: str, key: str, endpoint_url: str | None, retry_seconds: float) -> bytes:
     location = storage.join(root, key)
+    return with_retries(lambda: _get(location, endpoint_url), location, retry_seconds)
+
+
+def read_range(
+    location: str, start: int, length: int, endpoint_url: str | None, retry_seconds: float, name: str
+) -> bytes:
+    """Bytes [start, start + length) of one file or object: one ranged GET (S3 `Range:`), or a seek and a read.
+    Fewer bytes than that mean the file changed since it was indexed: a ReadFailure naming `name`, not retried."""
+    data = with_retries(lambda: _get(location, endpoint_url, (start, length)), name, retry_seconds)
+    if len(data) != length:
+        raise ReadFailure(name, f"{len(data)} of {length} bytes at offset {start}: the file changed since indexing", 1)
+    return data
+
+
+def with_retries(read, name: str, retry_seconds: float) -> bytes:
+    """`read()` retried against a time budget; a read that still fails is a ReadFailure naming `name`."""
     deadline, attempt = time.monotonic() + retry_seconds, 0
     while True:
         attempt += 1
         try:
-            return _get(location, endpoint_url)
+            return read()
         except Exception as exc:  # noqa: BLE001 — sorted into retryable or not just below
             retryable, cause = classify(exc)
             if not retryable or time.monotonic() >= deadline:
-                raise ReadFailure(location, cause, attempt) from None
+                raise ReadFailure(name, cause, attempt) from None
         # full jitter: concurrent readers that failed together do not retry together
         time.sleep(min(random.uniform(0, min(MAX_BACKOFF_S, 0.1 * 2**attempt)), max(0.0, deadline - time.monotonic())))
 
 
-def _get(location: str, endpoint_url: str | None) -> bytes:
+def _get(location: str, endpoint_url: str | None, span: tuple[int, int] | None = None) -> bytes:
+    """The whole file or object, or `span` = (start, length) of it."""
     if not storage.is_s3(location):
-        return Path(location).read_bytes()
+        if span is None:
+            return Path(location).read_bytes()
+        with open(location, "rb") as f:
+            f.seek(span[0])
+            return f.read(span[1])
     from tlray.io import s3
 
     bucket, key = location[len("s3://") :].split("/", 1)
+    ranged = {} if span is None else {"Range": f"bytes={span[0]}-{span[0] + span[1] - 1}"}
     # max_attempts=1: the retry loop above owns retries; a pool as wide as any batch's concurrency
-    response = s3.client(endpoint_url, max_attempts=1).get_object(Bucket=bucket, Key=key)
+    response = s3.client(endpoint_url, max_attempts=1).get_object(Bucket=bucket, Key=key, **ranged)
     return response["Body"].read()
 
 

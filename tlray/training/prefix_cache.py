@@ -155,7 +155,7 @@ class FrozenPrefixCache:
         per_epoch = batch_size * order.train_batches(source.counts["train"], world, batch_size)[1]
         val_rows = order.val_rows(source.counts["val"], rank, world)
         for epoch in epochs:
-            rows = order.train_rows(source.counts["train"], seed, epoch, rank, world)[:per_epoch]
+            rows = order.train_rows(source.counts["train"], seed, epoch, rank, world, source.run_length)[:per_epoch]
             self.fill(source, {"train": rows, "val": val_rows}, batch_size, device)  # validation's too, at once
             yield epoch, self.batches("train", rows, batch_size, device)
 
@@ -226,7 +226,7 @@ class FrozenPrefixCache:
 def share_rows(source: DataSource, seed: int, rank: int, world: int) -> dict[str, np.ndarray]:
     """The rows a rank ever reads, per split, sorted: its training share, its validation rows."""
     return {
-        "train": order.rank_shares(source.counts["train"], seed, world)[rank],
+        "train": order.rank_shares(source.counts["train"], seed, world, source.run_length)[rank],
         "val": order.val_rows(source.counts["val"], rank, world),
     }
 
