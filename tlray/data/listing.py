@@ -43,14 +43,18 @@ def list_files(uri: str, endpoint_url: str | None) -> list[StoredObject]:
 
 
 def files_under(
-    uri: str, endpoint_url: str | None, uri_key: str, keep: Callable[[str], bool] | None = None
+    uri: str,
+    endpoint_url: str | None,
+    uri_key: str,
+    keep: Callable[[str], bool] | None = None,
+    kind: str = f"images ({', '.join(IMAGE_EXTENSIONS)})",
 ) -> dict[str, StoredObject]:
     """The listed files that `keep` accepts (default: the images), by key. None is a DataError that names
-    `uri_key`, the spec key or argument that gave `uri`."""
+    `uri_key`, the spec key or argument that gave `uri`, and the `kind` of file it looked for."""
     keep = keep or is_image_key
     files = {f.key: f for f in list_files(uri, endpoint_url) if keep(f.key)}
     if not files:
-        raise DataError(f"{uri_key}: no images ({', '.join(IMAGE_EXTENSIONS)}) under {uri}")
+        raise DataError(f"{uri_key}: no {kind} under {uri}")
     return files
 
 

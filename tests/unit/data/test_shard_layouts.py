@@ -416,3 +416,10 @@ def test_parquet_batch_decodes_and_a_file_deleted_after_indexing_is_a_read_failu
     with pytest.raises(ReadFailure) as error:
         decode_batch(index, rows, "skip", "parquet", image_column="image")
     assert error.value.location.startswith(f"{tmp_path}/p/part-1.parquet (row groups 0, 1, 2, 3)")
+
+
+@pytest.mark.parametrize("layout, kind", [("webdataset", "`.tar` shards"), ("parquet", "`.parquet` files")])
+def test_a_folder_without_shards_says_what_it_looked_for(tmp_path, layout, kind):
+    write_shards(tmp_path / "d", shards=1) if layout == "parquet" else write_parquet(tmp_path / "d", files=1)
+    with pytest.raises(DataError, match=f"^dataset.uri: no {kind} under {tmp_path}/d$"):
+        build_index(DatasetSpec(uri=str(tmp_path / "d"), layout=layout))

@@ -8,6 +8,7 @@ A layout module has:
     label_source    (spec key, value) that the labels come from, for the index's error messages
     rows            (dataset, {key: file}) -> [(key relative to dataset.uri, label, "train" | "val")]
 and optionally (each has a default below, which the one-image-per-file layouts use):
+    DATA_FILES      what is_data_file accepts, for the message when there is none (default: images)
     RUN_LENGTH      rows read as one run in the training order (tlray.data.order); > 1 where consecutive
                     rows are neighbours inside one file (shards), so a batch's reads coalesce
     root            dataset -> the folder or prefix listed (default: dataset.uri)
@@ -66,5 +67,8 @@ def labelled_files(dataset: DatasetSpec, uri_key: str = "dataset.uri") -> tuple[
     """The dataset's files by key, and its rows labelled by its layout: what `tlray train`'s index and
     `tlray evaluate`'s both start from. `uri_key`: what the messages call `dataset.uri` (DATA_URI for evaluate)."""
     layout_of_data = layout(dataset.layout)
-    files = files_under(root_of(dataset), dataset.endpoint_url, uri_key, layout_of_data.is_data_file)
+    kind = getattr(layout_of_data, "DATA_FILES", None)  # what the layout lists, for "no … under" (default: images)
+    files = files_under(
+        root_of(dataset), dataset.endpoint_url, uri_key, layout_of_data.is_data_file, *([kind] if kind else [])
+    )
     return files, layout_of_data.rows(dataset, files)

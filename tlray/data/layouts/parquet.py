@@ -24,6 +24,7 @@ from tlray.io.s3 import S3Error, StoredObject
 from tlray.spec import DatasetSpec
 
 READER = "parquet"
+DATA_FILES = "`.parquet` files"
 RUN_LENGTH = 32  # consecutive rows of a file read together (order.py): a batch opens few files
 INDEX_THREADS = 16  # files indexed at once
 

@@ -27,6 +27,7 @@ from tlray.io.s3 import S3Error, StoredObject
 from tlray.spec import DatasetSpec
 
 READER = "tar"
+DATA_FILES = "`.tar` shards"
 RUN_LENGTH = 32  # consecutive samples of a shard read together (order.py): a batch is a few spans
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 INDEX_THREADS = 16  # shards listed at once
@@ -78,12 +79,11 @@ def shards(dataset: DatasetSpec, files: dict[str, StoredObject]) -> list[str]:
 
 def members(dataset: DatasetSpec, shard: str) -> list[tuple[str, str, int, int, str]]:
     """(sample key, suffix, data offset, size, content of a .cls member or "") of every file in a shard,
-    streamed once from start to end (on S3 one GET)."""
+    streamed once from start to end: on S3 one GET, whose body tarfile reads as it arrives."""
     location = storage.join(storage.absolute_uri(root(dataset)), shard)
-    fs, path = storage.filesystem(location, dataset.endpoint_url)
     out = []
     try:
-        with fs.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        with open_stream(location, dataset.endpoint_url) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -96,7 +96,21 @@ def members(dataset: DatasetSpec, shard: str) -> list[tuple[str, str, int, int, 
                 out.append((key, suffix.lower(), member.offset_data, member.size, content))
     except (OSError, S3Error, tarfile.TarError) as exc:
         raise DataError(f"dataset.uri: cannot read shard {location}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 — botocore's errors, without importing botocore for local data
+        raise DataError(f"dataset.uri: cannot read shard {location}: {type(exc).__name__}: {exc}") from None
     return out
+
+
+def open_stream(location: str, endpoint_url: str | None):
+    """The shard's bytes as one sequential stream: a local file, or the body of one S3 GET (pyarrow's
+    S3 files would issue a ranged GET per small read)."""
+    if not storage.is_s3(location):
+        return open(location, "rb")
+    from tlray.io import s3
+
+    bucket, key = location[len("s3://") :].split("/", 1)
+    client = s3.client(endpoint_url, max_attempts=storage.s3_max_attempts())
+    return client.get_object(Bucket=bucket, Key=key)["Body"]
 
 
 def class_index(text: str, where: str) -> int:
