@@ -48,7 +48,9 @@ def serve(upstream_port: int, latency_s: float) -> ThreadingHTTPServer:
             for k, v in response.getheaders():
                 if k.lower() not in HOP_BY_HOP and k.lower() != "content-length":
                     self.send_header(k, v)
-            self.send_header("Content-Length", str(len(payload)))
+            # a HEAD answers with the object's length (pyarrow sizes files with it), a GET with its payload's
+            length = response.getheader("Content-Length") if self.command == "HEAD" else None
+            self.send_header("Content-Length", length or str(len(payload)))
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(payload)

@@ -3,8 +3,9 @@
     .venv/bin/python bench/run.py [--quick]
 
 Runs bench/transfer.py (training rows and the seed's claim), bench/data_path.py (S3 pipeline,
-index at scale) and bench/tune_schedulers.py (ASHA against synchronous HyperBand, and trials
-sharing the frozen-prefix cache), each in its own process so each starts its own Ray. Each
+index at scale), bench/tune_schedulers.py (ASHA against synchronous HyperBand, and trials
+sharing the frozen-prefix cache) and bench/shards.py (tar shards against one object per image),
+each in its own process so each starts its own Ray. Each
 writes its section of bench/results.json; this prints the table made from them and writes it,
 with the machine's details and each part's wall time, into bench/RESULTS.md between
 `<!-- bench:begin -->` and `<!-- bench:end -->`. `--quick` runs every part at toy sizes (a smoke
@@ -28,11 +29,13 @@ PARTS = {
     "transfer": ["transfer.py"],
     "data_path": ["data_path.py", "--s3-images", "1000"],
     "tune": ["tune_schedulers.py"],
+    "shards": ["shards.py"],
 }
 QUICK = {
     "transfer": ["--images", "300", "--epochs", "2", "--batch", "32", "--claim-images", "600", "--depths", "2"],
     "data_path": ["--s3-images", "100", "--index-keys", "20000"],
     "tune": ["--samples", "2", "--epochs", "2", "--images", "120"],
+    "shards": ["--images", "2000", "--objects", "500"],
 }
 
 
@@ -76,6 +79,8 @@ def table(results: dict) -> str:
         lines += tune_lines(results["tune"])
     if "data_path" in results:
         lines += data_path_lines(results["data_path"])
+    if "shards" in results:
+        lines += shards_lines(results["shards"])
     return "\n".join(lines)
 
 
@@ -183,6 +188,16 @@ def data_path_lines(results: dict) -> list[str]:
             f"RSS, {ix['shipped_to_workers_mib']} MiB shipped to workers | | | | |"
         )
     return lines
+
+
+def shards_lines(results: dict) -> list[str]:
+    shards, objects = results["rates"]["webdataset"], results["rates"]["objects"]
+    return [
+        f"| images/s read + decoded, S3 + {results['latency_ms']} ms per request: WebDataset tar shards "
+        f"({shards['gets_per_batch']:.1f} GETs per batch of {results['batch']}) | {shards['images_per_second']:.0f} "
+        f"| one object per image ({objects['images']:,} images) {objects['images_per_second']:.0f} "
+        f"| {results['ratio']:.2f}x | >= 3x | {yes(results['ratio'] >= 3)} |"
+    ]
 
 
 def yes(condition: bool) -> str:

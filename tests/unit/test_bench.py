@@ -55,3 +55,26 @@ def test_gpu_check_dry_run_measures_every_mode_on_cpu(tmp_path):
     table = bench_run.table({"transfer": section})
     assert "| feature extractor, cache (phi " in table
     assert "cached head-only epoch against recomputing the backbone" in table
+
+
+def test_shards_bench_writes_shards_the_webdataset_layout_indexes_and_a_table_row(tmp_path):
+    import shards
+
+    from tlray.data.index import build_index
+    from tlray.spec import DatasetSpec
+
+    images = shards.jpeg_images(2 * shards.SHARD_SAMPLES // 100)
+    for name, data in shards.tar_shards(images).items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    index = build_index(DatasetSpec(uri=str(tmp_path / "shards"), layout="webdataset", val_fraction=0.25))
+    assert index.classes == [str(k) for k in range(shards.CLASSES)] and len(index.train) + len(index.val) == 20
+    rates = {
+        "webdataset": {"images_per_second": 900.0, "gets_per_batch": 2.5, "images": 40_000},
+        "objects": {"images_per_second": 150.0, "gets_per_batch": 64.0, "images": 4_000},
+    }
+    row = bench_run.shards_lines({"rates": rates, "latency_ms": 30, "batch": 64, "ratio": 6.0})
+    assert row == [
+        "| images/s read + decoded, S3 + 30 ms per request: WebDataset tar shards (2.5 GETs per batch of 64) | 900 "
+        "| one object per image (4,000 images) 150 | 6.00x | >= 3x | yes |"
+    ]
