@@ -92,13 +92,17 @@ def test_webdataset_classes_are_the_indices_or_the_names_given_and_the_split_is_
     )
 
 
-def test_webdataset_brace_pattern_takes_the_shards_it_names(tmp_path):
+def test_webdataset_brace_pattern_takes_the_shards_it_names(tmp_path, monkeypatch):
     write_shards(tmp_path / "wds")
     index = build_index(DatasetSpec(uri=str(tmp_path / "wds" / "shard-{000..001}.tar"), layout="webdataset"))
     assert index.root == str(tmp_path / "wds")
     assert {tar_reader.parse_key(k)[0] for k, _ in index.train + index.val} == {"shard-000.tar", "shard-001.tar"}
-    with pytest.raises(DataError, match=r"dataset.uri: 1 shard\(s\) of the pattern do not exist .*shard-003.tar"):
+    with pytest.raises(DataError, match=r"^dataset.uri: 1 shard\(s\) of the pattern do not exist .*shard-003.tar"):
         build_index(DatasetSpec(uri=str(tmp_path / "wds" / "shard-{002..003}.tar"), layout="webdataset"))
+    monkeypatch.chdir(tmp_path / "wds")  # a relative pattern: its folder is the working directory
+    relative = build_index(DatasetSpec(uri="shard-{001,002}.tar", layout="webdataset"))
+    assert relative.root == str(tmp_path / "wds")
+    assert {tar_reader.parse_key(k)[0] for k, _ in relative.train + relative.val} == {"shard-001.tar", "shard-002.tar"}
 
 
 def test_webdataset_fingerprint_follows_the_shards(tmp_path):
@@ -112,7 +116,7 @@ def test_webdataset_fingerprint_follows_the_shards(tmp_path):
 
 def test_webdataset_class_outside_the_named_classes_names_dataset_classes(tmp_path):
     write_shards(tmp_path / "wds", shards=1)
-    with pytest.raises(DataError, match=r"dataset.classes: shard-000.tar: s00002.cls holds class 2, outside the 2"):
+    with pytest.raises(DataError, match=r"^dataset.classes: shard-000.tar: s00002.cls holds class 2, outside the 2"):
         build_index(DatasetSpec(uri=str(tmp_path / "wds"), layout="webdataset", classes=["a", "b"]))
 
 
@@ -365,7 +369,7 @@ def test_parquet_integer_labels_are_named_by_dataset_classes_or_their_indices(tm
     named = build_index(DatasetSpec(uri=str(tmp_path / "p"), layout="parquet", classes=["x", "b", "a"]))
     assert named.classes == ["x", "b", "a"] and all(label == row_of(named, k) % 3 for k, label in named.train)
     with pytest.raises(
-        DataError, match=r"dataset.classes: part-0.parquet row 2 of row group 0 has class 2, outside the 2"
+        DataError, match=r"^dataset.classes: part-0.parquet row 2 of row group 0 has class 2, outside the 2"
     ):
         build_index(DatasetSpec(uri=str(tmp_path / "p"), layout="parquet", classes=["x", "b"]))
 
@@ -379,7 +383,7 @@ def test_parquet_string_labels_in_columns_named_by_the_spec(tmp_path):
     assert all(label == row_of(index, k) % 3 for k, label in index.train + index.val)
     with pytest.raises(
         DataError,
-        match=r"dataset.image_column: .*part-0.parquet has no column 'image' \(its columns: id, jpeg, species\)",
+        match=r"^dataset.image_column: .*part-0.parquet has no column 'image' \(its columns: id, jpeg, species\)",
     ):
         build_index(DatasetSpec(uri=str(tmp_path / "p"), layout="parquet", label_column="species"))
 

@@ -45,7 +45,8 @@ def root(dataset: DatasetSpec) -> str:
     """The folder of a brace pattern (`…/shards-{000..009}.tar` -> `…`), else dataset.uri itself."""
     if "{" not in dataset.uri:
         return dataset.uri
-    return dataset.uri[: dataset.uri.rindex("/", 0, dataset.uri.index("{"))]
+    cut = dataset.uri.rfind("/", 0, dataset.uri.index("{"))
+    return dataset.uri[:cut] if cut >= 0 else "."
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -68,8 +69,9 @@ def shards(dataset: DatasetSpec, files: dict[str, StoredObject]) -> list[str]:
     """The shard keys to read, in order: every listed `.tar`, or those the brace pattern names."""
     if "{" not in dataset.uri:
         return sorted(files)
-    folder = root(dataset).rstrip("/") + "/"
-    named = [name[len(folder) :] for name in expand_braces(dataset.uri)]
+    folder = root(dataset)
+    cut = dataset.uri.rfind("/", 0, dataset.uri.index("{")) + 1  # the pattern's names, relative to its folder
+    named = [name[cut:] for name in expand_braces(dataset.uri)]
     missing = [name for name in named if name not in files]
     if missing:
         shown = ", ".join(missing[:3]) + (f", … {len(missing) - 3} more" if len(missing) > 3 else "")
