@@ -96,7 +96,11 @@ class DatasetSpec(_Section):
         "skip", description="What to do with an image that cannot be decoded: skip it (and count it) or stop the job."
     )
     read_concurrency: int = Field(
-        16, ge=1, le=256, description="Images of a batch fetched at once by each decoding task (one GET each)."
+        16,
+        ge=1,
+        le=256,
+        description="Reads in flight in each decoding task: a batch's images (one GET each), or with "
+        "`webdataset` / `parquet` its stretches of shards (one ranged GET each) or its files.",
     )
     read_retry_seconds: float = Field(
         120.0,
