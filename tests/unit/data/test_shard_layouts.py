@@ -427,3 +427,14 @@ def test_a_folder_without_shards_says_what_it_looked_for(tmp_path, layout, kind)
     write_shards(tmp_path / "d", shards=1) if layout == "parquet" else write_parquet(tmp_path / "d", files=1)
     with pytest.raises(DataError, match=f"^dataset.uri: no {kind} under {tmp_path}/d$"):
         build_index(DatasetSpec(uri=str(tmp_path / "d"), layout=layout))
+
+
+def test_evaluate_labels_shards_by_the_models_classes_with_the_training_fingerprint(tmp_path):
+    from tlray.flows.evaluate import labelled_index
+
+    write_shards(tmp_path / "wds", shards=2)
+    spec = DatasetSpec(uri=str(tmp_path / "wds"), layout="webdataset", classes=["a", "b", "c"])
+    index = labelled_index(spec, ["c", "b", "a"])
+    assert index.train == [] and len(index.val) == 80 and index.root == str(tmp_path / "wds")
+    assert all(index.classes[label] == "abc"[int(sample_of(k)[1:]) % 3] for k, label in index.val)
+    assert index.fingerprint == build_index(spec).fingerprint
