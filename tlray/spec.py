@@ -266,7 +266,8 @@ class TuneSpec(_Section):
         min_length=1,
         description="Freeze depths to try from `model.weights` (`mode: partial`), each once at least: a number of "
         "blocks, `all`, or `random` for the architecture alone, trained from random init with nothing frozen "
-        "(as `mode: architecture`); default: `model.freeze_depth` only.",
+        "(as `mode: architecture`; without `train.unfreeze_every` and `layer_lr_decay`, which serve pretrained "
+        "blocks); default: `model.freeze_depth` only.",
     )
     scheduler: Literal["asha", "hyperband", "none"] = Field(
         "asha",

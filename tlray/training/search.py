@@ -218,12 +218,13 @@ def search_space(spec: JobSpec) -> dict:
 
 def trial_spec(spec: JobSpec, config: dict) -> JobSpec:
     """The search's spec with one trial's lr and choice. `random`: the architecture alone, as `mode: architecture`
-    trains it (no weights, nothing frozen, so nothing to unfreeze either)."""
+    trains it: no weights, nothing frozen (so nothing to unfreeze), and every block at train.lr, since
+    layer_lr_decay spares what pretraining taught the input-side blocks, and random init taught them nothing."""
     data = spec.model_dump(mode="json")
     data["train"]["lr"] = float(config["lr"])
     if config["freeze_depth"] == RANDOM_INIT:
         data["model"].update(mode="architecture", weights="none", freeze_depth=None)
-        data["train"].update(unfreeze_every=None, unfreeze_to=0)
+        data["train"].update(unfreeze_every=None, unfreeze_to=0, layer_lr_decay=1.0)
     elif spec.model.mode == "partial":
         data["model"]["freeze_depth"] = config["freeze_depth"]
     return JobSpec.model_validate(data)

@@ -87,7 +87,7 @@ def test_a_random_init_trial_starts_from_no_weights_with_nothing_frozen(tmp_path
     assert (random_init.train.lr, random_init.train.unfreeze_every, random_init.train.layer_lr_decay) == (
         0.002,
         None,  # every block trains from the first epoch: nothing to unfreeze
-        0.5,
+        1.0,  # and at train.lr: layer decay spares pretrained blocks, and there are none
     )
     trial = plan.for_trial(random_init, "abc_00000", runs_at_once=1)
     assert trial.weights is None
@@ -108,4 +108,5 @@ def test_a_random_init_trial_starts_from_no_weights_with_nothing_frozen(tmp_path
     pretrained = plan.for_trial(trial_spec(spec, {"lr": 0.002, "freeze_depth": "all"}), "abc_00002", 1)
     assert pretrained.weights == plan.weights and pretrained.freeze.depth == 5
     assert trial_settings(pretrained, "all")["weights"] == str(tmp_path / "w.pt")
-    assert pretrained.spec.train.unfreeze_every == 1  # the pretrained trials keep the search's unfreezing
+    # the pretrained trials keep the search's unfreezing and layer decay
+    assert (pretrained.spec.train.unfreeze_every, pretrained.spec.train.layer_lr_decay) == (1, 0.5)
