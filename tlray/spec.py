@@ -561,12 +561,13 @@ def _cache_on_needs_a_pure_prefix(train: TrainSpec, dataset: DatasetSpec, model:
 
 
 def _start_depths(model: ModelSpec, tune: TuneSpec | None) -> list[int]:
-    """The freeze depths a run (or a search's trials) may start at, those that are valid for the arch."""
+    """The freeze depths a run (or a search's trials) may start at, those that are valid for the arch. A search's
+    `random` trials start from no weights, where unfreezing and layer decay have nothing to do: not counted."""
     blocks = archs.backbone_block_names(model.arch)
     if model.mode != "partial":
         return [0 if model.mode == "architecture" else len(blocks)]
     depths = tune.freeze_depth if tune and tune.freeze_depth else [model.freeze_depth]
-    resolved = [_resolved_choice(depth, len(blocks)) for depth in depths if depth is not None]
+    resolved = [_resolved_choice(depth, len(blocks)) for depth in depths if depth not in (None, RANDOM_INIT)]
     return [depth for depth in resolved if 0 <= depth <= len(blocks)]
 
 

@@ -140,6 +140,15 @@ BAD_SPECS = [
         ),
         ["train.cache:", "nothing is frozen"],
     ),
+    (
+        "layer-decay-where-only-random-init-trains-blocks",  # `all` trains the head; random ignores the decay
+        lambda s: (
+            pretrained(s, mode="partial", freeze_depth=1)
+            and s.update(tune={"freeze_depth": ["random", "all"]})
+            or s["train"].update(layer_lr_decay=0.5)
+        ),
+        ["train.layer_lr_decay:", "freeze_depth `all` trains only the head"],
+    ),
     ("tune-metric-unreported", lambda s: s.update(tune={"metric": "f1"}), ["tune.metric:", "val_accuracy"]),
     (
         "search-publishes-by-another-metric",
