@@ -1,6 +1,6 @@
 """Search benchmark: ASHA against synchronous HyperBand, and trials sharing the frozen-prefix cache.
 
-    .venv/bin/python bench/tune_schedulers.py [--samples 5 --epochs 3 --reduction-factor 3 --images 320]
+    .venv/bin/python bench/tune_schedulers.py [--samples 6 --epochs 3 --reduction-factor 3 --images 320]
 
 Every search is one `tlray tune` command on generated 32 px images (a manifest with a fixed split,
 whole train batches) and a random-init ResNet-18 checkpoint; the commands join one local Ray that
@@ -250,7 +250,9 @@ def local_ray(work: Path):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=5, help="trials of each scheduler's search (2 freeze depths)")
+    parser.add_argument(
+        "--samples", type=int, default=6, help="trials of each scheduler's search; its 2 freeze depths take turns"
+    )
     parser.add_argument("--epochs", type=int, default=3, help="epochs of a trial that is never stopped")
     parser.add_argument("--reduction-factor", type=int, default=3, help="tune.reduction_factor of both schedulers")
     parser.add_argument("--images", type=int, default=320, help="generated images (80%% train, 20%% val)")

@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from tlray import archs
@@ -19,7 +20,7 @@ from tlray.archs import ModelError
 from tlray.data.pipeline import DataSource
 from tlray.data.preprocessing import Preprocessing
 from tlray.io import storage
-from tlray.models.build import torchvision_weights, weights_enum
+from tlray.models.build import build_model, torchvision_weights, weights_enum
 from tlray.models.freeze import FreezeSummary, freeze
 from tlray.spec import JobSpec
 
@@ -55,15 +56,33 @@ class RunPlan:
         return self.spec.dataset.endpoint_url
 
     def for_trial(self, spec: JobSpec, trial_id: str, runs_at_once: int) -> RunPlan:
-        """A search's trial: its spec (the search's with the trial's lr and freeze depth), its own checkpoints."""
-        checkpoints = self.trial_checkpoints_uri(trial_id)
-        return dataclasses.replace(self, spec=spec, checkpoints_uri=checkpoints, runs_at_once=runs_at_once)
+        """A search's trial: its spec (the search's with the trial's lr and freeze depth, or the architecture alone
+        for `random`), its starting weights (None from random init), its freeze depth counted on a parameter-less
+        model, and its own checkpoints."""
+        return dataclasses.replace(
+            self,
+            spec=spec,
+            weights=self.trial_weights(spec),
+            freeze=freeze_summary(spec, shape_only_model(spec, len(self.classes))),
+            checkpoints_uri=self.trial_checkpoints_uri(trial_id),
+            runs_at_once=runs_at_once,
+        )
 
     def for_best_trial(self, spec: JobSpec, model: nn.Module, trial_id: str) -> RunPlan:
-        """What publishing the best trial needs: its spec, its checkpoints, and its freeze depth counted on the
-        driver's model."""
+        """What publishing the best trial needs: its spec, its starting weights, its checkpoints, and its freeze
+        depth counted on the driver's model."""
         checkpoints = self.trial_checkpoints_uri(trial_id)
-        return dataclasses.replace(self, spec=spec, freeze=freeze_summary(spec, model), checkpoints_uri=checkpoints)
+        return dataclasses.replace(
+            self,
+            spec=spec,
+            weights=self.trial_weights(spec),
+            freeze=freeze_summary(spec, model),
+            checkpoints_uri=checkpoints,
+        )
+
+    def trial_weights(self, spec: JobSpec) -> Weights | None:
+        """The search's weights (resolved once, on the driver), or None for a trial that starts from random init."""
+        return self.weights if spec.model.pretrained else None
 
     def trial_checkpoints_uri(self, trial_id: str) -> str:
         return storage.join(self.run_uri, "trials", trial_id)
@@ -86,6 +105,13 @@ def plan_run(spec: JobSpec, source: DataSource, run_uri: str, model: nn.Module) 
 def freeze_summary(spec: JobSpec, model: nn.Module) -> FreezeSummary:
     """What `spec` freezes, counted on `model` (freezing it: a later call re-freezes it from scratch)."""
     return freeze(model, spec.model.arch, spec.freeze_depth, spec.model.batchnorm)
+
+
+def shape_only_model(spec: JobSpec, num_classes: int) -> nn.Module:
+    """The spec's architecture on PyTorch's meta device: its parameters' shapes, no memory and no init to wait for,
+    enough to count what a freeze depth freezes."""
+    with torch.device("meta"):
+        return build_model(spec.model.arch, None, num_classes)
 
 
 def weights_of(spec: JobSpec) -> Weights | None:

@@ -38,6 +38,13 @@ FreezeDepth = Annotated[
     Field(union_mode="left_to_right"),
 ]
 
+RANDOM_INIT = "random"  # a search's choice beside the freeze depths: the architecture alone, from random init
+# One value of `tune.freeze_depth`: a freeze depth from the pretrained weights, or `random`
+SearchChoice = Annotated[
+    int | Literal["all", "random"],
+    Field(union_mode="left_to_right"),
+]
+
 # The values of `dataset.layout`: each one is the module of that name in tlray.data.layouts
 DataLayout = Literal["imagefolder", "manifest", "webdataset", "parquet"]
 
@@ -269,12 +276,23 @@ class LrRange(_Section):
 
 
 class TuneSpec(_Section):
-    num_samples: int = Field(8, ge=1, le=10_000, description="Trials to run.")
+    num_samples: int = Field(
+        8,
+        ge=1,
+        le=10_000,
+        description="Trials to run, this many in all. The `freeze_depth` choices take turns (the first trial tries "
+        "the first choice, ...), so each gets at least one trial; `lr` is sampled anew for every trial.",
+    )
     lr: LrRange | None = Field(
         None, description="Learning-rate range, sampled log-uniformly; default: `train.lr` only."
     )
-    freeze_depth: list[FreezeDepth] | None = Field(
-        None, min_length=1, description="Freeze depths to try (`mode: partial`); default: `model.freeze_depth` only."
+    freeze_depth: list[SearchChoice] | None = Field(
+        None,
+        min_length=1,
+        description="Freeze depths to try from `model.weights` (`mode: partial`), each once at least: a number of "
+        "blocks, `all`, or `random` for the architecture alone, trained from random init with nothing frozen "
+        "(as `mode: architecture`; without `train.unfreeze_every` and `layer_lr_decay`, which serve pretrained "
+        "blocks); default: `model.freeze_depth` only.",
     )
     scheduler: Literal["asha", "hyperband", "none"] = Field(
         "asha",
@@ -354,7 +372,7 @@ class JobSpec(_Section):
     train: TrainSpec = Field(default_factory=TrainSpec, description="Optimisation settings.")
     scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="How many Ray Train workers, on what.")
     tune: TuneSpec | None = Field(
-        None, description="Hyper-parameter search over `lr` and `freeze_depth` (`tlray tune`)."
+        None, description="Hyper-parameter search over `lr` and `freeze_depth` or random init (`tlray tune`)."
     )
     output: OutputSpec = Field(description="Where the results go.")
     publish: PublishSpec = Field(
@@ -378,6 +396,16 @@ class JobSpec(_Section):
         if self.model.mode == "feature_extractor":
             return len(archs.backbone_block_names(self.model.arch))
         return archs.resolve_freeze_depth(self.model.arch, self.model.freeze_depth)
+
+    @property
+    def trial_choices(self) -> list[int | str | None]:
+        """A search's trials, in the order Tune creates them, as the `tune.freeze_depth` choice each tries: the
+        choices take turns, so `tune.num_samples` trials try every choice (a rule refuses fewer trials than
+        choices) and the first ones once more. Without a list, every trial trains at `model.freeze_depth`."""
+        if self.tune is None:
+            return []
+        choices = self.tune.freeze_depth or [self.model.freeze_depth]
+        return [choices[i % len(choices)] for i in range(self.tune.num_samples)]
 
     @property
     def job_uri(self) -> str:
@@ -572,18 +600,24 @@ def _cache_on_needs_a_pure_prefix(train: TrainSpec, dataset: DatasetSpec, model:
             "train.cache", "`on` needs `model.batchnorm: frozen`: training statistics change the frozen output"
         )
     depths = tune.freeze_depth if tune and tune.freeze_depth else [model.freeze_depth]
-    if model.mode == "architecture" or all(depth == 0 for depth in depths):
+    if model.mode == "architecture" or all(depth in (0, RANDOM_INIT) for depth in depths):
         yield Problem("train.cache", "`on` needs frozen blocks (freeze_depth >= 1); nothing is frozen here")
 
 
 def _start_depths(model: ModelSpec, tune: TuneSpec | None) -> list[int]:
-    """The freeze depths a run (or a search's trials) may start at, those that are valid for the arch."""
+    """The freeze depths a run (or a search's trials) may start at, those that are valid for the arch. A search's
+    `random` trials start from no weights, where unfreezing and layer decay have nothing to do: not counted."""
     blocks = archs.backbone_block_names(model.arch)
     if model.mode != "partial":
         return [0 if model.mode == "architecture" else len(blocks)]
     depths = tune.freeze_depth if tune and tune.freeze_depth else [model.freeze_depth]
-    resolved = [len(blocks) if depth == "all" else depth for depth in depths if depth is not None]
+    resolved = [_resolved_choice(depth, len(blocks)) for depth in depths if depth not in (None, RANDOM_INIT)]
     return [depth for depth in resolved if 0 <= depth <= len(blocks)]
+
+
+def _resolved_choice(choice: int | str, blocks: int) -> int:
+    """A search choice as the blocks it freezes: `random` freezes none (it trains every block from random init)."""
+    return {"all": blocks, RANDOM_INIT: 0}.get(choice, choice)
 
 
 @rule("train", "model", "tune")
@@ -687,8 +721,31 @@ def _tuned_depths_in_block_map(tune: TuneSpec | None, model: ModelSpec):
     if model.mode != "partial":
         yield Problem("tune.freeze_depth", f"searching freeze depths needs `model.mode: partial` (got '{model.mode}')")
         return
+    blocks, seen = len(archs.backbone_block_names(model.arch)), {}
     for i, depth in enumerate(tune.freeze_depth):
-        yield from _depth_problems(f"tune.freeze_depth[{i}]", model.arch, depth)
+        if depth != RANDOM_INIT:
+            yield from _depth_problems(f"tune.freeze_depth[{i}]", model.arch, depth)
+        same = (depth == RANDOM_INIT, _resolved_choice(depth, blocks))  # `all` and the block count are one depth
+        if same in seen:
+            first = seen[same]
+            yield Problem(
+                f"tune.freeze_depth[{i}]",
+                f"{depth} repeats tune.freeze_depth[{first}] ({tune.freeze_depth[first]}): each choice gets "
+                "its share of tune.num_samples, so list it once",
+            )
+        seen.setdefault(same, i)
+
+
+@rule("tune")
+def _every_choice_gets_a_trial(tune: TuneSpec | None):
+    if not tune or not tune.freeze_depth or tune.num_samples >= len(tune.freeze_depth):
+        return
+    yield Problem(
+        "tune.num_samples",
+        f"{tune.num_samples} trials cannot try the {len(tune.freeze_depth)} choices of tune.freeze_depth "
+        f"({', '.join(map(str, tune.freeze_depth))}); set tune.num_samples to {len(tune.freeze_depth)} or more, "
+        "or list fewer choices",
+    )
 
 
 @rule("tune", "train")

@@ -66,6 +66,9 @@ def check_search(spec_path: Path, out: str) -> None:
     results = json.loads((run / "tune_results.json").read_text())
     trials = results["trials"]
     assert len(trials) == spec.tune.num_samples and len(table) >= len(trials) + 1
+    assert [line.split()[0] for line in table[1 : len(trials) + 1]] == [t["trial"] for t in trials]
+    assert [line.split()[2] for line in table[1 : len(trials) + 1]] == [str(t["freeze_depth"]) for t in trials]
+    check_trial_choices(run, spec, trials)
     assert [t["best_metric"] for t in trials] == sorted((t["best_metric"] for t in trials), reverse=True)
     for t in trials:
         assert 1 <= t["epochs"] <= epochs and t["status"] == "done"
@@ -80,8 +83,7 @@ def check_search(spec_path: Path, out: str) -> None:
     metadata = json.loads((run / "metadata.json").read_text())
     assert metadata["hyperparameters"]["trial"] == best["trial"]
     assert metadata["hyperparameters"]["lr"] == pytest.approx(best["lr"])
-    blocks = len(layout.backbone_block_names(spec.model.arch))
-    assert metadata["freeze_depth"] == (blocks if best["freeze_depth"] == "all" else best["freeze_depth"])
+    check_published_trial(run, spec, best)
     assert metadata["spec"]["train"]["lr"] == pytest.approx(best["lr"])
     # the trial's best epoch (train.select_metric: val_accuracy) is what is published
     assert metadata["metrics"]["val_accuracy"] == pytest.approx(best["best_metric"])
@@ -106,6 +108,40 @@ def check_search(spec_path: Path, out: str) -> None:
     assert best["trial"] in page
     confusion = json.loads((run / "confusion_matrix.json").read_text())
     assert sum(map(sum, confusion["matrix"])) == len(index.val)
+
+
+def check_trial_choices(run: Path, spec, trials: list[dict]) -> None:
+    """Every tune.freeze_depth choice got its trials (num_samples of them in all), and each trial trained as its
+    trial.json says: `random` from random init, the others from the search's weights."""
+    from collections import Counter
+
+    assert Counter(str(t["freeze_depth"]) for t in trials) == Counter(map(str, spec.trial_choices))
+    assert "random" in {t["freeze_depth"] for t in trials}
+    blocks = len(layout.backbone_block_names(spec.model.arch))
+    for t in trials:
+        settings = json.loads((run / "trials" / t["trial"] / "trial.json").read_text())
+        assert settings["choice"] == t["freeze_depth"] and settings["lr"] == pytest.approx(t["lr"])
+        if t["freeze_depth"] == "random":
+            assert (settings["mode"], settings["weights"], settings["weights_identity"]) == ("architecture", None, None)
+            assert (settings["freeze_depth"], settings["frozen_blocks"]) == (0, [])
+        else:
+            depth = blocks if t["freeze_depth"] == "all" else t["freeze_depth"]
+            assert (settings["mode"], settings["weights"]) == ("partial", spec.model.weights)
+            assert settings["weights_identity"].startswith("sha256 ")
+            assert (settings["freeze_depth"], len(settings["frozen_blocks"])) == (depth, depth)
+
+
+def check_published_trial(run: Path, spec, best: dict) -> None:
+    """The published model says how the best trial trained: from random init (no weights), or its freeze depth."""
+    metadata = json.loads((run / "metadata.json").read_text())
+    blocks = len(layout.backbone_block_names(spec.model.arch))
+    if best["freeze_depth"] == "random":
+        assert (metadata["mode"], metadata["weights"], metadata["weights_identity"]) == ("architecture", "none", None)
+        assert (metadata["freeze_depth"], metadata["frozen_parameters"]) == (0, 0)
+    else:
+        assert (metadata["mode"], metadata["weights"]) == ("partial", spec.model.weights)
+        assert metadata["weights_identity"].startswith("sha256 ")
+        assert metadata["freeze_depth"] == (blocks if best["freeze_depth"] == "all" else best["freeze_depth"])
 
 
 def test_report_is_rebuilt_from_stored_results(tmp_path, capsys):
@@ -253,6 +289,7 @@ def test_hyperband_search_stops_one_trial_at_its_rung_and_publishes_a_fully_trai
             reduction_factor=2,
             metric="val_loss",
             mode="min",
+            freeze_depth=["random", 1, "all"],  # 4 trials: random init's twice
         )
     )
     assert main(["tune", str(spec_path)]) == 0
@@ -270,6 +307,8 @@ def test_hyperband_search_stops_one_trial_at_its_rung_and_publishes_a_fully_trai
     metadata = json.loads((run / "metadata.json").read_text())
     assert metadata["hyperparameters"]["trial"] == best["trial"]
     assert (run / "model" / "model.pt2").stat().st_size > 0
+    check_trial_choices(run, load_spec(spec_path), trials)
+    check_published_trial(run, load_spec(spec_path), best)
 
 
 def two_epochs(spec_path: Path) -> Path:

@@ -78,3 +78,72 @@ def test_shards_bench_writes_shards_the_webdataset_layout_indexes_and_a_table_ro
         "| images/s read + decoded, S3 + 30 ms per request: WebDataset tar shards (2.5 GETs per batch of 64) | 900 "
         "| one object per image (4,000 images) 150 | 6.00x | >= 3x | yes |"
     ]
+
+
+def test_demo_seeds_answers_whether_the_search_and_unfreezing_beat_the_hand_picked_rows():
+    import demo_seeds
+
+    def rows(target: str, accuracies: dict, search: tuple, extra: dict | None = None) -> list[dict]:
+        fixed = [("random init", 0), ("partial", 0), ("partial", 2), ("partial", 4), ("feature extractor", 5)]
+        out = [
+            {"target": target, "mode": m, "freeze_depth": d, "val_accuracy": accuracies[(m, d)], "train_seconds": 2.0}
+            for m, d in fixed
+        ]
+        depth, accuracy, random_init = search
+        out.append(
+            {
+                "target": target,
+                "mode": "tune",
+                "freeze_depth": depth,
+                "val_accuracy": accuracy,
+                "train_seconds": 9.0,
+                "random_init": random_init,
+            }
+        )
+        for mode, accuracy in (extra or {}).items():
+            out.append(
+                {"target": target, "mode": mode, "freeze_depth": 2, "val_accuracy": accuracy, "train_seconds": 3.0}
+            )
+        return out
+
+    domain = {("random init", 0): 0.60, ("partial", 0): 0.80, ("partial", 2): 0.85, ("partial", 4): 0.82}
+    domain[("feature extractor", 5)] = 0.70
+    classes = {("random init", 0): 0.88, ("partial", 0): 0.85, ("partial", 2): 0.80, ("partial", 4): 0.63}
+    classes[("feature extractor", 5)] = 0.26
+    modes = [mode for mode, _ in demo_seeds.variants(rows("new domain", domain, (2, 0.85, False)))]
+    assert modes == ["layer_lr_decay 0.5", "gradual unfreezing", "gradual unfreezing + layer_lr_decay 0.5"]
+    assert demo_seeds.variants(rows("new domain", domain, (2, 0.85, False)))[0][1] == (
+        "model.freeze_depth=2",  # the seed's best fixed depth
+        "train.layer_lr_decay=0.5",
+    )
+    runs = [
+        {
+            "rows": rows("new domain", domain, (2, 0.86, False), dict(zip(modes, (0.88, 0.84, 0.851), strict=True)))
+            + rows("new classes", classes, (0, 0.881, True))
+        },
+        {
+            "rows": rows("new domain", domain, (2, 0.847, False), dict(zip(modes, (0.87, 0.80, 0.86), strict=True)))
+            + rows("new classes", classes, (2, 0.80, False))
+        },
+    ]
+    answers = demo_seeds.answers(runs)
+    assert answers[2] == (
+        "- new domain: yes, in 2 of 2 seeds; search minus best row 0.350 ± 0.650 points (+1.0, -0.3); "
+        "it picked depth 2, depth 2"
+    )
+    assert answers[3] == (
+        "- new classes: no, in 1 of 2 seeds; search minus best row -3.950 ± 4.050 points (+0.1, -8.0); "
+        "it picked random init, depth 2"
+    )
+    assert answers[4] == "- both targets: no"
+    assert answers[7:] == [
+        "- layer_lr_decay 0.5: helps (2 of 2 seeds more than 0.5 points above); minus the best fixed depth "
+        "2.500 ± 0.500 points (+3.0, +2.0)",
+        "- gradual unfreezing: does not help (0 of 2 seeds more than 0.5 points above); minus the best fixed depth "
+        "-3.000 ± 2.000 points (-1.0, -5.0)",
+        "- gradual unfreezing + layer_lr_decay 0.5: mixed (1 of 2 seeds more than 0.5 points above); minus the best "
+        "fixed depth 0.550 ± 0.450 points (+0.1, +1.0)",
+    ]
+    assert "| new domain | gradual unfreezing | 0.820 ± 0.020 | 3.0 |" in demo_seeds.summary(
+        [{**run, "wall_seconds": 1.0, "console_lines": 30} for run in runs]
+    )

@@ -101,6 +101,54 @@ BAD_SPECS = [
         ["tune.freeze_depth[1]:", "0..5"],
     ),
     ("tune-depth-needs-partial", lambda s: s.update(tune={"freeze_depth": [1, 2]}), ["tune.freeze_depth:", "partial"]),
+    (
+        "tune-fewer-samples-than-choices",
+        lambda s: (
+            pretrained(s, mode="partial", freeze_depth=1)
+            and s.update(tune={"num_samples": 2, "freeze_depth": ["random", 1, "all"]})
+        ),
+        ["tune.num_samples:", "2 trials cannot try the 3 choices of tune.freeze_depth (random, 1, all)"],
+    ),
+    (
+        "tune-choice-repeated",
+        lambda s: (
+            pretrained(s, mode="partial", freeze_depth=1) and s.update(tune={"freeze_depth": ["random", 2, "random"]})
+        ),
+        ["tune.freeze_depth[2]:", "repeats tune.freeze_depth[0] (random)"],
+    ),
+    (
+        "tune-all-and-its-depth",  # resnet18 has 5 blocks: `all` is 5
+        lambda s: pretrained(s, mode="partial", freeze_depth=1) and s.update(tune={"freeze_depth": [5, "all"]}),
+        ["tune.freeze_depth[1]:", "repeats tune.freeze_depth[0] (5)"],
+    ),
+    (
+        "tune-random-needs-partial",  # the other choices' pretrained weights: a search from random init is tune.lr
+        lambda s: s.update(tune={"freeze_depth": ["random"]}),
+        ["tune.freeze_depth:", "needs `model.mode: partial` (got 'architecture')"],
+    ),
+    (
+        "random-is-no-model-freeze-depth",
+        lambda s: pretrained(s, mode="partial", freeze_depth="random"),
+        ["model.freeze_depth:"],
+    ),
+    (
+        "cache-on-with-nothing-frozen-in-any-trial",
+        lambda s: (
+            pretrained(s, mode="partial", freeze_depth=1)
+            and s.update(tune={"freeze_depth": ["random", 0]})
+            or s["train"].update(cache="on")
+        ),
+        ["train.cache:", "nothing is frozen"],
+    ),
+    (
+        "layer-decay-where-only-random-init-trains-blocks",  # `all` trains the head; random ignores the decay
+        lambda s: (
+            pretrained(s, mode="partial", freeze_depth=1)
+            and s.update(tune={"freeze_depth": ["random", "all"]})
+            or s["train"].update(layer_lr_decay=0.5)
+        ),
+        ["train.layer_lr_decay:", "freeze_depth `all` trains only the head"],
+    ),
     ("tune-metric-unreported", lambda s: s.update(tune={"metric": "f1"}), ["tune.metric:", "val_accuracy"]),
     (
         "search-publishes-by-another-metric",
@@ -289,6 +337,23 @@ def test_image_sizes_the_model_runs_at_are_valid(base, arch, weights, image_size
 def test_gpu_shares_that_work_are_valid(base, use_gpu, num_workers, gpus_per_worker):
     base["scaling"] = {"use_gpu": use_gpu, "num_workers": num_workers, "gpus_per_worker": gpus_per_worker}
     assert validate_spec(base).scaling.gpus_per_worker == gpus_per_worker
+
+
+def test_a_search_may_try_random_init_beside_freeze_depths(base):
+    pretrained(base, mode="partial", freeze_depth=2)
+    base["train"].update(epochs=4, unfreeze_every=1, layer_lr_decay=0.5)  # for the pretrained trials
+    base["tune"] = {"num_samples": 5, "freeze_depth": ["random", 0, 2, 4, "all"]}
+    assert validate_spec(base).tune.freeze_depth == ["random", 0, 2, 4, "all"]
+    base["tune"]["num_samples"] = 7  # more trials than choices: the first choices get a second one
+    assert validate_spec(base).tune.num_samples == 7
+
+
+def test_validate_shows_how_many_trials_each_choice_gets(tmp_path, capsys, base):
+    pretrained(base, mode="partial", freeze_depth=2)
+    base["tune"] = {"num_samples": 7, "freeze_depth": ["random", 0, 2, 4, "all"]}
+    code, out, _ = run_cli(capsys, "validate", str(write_spec(tmp_path / "job.yaml", base)))
+    assert code == 0
+    assert "  search: 7 trials, freeze_depth random x2, 0 x2, 2 x1, 4 x1, all x1\n" in out
 
 
 def test_a_search_ranks_and_publishes_by_one_metric(base):

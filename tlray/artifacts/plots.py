@@ -43,7 +43,11 @@ def plot_search_space(results: dict, path: Path) -> None:
     plt = pyplot()
     metric = results["metric"]
     trials = [t for t in results["trials"] if t["metric"] is not None]
-    depths = sorted({str(t["freeze_depth"]) for t in trials}, key=lambda d: (d == "all", int(d) if d.isdigit() else 0))
+    # random init first (nothing pretrained), then the depths from 0 (nothing frozen) up to `all`
+    depths = sorted(
+        {str(t["freeze_depth"]) for t in trials},
+        key=lambda d: (d != "random", d == "all", int(d) if d.isdigit() else 0),
+    )
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     if trials:
         points = ax.scatter(

@@ -1,5 +1,5 @@
-"""`tlray tune SPEC`: search learning rate and freeze depth (the spec's tune section) with Ray Tune, publish
-the best trial's model exactly as `tlray train` would, and write the search's report.
+"""`tlray tune SPEC`: search learning rate and freeze depth, or random init (the spec's tune section), with Ray
+Tune, publish the best trial's model exactly as `tlray train` would, and write the search's report.
 
 It reads like `tlray train` step for step; only 7 (a search instead of one run) and 8 (the search's results,
 confusion matrix and report beside the published model) differ.
@@ -19,7 +19,7 @@ from tlray.flows import steps
 from tlray.flows.scoring import confusion_matrix_of
 from tlray.io import storage
 from tlray.plan import RunPlan
-from tlray.spec import load_spec
+from tlray.spec import RANDOM_INIT, load_spec
 from tlray.training.search import (
     best_trial,
     best_trial_spec,
@@ -63,12 +63,16 @@ def tune(spec_file: str, overrides: Sequence[str] = (), if_data_changed: bool = 
     page = write_search_report(run, plan.endpoint_url)  # report/ is not in the manifest: `tlray report` redraws it
     steps.gate_champion(best_plan.spec, run, plan.data)  # 9. the champion gate
     print(  # 10. what was published
-        f"[tlray] best trial {best['trial']}: lr {best['lr']:.3g}, freeze_depth {best['freeze_depth']}, "
+        f"[tlray] best trial {best['trial']}: lr {best['lr']:.3g}, {choice_name(best['freeze_depth'])}, "
         f"{spec.tune.metric} {best['metric']:.4f}"
     )
     print(f"[tlray] model published to {published.uri}/model")
     print(f"[tlray] report: {page}")
     return published
+
+
+def choice_name(choice) -> str:
+    return "random init" if choice == RANDOM_INIT else f"freeze_depth {choice}"
 
 
 def publish_best_trial(

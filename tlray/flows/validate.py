@@ -26,5 +26,9 @@ def validate(spec_file: str, overrides: Sequence[str] = ()) -> None:
         factor = archs.block_lr_factor(model.arch, i, train.layer_lr_decay)
         rate = f", lr x {factor:.3g}" if train.layer_lr_decay != 1 else ""
         print(f"    {i + 1:>3} {block:<24} {state}{rate}")
+    if spec.tune:  # what `tlray tune` would run: each choice's number of trials
+        counts = {str(choice): spec.trial_choices.count(choice) for choice in spec.trial_choices}
+        tries = ", ".join(f"{choice} x{count}" for choice, count in counts.items())
+        print(f"  search: {spec.tune.num_samples} trials, freeze_depth {tries}")
     print(f"  workers: {spec.scaling.num_workers} x {'GPU' if spec.scaling.use_gpu else 'CPU'}")
     print(f"  output: {spec.job_uri}/runs/{spec.name}-<hash of spec and data>")

@@ -32,7 +32,7 @@ from tlray.errors import UserError, user_error_inside
 from tlray.io import checkpoints, storage
 from tlray.metrics import SEARCH_HISTORY, too_few_classes
 from tlray.plan import RunPlan
-from tlray.spec import JobSpec
+from tlray.spec import RANDOM_INIT, JobSpec
 from tlray.training.trainer import make_trainer, warn_if_no_cpu_left_for_data, worker_resources
 
 TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 64 * 1024**2}  # Tune needs a non-empty request
@@ -69,7 +69,7 @@ def run_search(plan: RunPlan) -> ray.tune.ResultGrid:
             tune_config=ray.tune.TuneConfig(
                 metric=spec.tune.metric,
                 mode=spec.tune.mode,
-                num_samples=samples_per_depth(spec),
+                num_samples=1,  # the grid holds one point per trial (search_space)
                 # the same spec samples the same lrs; the generator caps concurrency, except under hyperband
                 search_alg=BasicVariantGenerator(
                     random_state=spec.train.seed,
@@ -147,6 +147,8 @@ def run_trial(config: dict, plan: RunPlan, trials_at_once: int) -> None:
     """
     trial_id = ray.tune.get_context().get_trial_id()
     trial = plan.for_trial(trial_spec(plan.spec, config), trial_id, trials_at_once)
+    settings = storage.join(trial.checkpoints_uri, TRIAL_FILE)
+    storage.write_json(settings, trial_settings(trial, config["freeze_depth"]), trial.endpoint_url)
     drop_epochs_tune_never_saw(trial.checkpoints_uri, trial.endpoint_url)
     reports = ray.util.queue.Queue(actor_options={"num_cpus": 0})  # unbounded: a worker's put never waits
     trainer = make_trainer(trial, epoch_queue=reports)
@@ -172,6 +174,7 @@ def run_trial(config: dict, plan: RunPlan, trials_at_once: int) -> None:
 
 
 REPORTED_FILE = "tune_reported.json"  # beside a trial's checkpoints: the last epoch handed to Tune
+TRIAL_FILE = "trial.json"  # beside a trial's checkpoints: what it trains with (trial_settings)
 
 
 def drop_epochs_tune_never_saw(checkpoints_uri: str, endpoint_url: str | None) -> None:
@@ -198,31 +201,47 @@ def drop_epochs_tune_never_saw(checkpoints_uri: str, endpoint_url: str | None) -
 # ---------------------------------------------------------------------------------------
 # The search space and its schedule
 # ---------------------------------------------------------------------------------------
-def samples_per_depth(spec: JobSpec) -> int:
-    """Freeze depths are a grid; `num_samples` is shared out over it (rounded up)."""
-    depths = spec.tune.freeze_depth
-    return math.ceil(spec.tune.num_samples / len(depths)) if depths else spec.tune.num_samples
-
-
 def trial_count(spec: JobSpec) -> int:
-    return samples_per_depth(spec) * len(spec.tune.freeze_depth or [None])
+    return spec.tune.num_samples
 
 
 def search_space(spec: JobSpec) -> dict:
+    """One grid point per trial (Tune's grid_search keeps a list's repeats), each with its own lr sample: with
+    `num_samples: 1` in the TuneConfig, Tune runs exactly `spec.trial_choices`. The searcher's state (its trials and
+    random state) is saved with the search, so a resumed search runs the same trials."""
     lr = spec.tune.lr
-    depths = spec.tune.freeze_depth
     return {
         "lr": ray.tune.loguniform(lr.min, lr.max) if lr else spec.train.lr,
-        "freeze_depth": ray.tune.grid_search(depths) if depths else spec.model.freeze_depth,
+        "freeze_depth": ray.tune.grid_search(spec.trial_choices),
     }
 
 
 def trial_spec(spec: JobSpec, config: dict) -> JobSpec:
+    """The search's spec with one trial's lr and choice. `random`: the architecture alone, as `mode: architecture`
+    trains it: no weights, nothing frozen (so nothing to unfreeze), and every block at train.lr, since
+    layer_lr_decay spares what pretraining taught the input-side blocks, and random init taught them nothing."""
     data = spec.model_dump(mode="json")
     data["train"]["lr"] = float(config["lr"])
-    if spec.model.mode == "partial":
+    if config["freeze_depth"] == RANDOM_INIT:
+        data["model"].update(mode="architecture", weights="none", freeze_depth=None)
+        data["train"].update(unfreeze_every=None, unfreeze_to=0, layer_lr_decay=1.0)
+    elif spec.model.mode == "partial":
         data["model"]["freeze_depth"] = config["freeze_depth"]
     return JobSpec.model_validate(data)
+
+
+def trial_settings(trial: RunPlan, choice) -> dict:
+    """What a trial trains with, resolved: written to `<run>/trials/<trial id>/trial.json`."""
+    spec = trial.spec
+    return {
+        "choice": choice,
+        "mode": spec.model.mode,
+        "weights": spec.model.builder_weights,
+        "weights_identity": trial.weights.identity if trial.weights else None,
+        "freeze_depth": spec.freeze_depth,
+        "frozen_blocks": trial.freeze.frozen_blocks,
+        "lr": spec.train.lr,
+    }
 
 
 def scheduler_name(spec: JobSpec) -> str:

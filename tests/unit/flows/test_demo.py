@@ -37,9 +37,10 @@ def test_every_target_runs_in_the_three_modes_at_several_depths(tmp_path, target
 def test_the_search_keeps_the_target_specs_tune_section_and_quick_shrinks_it(tmp_path):
     target = demo.TARGETS[0]
     full = demo.job_spec(plan(tmp_path), target.spec, "/images", "model.weights=/w.pt")
-    assert full.tune.freeze_depth == [0, 2, 4, "all"] and full.tune.num_samples == 4 and full.train.epochs == 8
+    assert full.tune.freeze_depth == ["random", 0, 2, 4, "all"] and full.tune.num_samples == 5
+    assert full.train.epochs == 8
     quick = demo.job_spec(plan(tmp_path, quick=True), target.spec, "/images", "model.weights=/w.pt")
-    assert (quick.tune.freeze_depth, quick.tune.num_samples, quick.tune.grace_period) == ([0, "all"], 2, 1)
+    assert (quick.tune.freeze_depth, quick.tune.num_samples, quick.tune.grace_period) == (["random", "all"], 2, 1)
     assert quick.train.epochs == 2
     source = demo.job_spec(plan(tmp_path, quick=True), target.source_spec, "/images", "tune=null")
     assert (source.model.mode, source.tune, source.train.epochs) == ("architecture", None, 2)
@@ -64,11 +65,13 @@ def test_with_s3_every_job_reads_and_writes_the_loopback_store(tmp_path, s3_env,
 def test_the_table_has_a_row_per_job(tmp_path):
     row = demo.Row("new domain", "partial", 2, 11024138, 0.8577, 15.84, 34.2, "/r", 0.001, [0.5, 0.8577])
     tune = demo.dataclasses.replace(row, mode="tune", lr=0.00056)
-    assert demo.table([row, tune]).splitlines() == [
+    picked_random = demo.dataclasses.replace(row, mode="tune", freeze_depth=0, lr=0.0021, random_init=True)
+    assert demo.table([row, tune, picked_random]).splitlines() == [
         "| target | mode | freeze depth | trainable params | val accuracy | train s | wall s |",
         "|---|---|---|---|---|---|---|",
         "| new domain | partial | 2 | 11,024,138 | 0.858 | 15.8 | 34 |",
         "| new domain | tune (lr 0.00056) | 2 | 11,024,138 | 0.858 | 15.8 | 34 |",
+        "| new domain | tune (lr 0.0021, random init) | 0 | 11,024,138 | 0.858 | 15.8 | 34 |",
     ]
 
 

@@ -553,6 +553,19 @@ def test_render_warns_about_local_paths_and_refuses_a_bad_spec(tmp_path, capsys)
     assert out == "" and "train.epochs" in err
 
 
+def test_the_cpu_dev_overlays_scaled_down_search_is_a_valid_spec():
+    """Its entrypoints shrink jobs/pets-s3.yaml with --set: the result must pass `tlray validate` (a search
+    needs a trial per tune.freeze_depth choice)."""
+    import shlex
+
+    for name in ("rayjob.yaml", "raycronjob.yaml"):
+        (patch,) = yaml.safe_load((ROOT / "k8s" / "overlays" / "cpu-dev" / name).read_text())[:1]
+        words = shlex.split(patch["value"])
+        overrides = [words[i + 1] for i, word in enumerate(words) if word == "--set"]
+        spec = load_spec(ROOT / "jobs" / "pets-s3.yaml", overrides)
+        assert (spec.tune.num_samples, spec.trial_choices, spec.scaling.use_gpu) == (2, [1, 4], False), name
+
+
 @pytest.mark.parametrize("overlay", ["cpu-dev", "gpu-prod"])
 def test_scheduled_runs_retrain_only_when_the_data_changed(overlay, tmp_path, capsys):
     pets = ROOT / "jobs" / "pets-s3.yaml"
