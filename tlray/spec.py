@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tlray import archs, names
 from tlray.errors import UserError
@@ -332,12 +332,11 @@ class MlflowSpec(_Section):
         "run; otherwise the registry points at the published model in `output.uri`.",
     )
 
-    @model_validator(mode="after")
-    def _uri_from_environment(self) -> MlflowSpec:
-        # resolved where the spec is loaded (the driver): the workers get the plan's spec, not this environment
-        if self.uri is None:
-            self.uri = os.environ.get("MLFLOW_TRACKING_URI") or None
-        return self
+    @property
+    def server(self) -> str | None:
+        """`uri`, else MLFLOW_TRACKING_URI, read where it is asked: validate, and the driver, which hands the
+        workers the MLflow run itself. The spec keeps `uri` as written (render copies it into the cluster)."""
+        return self.uri or os.environ.get("MLFLOW_TRACKING_URI") or None
 
 
 class TrackingSpec(_Section):
@@ -716,13 +715,16 @@ def _tracking_server_known(tracking: TrackingSpec):
     mlflow = tracking.mlflow
     if mlflow is None:
         return
-    if not mlflow.uri:
+    if not mlflow.server:
         yield Problem(
             "tracking.mlflow.uri",
             "no tracking server: set it (e.g. `http://mlflow:5000`) or the MLFLOW_TRACKING_URI environment variable",
         )
-    elif not re.match(r"^https?://[^/:]+", mlflow.uri):
-        yield Problem("tracking.mlflow.uri", f"'{mlflow.uri}': tlray talks to a tracking server over http(s):// only")
+    elif not re.match(r"^https?://[^/:]+", mlflow.server):
+        where = "" if mlflow.uri else " (from MLFLOW_TRACKING_URI)"
+        yield Problem(
+            "tracking.mlflow.uri", f"'{mlflow.server}'{where}: tlray talks to a tracking server over http(s):// only"
+        )
 
 
 @rule("tune", "train")

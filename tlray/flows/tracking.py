@@ -29,13 +29,13 @@ WEIGHT_FILES = ("model/model.pt2", "model/state_dict.pt")
 def start(plan: RunPlan, command: str) -> RunPlan:
     """The plan with its MLflow run (a search's: the parent of its trials' runs); as it was when untracked."""
     settings = plan.spec.tracking.mlflow
-    if settings is None or not settings.uri:
+    if settings is None or not settings.server:
         return plan
-    experiment = mlflow.experiment_id(settings.uri, settings.experiment or plan.spec.name)
+    experiment = mlflow.experiment_id(settings.server, settings.experiment or plan.spec.name)
     if experiment is None:
         return plan
     tags = {"tlray.run_uri": plan.run_uri, "tlray.command": command, "tlray.job": plan.spec.name}
-    run = mlflow.start_run(settings.uri, experiment, plan.run_id, plan.run_id, tags)
+    run = mlflow.start_run(settings.server, experiment, plan.run_id, plan.run_id, tags)
     if run is None:
         return plan
     run.log_params(plan.tracking_params())

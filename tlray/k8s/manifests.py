@@ -204,8 +204,7 @@ def egress_ports(spec: JobSpec, options: ClusterOptions = ClusterOptions()) -> l
 
 def tracking_uri(spec: JobSpec) -> str | None:
     """tracking.mlflow.uri as the spec file sets it; the render machine's MLFLOW_TRACKING_URI is not the pod's."""
-    mlflow = spec.tracking.mlflow
-    return mlflow.uri if mlflow is not None and "uri" in mlflow.model_fields_set else None
+    return spec.tracking.mlflow.uri if spec.tracking.mlflow is not None else None
 
 
 def url_port(url: str, key: str = "dataset.endpoint_url") -> int:
