@@ -163,3 +163,33 @@ class Relay:
         for s in self.sockets:
             with contextlib.suppress(OSError):
                 s.close()
+
+
+# ---------------------------------------------------------------------------------------
+# What a test reads back from the server (through tlray's client: the server's own REST API)
+# ---------------------------------------------------------------------------------------
+def tracked_runs(uri: str, experiment: str, tags: dict[str, str] | None = None) -> list[dict]:
+    """The runs of the experiment (by name) with these tags: each {"info", "data"} as MLflow gives it."""
+    from tlray.io import mlflow
+
+    experiment_id = mlflow.experiment_id(uri, experiment)
+    return mlflow.find_runs(uri, experiment_id, tags or {})
+
+
+def metric_steps(uri: str, run_id: str, key: str) -> dict[int, list[float]]:
+    """Every value logged for `key`, by step."""
+    from tlray.io import mlflow
+
+    answer = mlflow.Client(uri).call("GET", "metrics/get-history", query={"run_id": run_id, "metric_key": key})
+    steps: dict[int, list[float]] = {}
+    for point in answer.get("metrics", []):
+        steps.setdefault(point["step"], []).append(point["value"])
+    return dict(sorted(steps.items()))
+
+
+def params_of(run: dict) -> dict[str, str]:
+    return {p["key"]: p["value"] for p in run["data"].get("params", [])}
+
+
+def tags_of(run: dict) -> dict[str, str]:
+    return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
