@@ -12,6 +12,7 @@ The tlray run is found again by its tag `tlray.run_id`: a resumed run logs into 
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import time
@@ -85,7 +86,7 @@ class Client:
                     error = {}
                 raise ApiError(exc.code, error.get("error_code", ""), error.get("message", text[:200])) from None
             raise self._turn_off(f"HTTP {exc.code}") from None
-        except (OSError, ValueError) as exc:  # refused, reset, timed out (socket.timeout is an OSError), bad URL
+        except (OSError, ValueError, http.client.HTTPException) as exc:  # refused, reset, timed out, cut short
             raise self._turn_off(f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}") from None
 
     def _turn_off(self, why: str) -> Unreachable:
