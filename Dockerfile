@@ -43,6 +43,8 @@ RUN pip install --index-url "${TORCH_INDEX}" \
 
 # tlray's dependencies from pyproject.toml, held to the Ray, torch and torchvision already installed:
 # otherwise a range in pyproject.toml could swap in another torch build (another CUDA) from PyPI.
+# MLflow tracking (`tracking.mlflow`) needs nothing here: tlray's client is the standard library on MLflow's
+# REST API (tlray/io/mlflow.py); the `mlflow` package is a dev extra, for the tests' tracking server.
 COPY --chown=1000:100 pyproject.toml /home/ray/tlray-src/
 RUN python -c "import tomllib; print('\\n'.join(tomllib.load(open('/home/ray/tlray-src/pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mlflow_fixtures import mlflow_server  # noqa: F401 — pytest fixtures
 from s3_fixtures import flaky_s3, s3_bucket, s3_env, s3_server  # noqa: F401 — pytest fixtures
 
 # Nothing leaves the machine: no usage statistics, and every Ray socket on loopback.

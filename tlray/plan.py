@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ from tlray.archs import ModelError
 from tlray.data.pipeline import DataSource
 from tlray.data.preprocessing import Preprocessing
 from tlray.io import storage
+from tlray.io.mlflow import TrackedRun, flatten
 from tlray.models.build import build_model, torchvision_weights, weights_enum
 from tlray.models.freeze import FreezeSummary, freeze
 from tlray.spec import JobSpec
@@ -46,6 +48,14 @@ class RunPlan:
     data: DataSource  # the dataset's keys in Ray's object store, and how to read them
     checkpoints_uri: str  # this trainer's Ray Train storage: <run>/train, or a trial's <run>/trials/<trial id>
     runs_at_once: int = 1  # trainers sharing the cluster (a search's concurrent trials)
+    tracking: TrackedRun | None = None  # the MLflow run it logs to (a search's, then each trial's own); None: none
+
+    def tracking_params(self) -> dict[str, Any]:
+        """What its MLflow run records as params: the resolved spec as dotted keys (`train.lr`; `tracking` is not
+        part of the run), the identity of the starting weights and the data's fingerprint."""
+        spec = self.spec.model_dump(mode="json", exclude={"tracking"})
+        identity = self.weights.identity if self.weights else "none"
+        return {**flatten(spec), "weights_identity": identity, "data_fingerprint": self.data.fingerprint}
 
     @property
     def run_id(self) -> str:

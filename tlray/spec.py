@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 import re
 import types
 import typing
@@ -361,6 +362,34 @@ class OutputSpec(_Section):
     )
 
 
+class MlflowSpec(_Section):
+    uri: str | None = Field(
+        None,
+        description="The MLflow tracking server, e.g. `http://mlflow:5000` (its REST API; artifacts go through its "
+        "proxy, the default of `mlflow server`); default: the MLFLOW_TRACKING_URI environment variable.",
+    )
+    experiment: str | None = Field(None, description="The MLflow experiment the runs go to; default: the job's name.")
+    log_weights: bool = Field(
+        False,
+        description="Also upload the published model's files (model.pt2, state_dict.pt) as artifacts of the MLflow "
+        "run; otherwise the registry points at the published model in `output.uri`.",
+    )
+
+    @property
+    def server(self) -> str | None:
+        """`uri`, else MLFLOW_TRACKING_URI, read where it is asked: validate, and the driver, which hands the
+        workers the MLflow run itself. The spec keeps `uri` as written (render copies it into the cluster)."""
+        return self.uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+class TrackingSpec(_Section):
+    mlflow: MlflowSpec | None = Field(
+        None,
+        description="Log runs, metrics and published models to MLflow, and register each published model "
+        "(alias `champion` on the gate's champion). A server that is down never stops a run.",
+    )
+
+
 class JobSpec(_Section):
     name: str = Field(
         description=f"Job name: it names run folders and Kubernetes objects, so a DNS-1035 label (lowercase "
@@ -377,6 +406,10 @@ class JobSpec(_Section):
     output: OutputSpec = Field(description="Where the results go.")
     publish: PublishSpec = Field(
         default_factory=PublishSpec, description="Champion gate: which finished runs `latest.json` points at."
+    )
+    tracking: TrackingSpec = Field(
+        default_factory=TrackingSpec,
+        description="Experiment tracking beside the run's own record; not part of the run's identity (its id).",
     )
 
     @field_validator("name")
@@ -416,8 +449,9 @@ class JobSpec(_Section):
 
     @property
     def fingerprint(self) -> str:
-        """Short hash of the whole spec."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """Short hash of the whole spec but `tracking`: where a run is logged does not make it another run
+        (a resumed run with tracking added goes on from its checkpoints)."""
+        canonical = json.dumps(self.model_dump(mode="json", exclude={"tracking"}), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:8]
 
     def run_id_for(self, command: str, data_fingerprint: str) -> str:
@@ -777,6 +811,23 @@ def _min_improvement_needs_gate(publish: PublishSpec):
         yield Problem("publish.min_improvement", f"only used with `policy: gate` (policy is '{publish.policy}')")
 
 
+@rule("tracking")
+def _tracking_server_known(tracking: TrackingSpec):
+    mlflow = tracking.mlflow
+    if mlflow is None:
+        return
+    if not mlflow.server:
+        yield Problem(
+            "tracking.mlflow.uri",
+            "no tracking server: set it (e.g. `http://mlflow:5000`) or the MLFLOW_TRACKING_URI environment variable",
+        )
+    elif not re.match(r"^https?://[^/:]+", mlflow.server):
+        where = "" if mlflow.uri else " (from MLFLOW_TRACKING_URI)"
+        yield Problem(
+            "tracking.mlflow.uri", f"'{mlflow.server}'{where}: tlray talks to a tracking server over http(s):// only"
+        )
+
+
 @rule("tune", "train")
 def _grace_period_within_epochs(tune: TuneSpec | None, train: TrainSpec):
     if tune and tune.grace_period > train.epochs:
@@ -903,7 +954,8 @@ def _problem_from_pydantic(err: dict[str, Any]) -> Problem:
 
 def _is_union_tag(part: Any) -> bool:
     # pydantic adds the union member it tried ("int", "literal['all']") to the location
-    return isinstance(part, str) and (part in ("int", "float", "str", "bool", "LrRange", "TuneSpec") or "[" in part)
+    tags = ("int", "float", "str", "bool", "LrRange", "TuneSpec", "MlflowSpec")
+    return isinstance(part, str) and (part in tags or "[" in part)
 
 
 def _dotted(loc: list[Any]) -> str:

@@ -20,12 +20,14 @@ from tlray.cli import main
 from tlray.data.index import build_index
 from tlray.data.order import train_rows
 from tlray.data.pipeline import open_rgb
+from tlray.io import mlflow
 from tlray.metrics import select_epoch
 from tlray.models import build
 from tlray.plan import preprocessing as preprocessing_for
 from tlray.spec import load_spec
 
 from conftest import RAY_INTERNALS, Driver, spec_dict, write_image_folder, write_spec
+from mlflow_fixtures import metric_steps, params_of, tags_of, tracked_runs
 
 pytestmark = pytest.mark.slow
 
@@ -37,20 +39,23 @@ def run_dir(spec_path: Path, command: str = "train") -> Path:
     return Path(run_uri(spec, build_index(spec.dataset), command))
 
 
-def test_two_worker_run_exports_a_model_plain_pytorch_loads(tmp_path, capsys):
+def test_two_worker_run_exports_a_model_plain_pytorch_loads(tmp_path, capsys, mlflow_server):
     data = write_image_folder(tmp_path / "images", classes=3, per_class=12)
     spec_path = write_spec(
         tmp_path / "job.yaml",
         spec_dict(
             str(data),
             str(tmp_path / "out"),
+            name="tiny-tracked",
             scaling={"num_workers": 2, "cpus_per_worker": 0.5},
             train={"epochs": 2, "batch_size": 4},
+            tracking={"mlflow": {"uri": mlflow_server}},
         ),
     )
     assert main(["train", str(spec_path)]) == 0
     out = capsys.readouterr().out
     assert "model published to" in out and "val_accuracy" in out
+    check_tracked(mlflow_server, run_dir(spec_path))
 
     run = run_dir(spec_path)
     metadata = json.loads((run / "metadata.json").read_text())
@@ -87,6 +92,26 @@ def test_two_worker_run_exports_a_model_plain_pytorch_loads(tmp_path, capsys):
     exported = torch.tensor(json.loads(done.stdout.strip().splitlines()[-1]))
     assert torch.allclose(exported, expected, atol=1e-4)
     assert torch.equal(exported.argmax(1), expected.argmax(1))
+
+
+def check_tracked(uri: str, run: Path) -> None:
+    """The run in MLflow: named by its run id, every epoch's metrics at its step, the spec as params, the
+    published files as artifacts, and its model the registered `champion` (the job's first)."""
+    metadata = json.loads((run / "metadata.json").read_text())
+    history = json.loads((run / "metrics.json").read_text())["history"]
+    (tracked,) = tracked_runs(uri, "tiny-tracked", {"tlray.run_id": run.name})
+    assert tracked["info"]["run_name"] == run.name and tracked["info"]["status"] == "FINISHED"
+    for key in ("val_accuracy", "train_loss"):
+        assert metric_steps(uri, tracked["info"]["run_id"], key) == {h["epoch"]: [h[key]] for h in history}
+    params = params_of(tracked)
+    assert (params["scaling.num_workers"], params["train.epochs"], params["model.arch"]) == ("2", "2", "resnet18")
+    assert (params["data_fingerprint"], params["weights_identity"]) == (metadata["dataset"]["fingerprint"], "none")
+    assert tags_of(tracked)["tlray.model_uri"] == str(run / "model")
+    listed = mlflow.Client(uri).call("GET", "artifacts/list", query={"run_id": tracked["info"]["run_id"]})
+    assert {f["path"] for f in listed["files"]} == {"metadata.json", "MANIFEST.json"}
+    query = {"name": "tiny-tracked", "alias": "champion"}
+    champion = mlflow.Client(uri).call("GET", "registered-models/alias", query=query)["model_version"]
+    assert (champion["version"], champion["run_id"]) == ("1", tracked["info"]["run_id"])
 
 
 def test_run_terminated_after_first_epoch_resumes_from_its_checkpoint_and_frozen_prefix_cache(tmp_path):

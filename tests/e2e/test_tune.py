@@ -17,11 +17,13 @@ from tlray.artifacts.export import run_uri
 from tlray.cli import main
 from tlray.data.index import build_index
 from tlray.data.pipeline import open_rgb
+from tlray.io import mlflow
 from tlray.models import build, layout
 from tlray.plan import preprocessing as preprocessing_for
 from tlray.spec import load_spec
 
 from conftest import Driver, spec_dict, write_image_folder, write_spec
+from mlflow_fixtures import metric_steps, params_of, tags_of, tracked_runs
 
 pytestmark = pytest.mark.slow
 
@@ -277,7 +279,7 @@ def test_make_scheduler_builds_hyperband_from_the_spec(tmp_path):
     )
 
 
-def test_hyperband_search_stops_one_trial_at_its_rung_and_publishes_a_fully_trained_one(tmp_path):
+def test_hyperband_search_stops_one_trial_at_its_rung_and_publishes_a_fully_trained_one(tmp_path, mlflow_server):
     # 2 epochs, factor 2: HyperBand puts 2 trials in a bracket that runs both 2 epochs, and 2 in one that
     # pauses the first at epoch 1 until the other gets there, then lets the better one go on. val_loss has
     # no ties, so the trial stopped at epoch 1 (worse than the one that went on) cannot rank first.
@@ -290,7 +292,8 @@ def test_hyperband_search_stops_one_trial_at_its_rung_and_publishes_a_fully_trai
             metric="val_loss",
             mode="min",
             freeze_depth=["random", 1, "all"],  # 4 trials: random init's twice
-        )
+        ),
+        tracking={"mlflow": {"uri": mlflow_server, "experiment": "hyperband"}},
     )
     assert main(["tune", str(spec_path)]) == 0
 
@@ -309,11 +312,35 @@ def test_hyperband_search_stops_one_trial_at_its_rung_and_publishes_a_fully_trai
     assert (run / "model" / "model.pt2").stat().st_size > 0
     check_trial_choices(run, load_spec(spec_path), trials)
     check_published_trial(run, load_spec(spec_path), best)
+    check_tracked_search(mlflow_server, run, trials)
 
 
-def two_epochs(spec_path: Path) -> Path:
+def check_tracked_search(uri: str, run: Path, trials: list[dict]) -> None:
+    """The search in MLflow: a parent run with the best trial, one finished child per trial with the epochs
+    Tune saw at their steps (a trial paused at its rung may log an epoch it trains again twice), and the
+    published model the registered `champion`."""
+    (parent,) = tracked_runs(uri, "hyperband", {"tlray.run_id": run.name})
+    parent_id = parent["info"]["run_id"]
+    assert tags_of(parent)["tlray.best_trial"] == trials[0]["trial"]
+    assert params_of(parent)["tune.scheduler"] == "hyperband"
+    children = {tags_of(c)["tlray.trial"]: c for c in tracked_runs(uri, "hyperband", {"mlflow.parentRunId": parent_id})}
+    assert sorted(children) == sorted(t["trial"] for t in trials)
+    for t in trials:
+        child = children[t["trial"]]
+        assert child["info"]["status"] == "FINISHED"
+        assert float(params_of(child)["train.lr"]) == pytest.approx(t["lr"])
+        logged = metric_steps(uri, child["info"]["run_id"], "val_loss")
+        assert sorted(logged) == [h["epoch"] for h in t["history"]]
+        for h in t["history"]:
+            assert h["val_loss"] in logged[h["epoch"]]
+    champion = mlflow.Client(uri).call("GET", "registered-models/alias", query={"name": "tiny", "alias": "champion"})
+    assert champion["model_version"]["run_id"] == parent_id
+
+
+def two_epochs(spec_path: Path, **sections) -> Path:
     import yaml
 
     spec = yaml.safe_load(spec_path.read_text())
     spec["train"]["epochs"] = 2
+    spec.update(sections)
     return write_spec(spec_path, spec)

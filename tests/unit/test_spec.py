@@ -443,3 +443,28 @@ def test_unfreezing_from_the_head_with_layer_decay_is_valid_and_validate_shows_w
     assert "  3 layer2                   frozen, lr x 0.125" in out
     assert "  4 layer3                   unfreezes at epoch 5, lr x 0.25" in out
     assert "  5 layer4                   unfreezes at epoch 3, lr x 0.5" in out
+
+
+def test_tracking_is_not_part_of_the_run_and_needs_a_server(tmp_path, capsys, base, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    plain = JobSpec.model_validate(base)
+    tracked = JobSpec.model_validate({**base, "tracking": {"mlflow": {"uri": "http://mlflow:5000"}}})
+    assert tracked.run_id_for("train", "data") == plain.run_id_for("train", "data")  # tracking added: same run
+    assert (tracked.tracking.mlflow.experiment, tracked.tracking.mlflow.log_weights) == (None, False)
+
+    path = write_spec(tmp_path / "job.yaml", {**base, "tracking": {"mlflow": {}}})
+    code, _, err = run_cli(capsys, "validate", str(path))
+    assert code == 2
+    assert "tracking.mlflow.uri: no tracking server: set it (e.g. `http://mlflow:5000`) or the MLFLOW_TRACKING" in err
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
+    from_environment = load_spec(path).tracking.mlflow
+    assert (from_environment.uri, from_environment.server) == (None, "http://tracking.example:5000")
+    assert load_spec(path, ["tracking.mlflow.uri=http://other:80"]).tracking.mlflow.server == "http://other:80"
+
+    for mlflow, expected in (
+        ({"uri": "databricks"}, "tracking.mlflow.uri: 'databricks': tlray talks to a tracking server over http(s)"),
+        ({"url": "http://x:5000"}, "tracking.mlflow.url: unknown key; did you mean 'uri'?"),
+    ):
+        path = write_spec(tmp_path / "job.yaml", {**base, "tracking": {"mlflow": mlflow}})
+        code, _, err = run_cli(capsys, "validate", str(path))
+        assert code == 2 and expected in err, err

@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 
 from tlray.artifacts.export import PublishedRun, publish, run_uri
-from tlray.flows import steps
+from tlray.flows import steps, tracking
 from tlray.spec import load_spec
 from tlray.training.trainer import fit, load_selected_checkpoint
 
@@ -27,14 +27,19 @@ def train(spec_file: str, overrides: Sequence[str] = (), if_data_changed: bool =
     run = run_uri(spec, index)
     steps.join_cluster(spec, index, run)  # 5. the cluster
     print(f"[tlray] run {run.rsplit('/', 1)[-1]}: checkpoints and model under {run}")
-    plan = steps.run_plan(spec, index, run, model)  # 6. the run plan
+    plan = tracking.start(steps.run_plan(spec, index, run, model), "train")  # 6. the run plan, its MLflow run
     started = time.perf_counter()
-    fit(plan)  # 7. fine-tune on Ray Train workers, data streamed by Ray Data
+    try:
+        fit(plan)  # 7. fine-tune on Ray Train workers, data streamed by Ray Data
+    except BaseException as error:
+        tracking.end_interrupted(plan, error)
+        raise
     print(f"[tlray] trained in {time.perf_counter() - started:.1f} s", flush=True)
     # 8. publish the best epoch of every sealed one: export, describe, MANIFEST last
     state, history = load_selected_checkpoint(plan.checkpoints_uri, spec.dataset.endpoint_url, spec.train.select_metric)
     published = publish(plan, model, state, history=history)
-    steps.gate_champion(spec, run, plan.data)  # 9. the champion gate
+    decision = steps.gate_champion(spec, run, plan.data)  # 9. the champion gate
+    tracking.record_published(plan, decision)  # ... and MLflow's registry follows it
     print(f"[tlray] model published to {published.uri}/model")  # 10. what was published
     print(f"[tlray] val_accuracy {published.metrics['val_accuracy']:.4f} after {published.metrics['epoch']} epochs")
     return published

@@ -15,7 +15,7 @@ from tlray.artifacts.export import PublishedRun, publish, published_run, run_uri
 from tlray.artifacts.manifest import is_sealed, write_manifest
 from tlray.artifacts.search_report import write_search_report
 from tlray.errors import UserError
-from tlray.flows import steps
+from tlray.flows import steps, tracking
 from tlray.flows.scoring import confusion_matrix_of
 from tlray.io import storage
 from tlray.plan import RunPlan
@@ -51,17 +51,23 @@ def tune(spec_file: str, overrides: Sequence[str] = (), if_data_changed: bool = 
     run = run_uri(spec, index, "tune")
     steps.join_cluster(spec, index, run)  # 5. the cluster
     print(f"[tlray] search {run.rsplit('/', 1)[-1]}: trials, results, report and best model under {run}")
-    plan = steps.run_plan(spec, index, run, model)  # 6. the run plan, each trial's from it
-    grid = run_search(plan)  # 7. one TorchTrainer per trial, ASHA stops weak ones
-    raise_if_interrupted(grid, spec)  # Ctrl-C: nothing is published, the same command resumes
-    raise_if_no_trial_finished(grid)
+    plan = tracking.start(steps.run_plan(spec, index, run, model), "tune")  # 6. the run plan, each trial's from it
+    try:
+        grid = run_search(plan)  # 7. one TorchTrainer per trial, ASHA stops weak ones
+        raise_if_interrupted(grid, spec)  # Ctrl-C: nothing is published, the same command resumes
+        raise_if_no_trial_finished(grid)
+    except BaseException as error:
+        tracking.end_interrupted(plan, error)
+        raise
     rows = result_rows(grid, spec)
     print(results_table(rows, spec))
     best = best_trial(rows)
     best_plan = plan.for_best_trial(best_trial_spec(spec, best), model, best["trial"])
     published = publish_best_trial(plan, best_plan, model, rows, best)  # 8. publish the best trial, and report
     page = write_search_report(run, plan.endpoint_url)  # report/ is not in the manifest: `tlray report` redraws it
-    steps.gate_champion(best_plan.spec, run, plan.data)  # 9. the champion gate
+    tracking.record_search(plan, rows, best)  # the parent MLflow run: best trial, results table
+    decision = steps.gate_champion(best_plan.spec, run, plan.data)  # 9. the champion gate
+    tracking.record_published(plan, decision)  # ... and MLflow's registry follows it
     print(  # 10. what was published
         f"[tlray] best trial {best['trial']}: lr {best['lr']:.3g}, {choice_name(best['freeze_depth'])}, "
         f"{spec.tune.metric} {best['metric']:.4f}"

@@ -181,13 +181,20 @@ def render(
 
 
 def egress_ports(spec: JobSpec, options: ClusterOptions = ClusterOptions()) -> list[tuple[int, str]]:
-    """(TCP port, why) of every store the pods talk to beyond 443, which is open anyway: the port of
-    dataset.endpoint_url (the one endpoint of every s3:// URI of the job), then --egress-port."""
+    """(TCP port, why) of every server the pods talk to beyond 443, which is open anyway: the port of
+    dataset.endpoint_url (the one endpoint of every s3:// URI of the job), of tracking.mlflow.uri (the tracking
+    server, written in the spec: one taken from MLFLOW_TRACKING_URI in the pod needs --egress-port), then
+    --egress-port."""
     wanted: list[tuple[int, str]] = []
     if spec.dataset.endpoint_url:
-        port = url_port(spec.dataset.endpoint_url)
+        port = url_port(spec.dataset.endpoint_url, "dataset.endpoint_url")
         if port != HTTPS_PORT:
             wanted.append((port, f"dataset.endpoint_url {spec.dataset.endpoint_url} (data, weights, output)"))
+    tracking = tracking_uri(spec)
+    if tracking:
+        port = url_port(tracking, "tracking.mlflow.uri")
+        if port != HTTPS_PORT:
+            wanted.append((port, f"tracking.mlflow.uri {tracking} (the MLflow tracking server)"))
     wanted += [(port, "--egress-port") for port in options.egress_ports if port != HTTPS_PORT]
     first_reason: dict[int, str] = {}
     for port, why in wanted:
@@ -195,15 +202,20 @@ def egress_ports(spec: JobSpec, options: ClusterOptions = ClusterOptions()) -> l
     return list(first_reason.items())
 
 
-def url_port(url: str) -> int:
-    """The URL's port; without one, 80 for http and 443 for https."""
+def tracking_uri(spec: JobSpec) -> str | None:
+    """tracking.mlflow.uri as the spec file sets it; the render machine's MLFLOW_TRACKING_URI is not the pod's."""
+    return spec.tracking.mlflow.uri if spec.tracking.mlflow is not None else None
+
+
+def url_port(url: str, key: str = "dataset.endpoint_url") -> int:
+    """The URL's port; without one, 80 for http and 443 for https. `key`: the spec key it comes from."""
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
     try:
         explicit = parts.port
     except ValueError:
-        raise UserError(f"dataset.endpoint_url: '{url}' has no valid port") from None
+        raise UserError(f"{key}: '{url}' has no valid port") from None
     return explicit or (80 if parts.scheme == "http" else HTTPS_PORT)
 
 
@@ -219,6 +231,9 @@ def egress_notes(spec: JobSpec, options: ClusterOptions = ClusterOptions()) -> l
     opened = [f"egress to TCP {port} opened for {why}" for port, why in egress_ports(spec, options)]
     if spec.dataset.endpoint_url and url_port(spec.dataset.endpoint_url) == HTTPS_PORT:
         opened.append(f"dataset.endpoint_url {spec.dataset.endpoint_url} is on 443, which is open already")
+    tracking = tracking_uri(spec)
+    if tracking and url_port(tracking, "tracking.mlflow.uri") == HTTPS_PORT:
+        opened.append(f"tracking.mlflow.uri {tracking} is on 443, which is open already")
     return opened
 
 

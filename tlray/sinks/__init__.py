@@ -16,6 +16,7 @@ from typing import Any, Protocol
 SINKS = {  # name -> "module:class", opened in this order
     "tune": "tlray.sinks.tune_queue:TuneQueueSink",  # first: the search decides on the epoch meanwhile
     "console": "tlray.sinks.console:ConsoleSink",
+    "mlflow": "tlray.sinks.mlflow:MlflowSink",
 }
 
 
@@ -26,6 +27,7 @@ class SinkContext:
     trial: str | None  # the search trial this run trains (its id), None for `tlray train`
     epochs: int  # train.epochs: the run's last epoch
     epoch_queue: Any = None  # a search trial's ray.util.queue.Queue, which its driver hands on to Tune
+    tracking: Any = None  # the run's MLflow run (tlray.io.mlflow.TrackedRun, the plan's), None when untracked
 
 
 class MetricsSink(Protocol):

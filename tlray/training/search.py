@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import math
 import os
@@ -29,7 +30,7 @@ from tlray.compat import ray as compat_ray
 from tlray.console import say
 from tlray.data.index import DatasetIndex
 from tlray.errors import UserError, user_error_inside
-from tlray.io import checkpoints, storage
+from tlray.io import checkpoints, mlflow, storage
 from tlray.metrics import SEARCH_HISTORY, too_few_classes
 from tlray.plan import RunPlan
 from tlray.spec import RANDOM_INIT, JobSpec
@@ -146,7 +147,7 @@ def run_trial(config: dict, plan: RunPlan, trials_at_once: int) -> None:
     Tune gets every epoch once, in order.
     """
     trial_id = ray.tune.get_context().get_trial_id()
-    trial = plan.for_trial(trial_spec(plan.spec, config), trial_id, trials_at_once)
+    trial = tracked_trial(plan, plan.for_trial(trial_spec(plan.spec, config), trial_id, trials_at_once), trial_id)
     settings = storage.join(trial.checkpoints_uri, TRIAL_FILE)
     storage.write_json(settings, trial_settings(trial, config["freeze_depth"]), trial.endpoint_url)
     drop_epochs_tune_never_saw(trial.checkpoints_uri, trial.endpoint_url)
@@ -171,6 +172,20 @@ def run_trial(config: dict, plan: RunPlan, trials_at_once: int) -> None:
         ray.tune.report({**metrics, "training_iteration": epoch, CHECKPOINT_PATH_KEY: checkpoint})
     if failure:
         raise failure[0]
+
+
+def tracked_trial(search: RunPlan, trial: RunPlan, trial_id: str) -> RunPlan:
+    """The trial with an MLflow run of its own, a child of the search's, which its epochs go to (a resumed or
+    paused trial finds the same one again); without the search's, untracked."""
+    parent = search.tracking
+    if parent is None:
+        return trial
+    tags = {mlflow.PARENT_TAG: parent.run_id, "tlray.trial": trial_id, "tlray.run_uri": trial.checkpoints_uri}
+    key = f"{search.run_id}/trials/{trial_id}"
+    run = mlflow.start_run(parent.uri, parent.experiment_id, key, f"{search.run_id} trial {trial_id}", tags)
+    if run is not None:
+        run.log_params(trial.tracking_params())
+    return dataclasses.replace(trial, tracking=run)
 
 
 REPORTED_FILE = "tune_reported.json"  # beside a trial's checkpoints: the last epoch handed to Tune

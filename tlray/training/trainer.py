@@ -110,7 +110,8 @@ def open_sinks(config: dict, context, rank: int) -> sinks.Sinks:
     run_name = context.get_experiment_name()
     trial = None if run_name == TRAIN_RUN else run_name
     plan: RunPlan = config["plan"]
-    return sinks.open_all(sinks.SinkContext(trial, plan.spec.train.epochs, config.get("epoch_queue")))
+    context = sinks.SinkContext(trial, plan.spec.train.epochs, config.get("epoch_queue"), plan.tracking)
+    return sinks.open_all(context)
 
 
 # ---------------------------------------------------------------------------------------

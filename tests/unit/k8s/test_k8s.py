@@ -635,6 +635,31 @@ def test_render_egress_port_flag_opens_more_and_says_so(capsys):
     assert "--node-selector: 'no-value' is not LABEL=VALUE" in capsys.readouterr().err
 
 
+def test_render_opens_egress_to_the_tracking_server_the_spec_names(capsys, monkeypatch):
+    pets = ROOT / "jobs" / "pets-s3.yaml"
+    tracked = (
+        "--set",
+        "tracking.mlflow.uri=http://mlflow.tracking:5000",
+        "--set",
+        "dataset.endpoint_url=http://m:9000",
+    )
+    objects, err = rendered_and_said(capsys, pets, "--kind", "cronjob", *tracked)
+    check_all(objects)
+    for policy in by_kind(objects, "NetworkPolicy"):
+        assert policy["spec"]["egress"][-1] == {
+            "ports": [{"protocol": "TCP", "port": 9000}, {"protocol": "TCP", "port": 5000}]
+        }
+    assert "egress to TCP 5000 opened for tracking.mlflow.uri http://mlflow.tracking:5000" in err
+    _, err = rendered_and_said(capsys, pets, "--set", "tracking.mlflow.uri=https://mlflow.example.com")
+    assert "tracking.mlflow.uri https://mlflow.example.com is on 443, which is open already" in err
+    # a server named only by this machine's environment is not the pods': nothing is opened for it
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://localhost:5000")
+    objects, err = rendered_and_said(capsys, pets, "--set", "tracking.mlflow.log_weights=true")
+    (policy,) = by_kind(objects, "NetworkPolicy")
+    assert ("TCP", 5000) not in egress_ports(policy)["anywhere"]
+    assert "tracking.mlflow" not in err
+
+
 def test_kueue_never_gets_an_autoscaling_raycluster(tmp_path, capsys):
     pets = str(ROOT / "jobs" / "pets-s3.yaml")
     assert main(["render", pets, "--image", "t:1", "--kind", "raycluster", "--queue", "q"]) == 2
