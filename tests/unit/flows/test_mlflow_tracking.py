@@ -143,11 +143,13 @@ def test_a_search_is_a_parent_run_and_each_trial_a_child_with_its_own_params(tmp
     parent = search.tracking
     trials = {}
     for trial_id, lr in (("t1", 0.002), ("t2", 0.05)):
-        trial = tracked_trial(search, search.for_trial(trial_spec(spec, {"lr": lr}), trial_id, 2), trial_id)
+        choice = {"lr": lr, "freeze_depth": spec.model.freeze_depth}  # what the search gives each trial
+        trial = tracked_trial(search, search.for_trial(trial_spec(spec, choice), trial_id, 2), trial_id)
         trials[trial_id] = trial
         MlflowSink.open(SinkContext(trial_id, 2, tracking=trial.tracking)).log_epoch(1, {"epoch": 1, "val_loss": lr})
     # a paused trial that resumes finds its own child again
-    resumed = tracked_trial(search, search.for_trial(trial_spec(spec, {"lr": 0.002}), "t1", 2), "t1")
+    first_choice = {"lr": 0.002, "freeze_depth": spec.model.freeze_depth}
+    resumed = tracked_trial(search, search.for_trial(trial_spec(spec, first_choice), "t1", 2), "t1")
     assert resumed.tracking == trials["t1"].tracking
 
     children = mlflow.find_runs(mlflow_server, parent.experiment_id, {mlflow.PARENT_TAG: parent.run_id})
