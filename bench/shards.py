@@ -90,8 +90,8 @@ class TablesRef:
 
 def images_per_second(spec, label: str) -> dict:
     """Index `spec`'s data, then read and decode its training split in the training order, batch by batch."""
-    from tlray.data import layouts, pipeline
-    from tlray.data.index import KeyTable, build_index
+    from tlray.data import pipeline
+    from tlray.data.index import build_index
     from tlray.data.order import train_rows
     from tlray.data.preprocessing import Preprocessing
 
@@ -99,23 +99,9 @@ def images_per_second(spec, label: str) -> dict:
     index = build_index(spec)
     index_s = time.perf_counter() - started
     ref = TablesRef(f"bench-{label}")
-    pipeline.LOADED_TABLES[ref.hex()] = {"train": KeyTable.of(index.train), "val": KeyTable.of(index.val)}
-    source = pipeline.DataSource(
-        root=index.root,
-        endpoint_url=index.endpoint_url,
-        classes=tuple(index.classes),
-        counts={"train": len(index.train), "val": len(index.val)},
-        fingerprint=index.fingerprint,
-        tables=ref,
-        preprocessing=Preprocessing(32, 32, (0.5,) * 3, (0.5,) * 3, "bilinear"),
-        augment=False,
-        on_bad_image="fail",
-        read_concurrency=spec.read_concurrency,
-        read_retry_seconds=spec.read_retry_seconds,
-        reader=layouts.layout(spec.layout).READER,
-        reader_options=tuple(sorted(layouts.reader_options(spec).items())),
-        run_length=layouts.run_length(spec),
-    )
+    pipeline.LOADED_TABLES[ref.hex()] = pipeline.key_tables_of(index)
+    preprocessing = Preprocessing(32, 32, (0.5,) * 3, (0.5,) * 3, "bilinear")
+    source = pipeline.describe_source(index, spec, preprocessing, ref)
     decode = pipeline.DecodeBatch(source, "train")
     rows = train_rows(len(index.train), 0, 0, 0, 1, source.run_length)
     requests = requests_per_batch(source, rows)

@@ -61,23 +61,33 @@ def data_source(index: DatasetIndex, dataset: DatasetSpec, preprocessing: Prepro
     """Put the index's keys into Ray's object store (needs a connected Ray) and describe how to read them."""
     import ray
 
-    reader = layouts.layout(dataset.layout).READER
-    readers.reader(reader)  # a reader that cannot be imported fails here, not in the first task
-    tables = {split: KeyTable.of(getattr(index, split)) for split in SPLIT_FOLDERS}
+    readers.reader(layouts.layout(dataset.layout).READER)  # a reader that cannot be imported fails here
+    return describe_source(index, dataset, preprocessing, ray.put(key_tables_of(index)), seed)
+
+
+def key_tables_of(index: DatasetIndex) -> dict[str, KeyTable]:
+    return {split: KeyTable.of(getattr(index, split)) for split in SPLIT_FOLDERS}
+
+
+def describe_source(
+    index: DatasetIndex, dataset: DatasetSpec, preprocessing: Preprocessing, tables, seed: int = 0
+) -> DataSource:
+    """How to read `index`'s images, its key tables held by `tables` (an ObjectRef, or any handle whose
+    `hex()` names an entry of LOADED_TABLES: how benchmarks and tests decode without Ray)."""
     return DataSource(
         root=index.root,
         endpoint_url=index.endpoint_url,
         classes=tuple(index.classes),
-        counts={split: len(table) for split, table in tables.items()},
+        counts={split: len(getattr(index, split)) for split in SPLIT_FOLDERS},
         fingerprint=index.fingerprint,
-        tables=ray.put(tables),
+        tables=tables,
         preprocessing=preprocessing,
         augment=dataset.augment,
         on_bad_image=dataset.on_bad_image,
         read_concurrency=dataset.read_concurrency,
         read_retry_seconds=dataset.read_retry_seconds,
         seed=seed,
-        reader=reader,
+        reader=layouts.layout(dataset.layout).READER,
         reader_options=tuple(sorted(layouts.reader_options(dataset).items())),
         run_length=layouts.run_length(dataset),
     )

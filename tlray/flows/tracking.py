@@ -13,7 +13,9 @@ never raises (tlray.io.mlflow), and a server that is unreachable turns all of th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 
 from tlray.artifacts.champion import Decision
 from tlray.artifacts.manifest import MANIFEST
@@ -43,11 +45,16 @@ def start(plan: RunPlan, command: str) -> RunPlan:
     return dataclasses.replace(plan, tracking=run)
 
 
-def end_interrupted(plan: RunPlan, error: BaseException) -> None:
-    """A run that stopped before publishing: KILLED when stopped (Ctrl-C, SIGTERM), FAILED otherwise. Running it
-    again marks the same MLflow run running again."""
-    if plan.tracking is not None:
-        plan.tracking.end("KILLED" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "FAILED")
+@contextlib.contextmanager
+def ended_if_interrupted(plan: RunPlan) -> Iterator[None]:
+    """Around the training: a run that stops before publishing ends KILLED when stopped (Ctrl-C, SIGTERM),
+    FAILED otherwise. Running it again marks the same MLflow run running again."""
+    try:
+        yield
+    except BaseException as error:
+        if plan.tracking is not None:
+            plan.tracking.end("KILLED" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "FAILED")
+        raise
 
 
 def record_search(plan: RunPlan, rows: list[dict], best: dict) -> None:

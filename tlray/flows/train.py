@@ -29,11 +29,8 @@ def train(spec_file: str, overrides: Sequence[str] = (), if_data_changed: bool =
     print(f"[tlray] run {run.rsplit('/', 1)[-1]}: checkpoints and model under {run}")
     plan = tracking.start(steps.run_plan(spec, index, run, model), "train")  # 6. the run plan, its MLflow run
     started = time.perf_counter()
-    try:
+    with tracking.ended_if_interrupted(plan):
         fit(plan)  # 7. fine-tune on Ray Train workers, data streamed by Ray Data
-    except BaseException as error:
-        tracking.end_interrupted(plan, error)
-        raise
     print(f"[tlray] trained in {time.perf_counter() - started:.1f} s", flush=True)
     # 8. publish the best epoch of every sealed one: export, describe, MANIFEST last
     state, history = load_selected_checkpoint(plan.checkpoints_uri, spec.dataset.endpoint_url, spec.train.select_metric)

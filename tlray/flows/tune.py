@@ -52,13 +52,10 @@ def tune(spec_file: str, overrides: Sequence[str] = (), if_data_changed: bool = 
     steps.join_cluster(spec, index, run)  # 5. the cluster
     print(f"[tlray] search {run.rsplit('/', 1)[-1]}: trials, results, report and best model under {run}")
     plan = tracking.start(steps.run_plan(spec, index, run, model), "tune")  # 6. the run plan, each trial's from it
-    try:
+    with tracking.ended_if_interrupted(plan):
         grid = run_search(plan)  # 7. one TorchTrainer per trial, ASHA stops weak ones
         raise_if_interrupted(grid, spec)  # Ctrl-C: nothing is published, the same command resumes
         raise_if_no_trial_finished(grid)
-    except BaseException as error:
-        tracking.end_interrupted(plan, error)
-        raise
     rows = result_rows(grid, spec)
     print(results_table(rows, spec))
     best = best_trial(rows)

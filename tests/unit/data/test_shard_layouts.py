@@ -14,7 +14,7 @@ from PIL import Image
 
 from tlray.data import pipeline
 from tlray.data.errors import DataError
-from tlray.data.index import DatasetIndex, KeyTable, build_index
+from tlray.data.index import DatasetIndex, build_index
 from tlray.data.order import rank_shares, train_batches, train_rows
 from tlray.data.preprocessing import Preprocessing
 from tlray.data.readers import parquet as parquet_reader
@@ -225,26 +225,12 @@ class TablesRef:
         return self.name
 
 
-def decode_batch(index: DatasetIndex, rows: np.ndarray, on_bad_image: str, reader: str, **options) -> dict:
-    ref = TablesRef(f"shards-{reader}-{on_bad_image}-{index.fingerprint}")
-    pipeline.LOADED_TABLES[ref.hex()] = {"train": KeyTable.of(index.train), "val": KeyTable.of(index.val)}
-    source = pipeline.DataSource(
-        root=index.root,
-        endpoint_url=index.endpoint_url,
-        classes=tuple(index.classes),
-        counts={"train": len(index.train), "val": len(index.val)},
-        fingerprint=index.fingerprint,
-        tables=ref,
-        preprocessing=Preprocessing(
-            resize_size=12, crop_size=8, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bilinear"
-        ),
-        augment=False,
-        on_bad_image=on_bad_image,
-        read_concurrency=4,
-        read_retry_seconds=1.0,
-        reader=reader,
-        reader_options=tuple(sorted(options.items())),
-    )
+def decode_batch(index: DatasetIndex, spec: DatasetSpec, rows: np.ndarray, on_bad_image: str) -> dict:
+    dataset = spec.model_copy(update={"on_bad_image": on_bad_image, "read_concurrency": 4, "read_retry_seconds": 1.0})
+    ref = TablesRef(f"shards-{spec.layout}-{on_bad_image}-{index.fingerprint}")
+    pipeline.LOADED_TABLES[ref.hex()] = pipeline.key_tables_of(index)
+    preprocessing = Preprocessing(12, 8, (0.5,) * 3, (0.5,) * 3, "bilinear")
+    source = pipeline.describe_source(index, dataset, preprocessing, ref)
     pairs = np.stack([rows, np.zeros_like(rows)], axis=1)
     return pipeline.DecodeBatch(source, "train")({"data": pairs})
 
@@ -255,7 +241,7 @@ def test_webdataset_batch_decodes_and_a_bad_image_is_skipped_and_counted_or_fail
     write_shards(tmp_path / "wds", bad=tuple(broken))
     index = build_index(spec)
     rows = np.array(train_rows(len(index.train), 0, 0, 0, 1, run_length=16))  # the whole split, as one batch
-    out = decode_batch(index, rows, "skip", "tar")
+    out = decode_batch(index, spec, rows, "skip")
     bad = {i for i, r in enumerate(rows) if int(sample_of(index.train[r][0])[1:]) in broken}
     assert len(bad) == 2
     assert {i for i, label in enumerate(out["label"]) if label == pipeline.BAD_LABEL} == bad
@@ -266,7 +252,7 @@ def test_webdataset_batch_decodes_and_a_bad_image_is_skipped_and_counted_or_fail
     with pytest.raises(
         DataError, match=r"dataset.on_bad_image: cannot decode .*/shard-00\d.tar#\d+:\d+:s000\d\d.(png|jpg)"
     ):
-        decode_batch(index, rows, "fail", "tar")
+        decode_batch(index, spec, rows, "fail")
 
 
 # ---------------------------------------------------------------------------------------
@@ -408,7 +394,7 @@ def test_parquet_batch_decodes_and_a_file_deleted_after_indexing_is_a_read_failu
     write_parquet(tmp_path / "p", labels="hf", bad=(5, 77))
     index = build_index(spec)
     rows = np.array(train_rows(len(index.train), 0, 0, 0, 1, run_length=32))
-    out = decode_batch(index, rows, "skip", "parquet", image_column="image")
+    out = decode_batch(index, spec, rows, "skip")
     bad = {i for i, r in enumerate(rows) if row_of(index, index.train[r][0]) in (5, 77)}
     expected_bad = {n for n in (5, 77) if any(row_of(index, k) == n for k, _ in index.train)}
     assert len(bad) == len(expected_bad) >= 1
@@ -418,7 +404,7 @@ def test_parquet_batch_decodes_and_a_file_deleted_after_indexing_is_a_read_failu
     ]
     (tmp_path / "p" / "part-1.parquet").unlink()
     with pytest.raises(ReadFailure) as error:
-        decode_batch(index, rows, "skip", "parquet", image_column="image")
+        decode_batch(index, spec, rows, "skip")
     assert error.value.location.startswith(f"{tmp_path}/p/part-1.parquet (row groups 0, 1, 2, 3)")
 
 

@@ -189,3 +189,19 @@ def test_untracked_and_unreachable_runs_are_left_untracked(tmp_path, caplog):
         trial = tracked_trial(dataclasses.replace(plan, tracking=mlflow.TrackedRun(uri, "1", "r", "x")), plan, "t1")
     assert trial.tracking is None  # never the search's run: its epochs would land in the parent
     assert len([r for r in caplog.records if "unreachable" in r.getMessage()]) == 1
+
+
+def test_a_run_stopped_before_publishing_ends_killed_and_one_that_fails_ends_failed(tmp_path, mlflow_server):
+    spec = job_spec(tmp_path, mlflow_server)
+    statuses = []
+    for run_id, error in ((f"{spec.name}-stop", KeyboardInterrupt()), (f"{spec.name}-fail", ValueError("nan"))):
+        plan = tracking.start(plan_of(spec, run_id), "train")
+        try:
+            with tracking.ended_if_interrupted(plan):
+                raise error
+        except (KeyboardInterrupt, ValueError) as raised:
+            assert raised is error  # the error goes on to the command's exit code
+        statuses.append(run_of(mlflow_server, plan.tracking.run_id)["info"]["status"])
+    assert statuses == ["KILLED", "FAILED"]
+    plan = tracking.start(plan_of(spec, f"{spec.name}-stop"), "train")  # run again: the same run, running again
+    assert run_of(mlflow_server, plan.tracking.run_id)["info"]["status"] == "RUNNING"
