@@ -221,8 +221,8 @@ class TrainSpec(_Section):
     cache_budget_gb: float = Field(
         8.0,
         gt=0,
-        description="Largest frozen-prefix cache `cache: auto` builds on a node: the activations of every train and "
-        "val image, at `cache_dtype`.",
+        description="Disk that frozen-prefix cache entries may take on a node, all runs and trials together (older "
+        "entries no process has open are removed to fit); `cache: auto` builds an entry only when it fits.",
     )
     cache_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32",
