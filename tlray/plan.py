@@ -54,8 +54,13 @@ class RunPlan:
         """What its MLflow run records as params: the resolved spec as dotted keys (`train.lr`; `tracking` is not
         part of the run), the identity of the starting weights and the data's fingerprint."""
         spec = self.spec.model_dump(mode="json", exclude={"tracking"})
-        identity = self.weights.identity if self.weights else "none"
+        identity = self.weights_identity or "none"
         return {**flatten(spec), "weights_identity": identity, "data_fingerprint": self.data.fingerprint}
+
+    @property
+    def weights_identity(self) -> str | None:
+        """Which version of the starting weights the run was planned with; None from random init."""
+        return self.weights.identity if self.weights else None
 
     @property
     def run_id(self) -> str:

@@ -24,6 +24,7 @@ from tlray.data.index import DatasetIndex
 from tlray.errors import UserError
 from tlray.io import storage
 from tlray.metrics import select_epoch, too_few_classes
+from tlray.models.trained import load_model_state
 from tlray.plan import RunPlan
 from tlray.spec import JobSpec
 
@@ -65,7 +66,7 @@ def publish(
     if is_sealed(destination, endpoint):
         return published_run(destination, endpoint)
     storage.delete_file(storage.join(destination, MANIFEST), endpoint)  # a stale one would vouch for new files
-    model.load_state_dict(state["model"])
+    load_model_state(model, state, plan.weights_identity)  # the trained tensors over the starting weights
     model.eval()
     preprocessing = plan.preprocessing
     history = history or state["history"]
@@ -91,7 +92,7 @@ def publish(
         "classes": list(plan.classes),
         "arch": spec.model.arch,
         "weights": spec.model.weights,
-        "weights_identity": plan.weights.identity if plan.weights else None,
+        "weights_identity": plan.weights_identity,
         "mode": spec.model.mode,
         "freeze_depth": summary.depth,
         "frozen_blocks": summary.frozen_blocks,

@@ -15,12 +15,13 @@ import torch
 from tlray.artifacts.published import PublishedModel
 from tlray.data import order, pipeline
 from tlray.data.pipeline import BAD_LABEL, DataSource
+from tlray.models.trained import load_model_state
 
 
-def confusion_matrix_of(model: torch.nn.Module, source: DataSource, state: dict) -> dict:
-    """The trained weights in `state`, loaded into `model` (the driver's), over the validation split (decoded
-    by Ray Data, as in training)."""
-    model.load_state_dict(state["model"])
+def confusion_matrix_of(model: torch.nn.Module, source: DataSource, state: dict, weights_identity: str | None) -> dict:
+    """The trained weights in `state`, loaded into `model` (the driver's, of the starting weights `weights_identity`),
+    over the validation split (decoded by Ray Data, as in training)."""
+    load_model_state(model, state, weights_identity)
     return {"classes": list(source.classes), "matrix": confusion_matrix(model, source)}
 
 

@@ -88,7 +88,7 @@ def publish_best_trial(
         return published_run(run, endpoint)
     write_results(rows, run, spec)
     state, history = load_selected_checkpoint(best_plan.checkpoints_uri, endpoint, spec.train.select_metric)
-    confusion = confusion_matrix_of(model, plan.data, state)
+    confusion = confusion_matrix_of(model, plan.data, state, best_plan.weights_identity)
     storage.write_json(storage.join(run, "confusion_matrix.json"), {**confusion, "trial": best["trial"]}, endpoint)
     hyperparameters = {"lr": best["lr"], "freeze_depth": best_plan.freeze.depth, "trial": best["trial"]}
     published = publish(best_plan, model, state, hyperparameters, history, seal=False)

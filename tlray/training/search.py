@@ -252,7 +252,7 @@ def trial_settings(trial: RunPlan, choice) -> dict:
         "choice": choice,
         "mode": spec.model.mode,
         "weights": spec.model.builder_weights,
-        "weights_identity": trial.weights.identity if trial.weights else None,
+        "weights_identity": trial.weights_identity,
         "freeze_depth": spec.freeze_depth,
         "frozen_blocks": trial.freeze.frozen_blocks,
         "lr": spec.train.lr,

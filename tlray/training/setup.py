@@ -154,13 +154,14 @@ def cache_stops_too_soon(spec: JobSpec, depth: int) -> str | None:
     return None
 
 
-def resume(worker: Worker, saved: dict | None, train: TrainSpec) -> Progress:
+def resume(worker: Worker, saved: dict | None, train: TrainSpec, weights_identity: str | None) -> Progress:
     """Where this run of the loop starts: epoch 0, or after the checkpoint `saved` (its weights, optimizer and
-    schedule loaded into the worker's), each rank going on with its own random streams (dropout masks)."""
+    schedule loaded into the worker's, over the starting weights of `weights_identity`), each rank going on with
+    its own random streams (dropout masks)."""
     if saved is None:
         return Progress()
     state = TrainState.from_checkpoint(saved)
-    state.restore(*worker.stateful)
+    state.restore(*worker.stateful, weights_identity)
     progress = Progress.after(state)
     if worker.rank == 0:
         say(f"resuming after epoch {progress.start_epoch} of {train.epochs}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from tlray.console import say
+from tlray.models.trained import load_model_state, trained_state
 from tlray.training.rng import RankStates
 
 
@@ -41,6 +42,7 @@ class TrainState:
     resumes: int = 0
     rng: RankStates | None = None  # every rank's random streams (tlray.training.rng); None: saved by no rank
     precision: str | None = None  # train.amp as the workers resolved it on their device (metadata.json says)
+    frozen_from: str | None = None  # `model` holds the trained tensors only; the rest are these weights' (identity)
 
     @classmethod
     def capture(
@@ -53,10 +55,15 @@ class TrainState:
         progress: Progress,
         rank_rngs: RankStates,
         precision: str | None = None,
+        weights_identity: str | None = None,
     ) -> TrainState:
-        """The state after 0-based `epoch` (its metrics already in `progress.history`)."""
+        """The state after 0-based `epoch` (its metrics already in `progress.history`). With the identity of the
+        weights the model started from, the frozen parameters are left out: they are still those weights'."""
+        model_state, frozen_from = trained_state(model), weights_identity
+        if weights_identity is None or len(model_state) == len(model.state_dict()):
+            model_state, frozen_from = model.state_dict(), None
         return cls(
-            model=model.state_dict(),
+            model=model_state,
             optimizer=optimizer.state_dict(),
             scheduler=scheduler.state_dict(),
             scaler=scaler.state_dict(),
@@ -66,11 +73,12 @@ class TrainState:
             resumes=progress.resumes,
             rng=rank_rngs,
             precision=precision,
+            frozen_from=frozen_from,
         )
 
-    def restore(self, model, optimizer, scheduler, scaler) -> None:
+    def restore(self, model, optimizer, scheduler, scaler, weights_identity: str | None) -> None:
         """Load into freshly built training objects (the random streams: tlray.training.rng.resume)."""
-        model.load_state_dict(self.model)
+        load_model_state(model, self.to_checkpoint(), weights_identity)
         optimizer.load_state_dict(self.optimizer)
         scheduler.load_state_dict(self.scheduler)
         scaler.load_state_dict(self.scaler)
@@ -78,8 +86,9 @@ class TrainState:
     def to_checkpoint(self) -> dict:
         """The dict state.pt holds; a state captured without a precision leaves that key out, as before."""
         saved = {f.name: getattr(self, f.name) for f in fields(self)}
-        if self.precision is None:
-            del saved["precision"]
+        for key in ("precision", "frozen_from"):  # as older checkpoints were
+            if saved[key] is None:
+                del saved[key]
         return saved
 
     @classmethod
@@ -96,6 +105,7 @@ class TrainState:
             resumes=saved.get("resumes", 0),
             rng=saved.get("rng"),
             precision=saved.get("precision"),
+            frozen_from=saved.get("frozen_from"),
         )
 
 

@@ -77,7 +77,7 @@ def fine_tune(config: dict) -> None:
     trained = wrap(parts.rest)
     worker = setup.build_worker(plan, model, parts.prefix, trained, precision, rank, world_size, device, nodes, depth)
     del trained  # the worker holds the wrapper alone: an unfrozen block's rewrap leaves no stale gradient hooks
-    progress = setup.resume(worker, saved, spec.train)
+    progress = setup.resume(worker, saved, spec.train, plan.weights_identity)
 
     # Ray 4: this worker's fixed share of the rows, in a new order each epoch, decoded to uint8 by Ray Data tasks; one
     # pipeline runs on across epochs, so the next epoch's batches are ready when this one ends. With the
@@ -94,7 +94,10 @@ def fine_tune(config: dict) -> None:
                 checkpoint = None
                 rank_rngs = rng.gather(device, world_size)  # every rank's streams, so each resumes its own
                 if rank == 0:
-                    state = TrainState.capture(*worker.stateful, epoch, progress, rank_rngs, precision.description)
+                    # the trained tensors, optimizer and schedule: the frozen blocks are the starting weights'
+                    state = TrainState.capture(
+                        *worker.stateful, epoch, progress, rank_rngs, precision.description, plan.weights_identity
+                    )
                     checkpoints.write(state.to_checkpoint(), checkpoint_dir)  # the state, then its seal
                     checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir)
                 ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoints.folder_name(epoch))

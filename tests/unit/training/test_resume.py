@@ -66,14 +66,14 @@ def test_a_run_resumed_from_a_mid_run_checkpoint_repeats_the_undisturbed_epochs_
     assert len(set(undisturbed)) == EPOCHS  # it trains: each epoch's loss differs
 
     parts = start()  # a new process: the model rebuilt and the streams re-seeded, as the worker does
-    TrainState.from_checkpoint(saved).restore(*parts)
+    TrainState.from_checkpoint(saved).restore(*parts, None)
     restored = rng.resume(saved["rng"], SEED, saved["epoch"] + 1, rank=0, device=CPU)
     resumed, _ = run_epochs(parts, range(saved["epoch"] + 1, EPOCHS))
     assert restored
     assert resumed == undisturbed[2:]  # bit for bit, not approximately
 
     parts = start()  # the same checkpoint without its streams: epoch 3 draws epoch 1's masks again
-    TrainState.from_checkpoint(saved).restore(*parts)
+    TrainState.from_checkpoint(saved).restore(*parts, None)
     replayed, _ = run_epochs(parts, range(saved["epoch"] + 1, EPOCHS))
     assert replayed[0] != undisturbed[2]
 

@@ -14,13 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 from test_workers import run_group
 from torch import nn
 
 from tlray.data import order
 from tlray.data.pipeline import DataSource
+from tlray.errors import UserError
 from tlray.io import checkpoints
-from tlray.plan import RunPlan
+from tlray.models import build
+from tlray.models.trained import load_model_state
+from tlray.plan import RunPlan, Weights
 from tlray.plan import preprocessing as preprocessing_for
 from tlray.spec import JobSpec
 from tlray.training import loop, prefix_cache, rng, setup, unfreezing
@@ -46,11 +50,19 @@ def job(depth=4, batchnorm="frozen", **train) -> JobSpec:
     )
 
 
-def plan_of(spec: JobSpec) -> RunPlan:
+def plan_of(spec: JobSpec, weights: Weights | None = None) -> RunPlan:
     preprocessing = preprocessing_for("resnet18", 32)
     source = DataSource("/images", None, ("a", "b", "c"), COUNTS, "fp", None, preprocessing, False, "skip", 1, 1.0)
     # weights None: random init in place of the pretrained ones (nothing downloads)
-    return RunPlan(spec, "/out/tiny/runs/r", None, source.classes, preprocessing, None, source, "/out/r/train")
+    return RunPlan(spec, "/out/tiny/runs/r", weights, source.classes, preprocessing, None, source, "/out/r/train")
+
+
+def weights_file(folder: Path, identity: str = "sha256 0a0a") -> Weights:
+    """A ResNet-18 checkpoint of random weights in place of pretrained ones, and the identity a plan records."""
+    torch.manual_seed(11)
+    path = folder / "resnet18.pt"
+    torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), path)
+    return Weights(str(path), identity)
 
 
 class Images:
@@ -92,16 +104,26 @@ class Run:
     initial: dict | None = None  # the model's state before the first epoch
 
 
-def train(spec: JobSpec, images: Images, saved=None, stop_after=None, folder: Path | None = None, wrap=None) -> Run:
-    """What fine_tune runs, without Ray: `wrap` stands for prepare_model (one worker: no wrapper)."""
-    plan = plan_of(spec)
+def train(
+    spec: JobSpec,
+    images: Images,
+    saved=None,
+    stop_after=None,
+    folder: Path | None = None,
+    wrap=None,
+    weights: Weights | None = None,
+    whole_checkpoint: bool = False,
+) -> Run:
+    """What fine_tune runs, without Ray: `wrap` stands for prepare_model (one worker: no wrapper). Starting from
+    `weights`, the checkpoint holds what was trained only, unless `whole_checkpoint`."""
+    plan = plan_of(spec, weights)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     rank = torch.distributed.get_rank() if world > 1 else 0
     depth = setup.resumed_depth(spec, saved)
     model, parts, precision = setup.build_model(plan, rank, CPU, depth)
     wrap = wrap or (lambda rest: rest)
     worker = setup.build_worker(plan, model, parts.prefix, wrap(parts.rest), precision, rank, world, CPU, 1, depth)
-    progress = setup.resume(worker, saved, spec.train)
+    progress = setup.resume(worker, saved, spec.train, plan.weights_identity)
     run = Run(worker, progress.history, initial=copy.deepcopy(model.state_dict()))
     epochs = range(progress.start_epoch, spec.train.epochs)
     for worker, epoch, batches in unfreezing.train_epochs(worker, spec, epochs, wrap):  # noqa: B020
@@ -109,7 +131,9 @@ def train(spec: JobSpec, images: Images, saved=None, stop_after=None, folder: Pa
         run.worker = worker
         run.groups.append([(g["lr"], sum(p.numel() for p in g["params"])) for g in worker.optimizer.param_groups])
         if epoch == stop_after:
-            state = TrainState.capture(*worker.stateful, epoch, progress, rng.gather(CPU, world))
+            identity = None if whole_checkpoint else plan.weights_identity
+            state = TrainState.capture(*worker.stateful, epoch, progress, rng.gather(CPU, world), None, identity)
+            folder.mkdir(parents=True, exist_ok=True)
             checkpoints.write(state.to_checkpoint(), folder)
             run.saved = torch.load(folder / checkpoints.STATE_FILE, map_location="cpu", weights_only=False)
     return run
@@ -240,13 +264,21 @@ def test_an_unfrozen_blocks_batchnorm_follows_model_batchnorm(images, batchnorm)
 
 
 @pytest.mark.parametrize("scheduler", ["cosine", "onecycle"])
-def test_a_run_resumed_after_epoch_3_unfreezes_as_the_undisturbed_one_to_the_bit(images, tmp_path, scheduler):
+@pytest.mark.parametrize("from_weights", [False, True], ids=["random-init", "from-weights"])
+def test_a_run_resumed_after_epoch_3_unfreezes_as_the_undisturbed_one_to_the_bit(
+    images, tmp_path, scheduler, from_weights
+):
     spec = job(depth=4, unfreeze_every=2, layer_lr_decay=0.5, scheduler=scheduler, warmup_epochs=1)
-    undisturbed = train(spec, images, stop_after=2, folder=tmp_path)  # epoch 3 ran at depth 3
+    weights = weights_file(tmp_path) if from_weights else None
+    undisturbed = train(spec, images, stop_after=2, folder=tmp_path / "ckpt", weights=weights)  # epoch 3: depth 3
     assert undisturbed.saved["epoch"] == 2
+    # from weights: the checkpoint holds the blocks trained by then (layer4, layer3 and the head) and the buffers
+    parameters = {n for n, _ in undisturbed.worker.model.named_parameters()}
+    trained_by_then = {n for n in parameters if block_of(n) in ("layer3", "layer4", "head")}
+    assert set(undisturbed.saved["model"]) & parameters == (trained_by_then if from_weights else parameters)
 
     images.train_epochs_read.clear()
-    resumed = train(spec, images, saved=undisturbed.saved)  # a new process: built at the checkpoint's depth
+    resumed = train(spec, images, saved=undisturbed.saved, weights=weights)  # a new process: at the saved depth
     assert images.train_epochs_read == [3, 4]
     assert [h["freeze_depth"] for h in resumed.history] == [4, 4, 3, 3, 2]
     assert resumed.history == undisturbed.history[:3] + resumed.history[3:]
@@ -343,3 +375,36 @@ def test_with_two_workers_each_unfreezing_rewraps_ddp_on_every_rank_and_the_rank
     for name, tensor in rank0["state"].items():
         assert torch.equal(tensor, rank1["state"][name]), name
     assert not torch.equal(rank0["state"]["layer2.0.conv1.weight"], rank0["initial"]["layer2.0.conv1.weight"])
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints over known weights: what was trained, the rest from the weights
+# ---------------------------------------------------------------------------------------
+def test_a_head_only_checkpoint_is_kilobytes_resumes_as_a_whole_one_and_refuses_other_weights(images, tmp_path):
+    spec = job(depth="all", epochs=4)
+    weights = weights_file(tmp_path)
+    head_only = train(spec, images, stop_after=1, folder=tmp_path / "head", weights=weights)
+    whole = train(spec, images, stop_after=1, folder=tmp_path / "whole", weights=weights, whole_checkpoint=True)
+    head_bytes = (tmp_path / "head" / checkpoints.STATE_FILE).stat().st_size
+    whole_bytes = (tmp_path / "whole" / checkpoints.STATE_FILE).stat().st_size
+    assert head_bytes < 1024**2 < 40 * 1024**2 < whole_bytes  # ResNet-18's 11.2M parameters are 45 MB
+    assert head_only.saved["frozen_from"] == weights.identity and "frozen_from" not in whole.saved
+    parameters = {n for n in head_only.saved["model"] if n in dict(head_only.worker.model.named_parameters())}
+    assert parameters == {"fc.weight", "fc.bias"}
+
+    from_head = train(spec, images, saved=head_only.saved, weights=weights)
+    from_whole = train(spec, images, saved=whole.saved, weights=weights)
+    losses = [[(h["train_loss"], h["val_loss"]) for h in run.history] for run in (head_only, from_head, from_whole)]
+    assert losses[0] == losses[1] == losses[2]  # to the bit: the frozen blocks came from the same weights
+    ours, theirs = from_head.worker.model.state_dict(), head_only.worker.model.state_dict()
+    assert all(torch.equal(ours[n], theirs[n]) for n in theirs)
+
+    # export and scoring load it over the driver's model of the same weights: the model as trained
+    driver = build.build_model("resnet18", weights.location, 3)
+    load_model_state(driver, head_only.saved, weights.identity)
+    whole_model = build.build_model("resnet18", weights.location, 3)
+    load_model_state(whole_model, whole.saved, weights.identity)
+    assert all(torch.equal(driver.state_dict()[n], t) for n, t in whole_model.state_dict().items())
+
+    with pytest.raises(UserError, match=r"model.weights: the checkpoint of epoch 2 holds the trained tensors only"):
+        train(spec, images, saved=head_only.saved, weights=Weights(weights.location, "sha256 0b0b"))
