@@ -78,9 +78,15 @@ def variants(rows: list[dict]) -> list[tuple[str, tuple[str, ...]]]:
     ]
 
 
+JOB_NAMES = {"layer_lr_decay": "lrdecay", "gradual unfreezing": "unfreeze", "+": ""}  # job names stay short
+
+
 def train_variant(seed: int, mode: str, overrides: tuple[str, ...]) -> dict:
     """`tlray train` on the new-domain target as the demo left it: this seed's images and source weights."""
-    name = "digits-new-domain-" + re.sub(r"[^a-z0-9]+", "-", mode).strip("-")
+    short = mode
+    for words, word in JOB_NAMES.items():
+        short = short.replace(words, word)
+    name = "digits-new-domain-" + re.sub(r"[^a-z0-9]+", "-", short).strip("-")  # at most 41 characters
     sets = [f"name={name}", "tune=null", f"train.seed={seed}", *overrides]
     command = [str(ROOT / ".venv" / "bin" / "tlray"), "train", "jobs/digits-new-domain.yaml"]
     done = subprocess.run(
