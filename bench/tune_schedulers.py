@@ -37,7 +37,7 @@ import yaml
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from common import ENV, machine, random_checkpoint, save_results, write_images  # noqa: E402
+from common import ENV, load_results, machine, random_checkpoint, save_results, write_images  # noqa: E402
 
 TLRAY = [sys.executable, "-u", "-m", "tlray"]
 IMAGE_SIZE = 32
@@ -308,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--compare-uncached", action="store_true", help="also run the feature-extractor search with train.cache: off"
     )
+    parser.add_argument("--only", choices=["searches", "cache_sharing", "trial_startup"], help="one part alone")
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "tlray-bench"))
     parser.add_argument("--json", default=str(BENCH / "results.json"), help="where the results go")
     args = parser.parse_args(argv)
@@ -317,13 +318,21 @@ def main(argv: list[str] | None = None) -> int:
     results = {"machine": machine(), "settings": vars(args)}
     manifest = dataset(work, args.images)
     weights = random_checkpoint(work / "resnet18-random.pt", "resnet18")
+    parts = {
+        "searches": lambda: searches(work, manifest, weights, args),
+        "cache_sharing": lambda: cache_sharing(work, manifest, weights, args),
+        "trial_startup": lambda: trial_startup(work, weights),
+    }
+    results["trials"] = {}
     with local_ray(work):
-        results["searches"], searched = searches(work, manifest, weights, args)
-        results["cache_sharing"], shared = cache_sharing(work, manifest, weights, args)
-        results["trial_startup"], started_trials = trial_startup(work, weights)
-    results["trials"] = {"searches": searched, "cache_sharing": shared, "trial_startup": started_trials}
+        for name, part in parts.items():
+            if args.only in (None, name):
+                results[name], results["trials"][name] = part()
     results["wall_s"] = time.perf_counter() - started
     print(f"[bench] tune: {results['wall_s']:.0f} s in all", flush=True)
+    if args.only:  # the other parts keep their last results
+        kept = load_results(args.json).get("tune", {})
+        results = {**kept, **results, "trials": {**kept.get("trials", {}), **results["trials"]}}
     save_results(args.json, "tune", results)
     return 0
 
