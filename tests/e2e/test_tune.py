@@ -29,7 +29,7 @@ from mlflow_fixtures import metric_steps, params_of, tags_of, tracked_runs
 pytestmark = pytest.mark.slow
 
 
-def search_spec(tmp_path: Path, train: dict | None = None, **tune) -> Path:
+def search_spec(tmp_path: Path, train: dict | None = None, scaling: dict | None = None, **tune) -> Path:
     data = write_image_folder(tmp_path / "images", classes=3, per_class=12)
     weights = tmp_path / "pretrained_resnet18.pt"  # a stand-in for downloaded ImageNet weights
     torch.save(build.build_model("resnet18", None, 1000).state_dict(), weights)
@@ -38,7 +38,7 @@ def search_spec(tmp_path: Path, train: dict | None = None, **tune) -> Path:
         str(tmp_path / "out"),
         model={"arch": "resnet18", "weights": str(weights), "mode": "partial", "freeze_depth": 1},
         train={"epochs": 3, "batch_size": 8, "lr": 0.003, "warmup_epochs": 0, **(train or {})},
-        scaling={"num_workers": 1, "cpus_per_worker": 0.5},
+        scaling={"num_workers": 1, "cpus_per_worker": 0.5, **(scaling or {})},
     )
     spec["tune"] = {
         "num_samples": 4,
