@@ -154,6 +154,14 @@ def tune_lines(tune: dict) -> list[str]:
             f"{search['trial_epochs']} trial-epochs, {search['wall_s']:.0f} s, best {search['best']:.4f} "
             f"| {search['reference']} | {search['epochs_share']:.0%} | {search['target']} | {search['met']} |"
         )
+    startup = tune.get("trial_startup")
+    if startup:
+        lines.append(
+            f"| trial start-up: {startup['trials']} trials x 4 epochs, ASHA, the demo's size; per trial start-up, "
+            f"training; the search's wall | {startup['startup_s_per_trial']:.1f} s, "
+            f"{startup['train_s_per_trial']:.1f} s; {startup['wall_s']:.0f} s | 20 s a trial on Ray Train's worker "
+            f"group | | {startup['target']} | {startup['met']} |"
+        )
     sharing = tune.get("cache_sharing")
     if sharing:
         cached, uncached = sharing["cached"], sharing.get("uncached")

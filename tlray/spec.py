@@ -262,7 +262,10 @@ class ScalingSpec(_Section):
         "fraction with `num_workers: 1` (the trials of a search then share GPUs); NCCL refuses two workers on one GPU.",
     )
     max_failures: int = Field(
-        0, ge=-1, description="Worker failures to recover from (restart from the last checkpoint); -1 = unlimited."
+        0,
+        ge=-1,
+        description="Worker failures to recover from (restart from the last checkpoint); -1 = unlimited. In a "
+        "search, per trial.",
     )
     placement: Literal["pack", "spread"] = Field(
         "pack",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -28,7 +29,7 @@ from mlflow_fixtures import metric_steps, params_of, tags_of, tracked_runs
 pytestmark = pytest.mark.slow
 
 
-def search_spec(tmp_path: Path, train: dict | None = None, **tune) -> Path:
+def search_spec(tmp_path: Path, train: dict | None = None, scaling: dict | None = None, **tune) -> Path:
     data = write_image_folder(tmp_path / "images", classes=3, per_class=12)
     weights = tmp_path / "pretrained_resnet18.pt"  # a stand-in for downloaded ImageNet weights
     torch.save(build.build_model("resnet18", None, 1000).state_dict(), weights)
@@ -37,7 +38,7 @@ def search_spec(tmp_path: Path, train: dict | None = None, **tune) -> Path:
         str(tmp_path / "out"),
         model={"arch": "resnet18", "weights": str(weights), "mode": "partial", "freeze_depth": 1},
         train={"epochs": 3, "batch_size": 8, "lr": 0.003, "warmup_epochs": 0, **(train or {})},
-        scaling={"num_workers": 1, "cpus_per_worker": 0.5},
+        scaling={"num_workers": 1, "cpus_per_worker": 0.5, **(scaling or {})},
     )
     spec["tune"] = {
         "num_samples": 4,
@@ -191,15 +192,27 @@ def test_report_is_rebuilt_from_stored_results(tmp_path, capsys):
     assert "tune_results.json" in capsys.readouterr().err
 
 
-def test_stopped_search_resumes_instead_of_starting_over(tmp_path):
+def test_killed_trials_restart_and_a_stopped_search_resumes_instead_of_starting_over(tmp_path):
     # no cache: every epoch runs the frozen blocks, so the trials are still training when the first epoch ends
     spec_path = search_spec(
-        tmp_path, train={"epochs": 3, "cache": "off"}, scheduler="none", num_samples=2, freeze_depth=[1, 2]
+        tmp_path,
+        train={"epochs": 3, "cache": "off"},
+        scaling={"max_failures": 1},
+        scheduler="none",
+        num_samples=2,
+        freeze_depth=[1, 2],
     )
     trials_dir = run_dir(spec_path) / "trials"
 
     first = Driver("tune", str(spec_path))
-    first.wait_for(r"epoch 1/3")  # a trial's first epoch is checkpointed
+    first.wait_for(r"trial (\w+): epoch 1/3")  # a trial's first epoch is checkpointed
+    # a one-worker trial trains in its Tune trial's process: killed, Tune restarts it from its checkpoint
+    killed = trial_processes()
+    assert len(killed) == 2
+    for pid in killed:
+        os.kill(pid, signal.SIGKILL)
+    first.wait_for(r"resuming after epoch 1 of 3", timeout=120)
+    assert not set(trial_processes()) & set(killed)
     first.process.send_signal(signal.SIGINT)  # Ctrl-C
     assert first.finish(timeout=180) == 130, first.output
     assert "tlray: interrupted; run the same command again to resume" in first.output
@@ -215,6 +228,12 @@ def test_stopped_search_resumes_instead_of_starting_over(tmp_path):
     assert len(results["trials"]) == 2, "a resumed search runs the same 2 trials, not 2 more"
     assert started_trials <= {p.name for p in trials_dir.iterdir()}
     assert re.search(r"resuming after epoch [12] of 3", second.stdout), "an interrupted trial resumes its training"
+
+
+def trial_processes() -> list[int]:
+    """The processes of the running Tune trials (Ray titles them after the trainable's class)."""
+    listed = subprocess.run(["pgrep", "-f", "^ray::ImplicitFunc"], capture_output=True, text=True).stdout
+    return [int(pid) for pid in listed.split()]
 
 
 @pytest.mark.parametrize(

@@ -31,13 +31,37 @@ def folder_name(epoch: int) -> str:
 
 
 def write(state: dict, folder: str | Path) -> None:
-    """`state` (its "epoch" 0-based) into `folder`: the state file, then its seal."""
+    """`state` (its "epoch" 0-based) into the local `folder`: the state file, then its seal."""
+    data, seal = encode(state)
+    Path(folder, STATE_FILE).write_bytes(data)
+    Path(folder, SEAL_FILE).write_text(seal)
+
+
+def store(state: dict, checkpoints_uri: str, endpoint_url: str | None) -> str:
+    """`state` straight into its epoch's folder under `checkpoints_uri` (local or S3), the seal last; its URI."""
+    folder = storage.join(checkpoints_uri, folder_name(state["epoch"]))
+    data, seal = encode(state)
+    storage.write_bytes(storage.join(folder, STATE_FILE), data, endpoint_url)
+    storage.write_bytes(storage.join(folder, SEAL_FILE), seal.encode(), endpoint_url)
+    return folder
+
+
+def encode(state: dict) -> tuple[bytes, str]:
+    """(the state file's bytes, its seal: the epoch, the size and SHA-256 of those bytes)."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     data = buffer.getvalue()
-    Path(folder, STATE_FILE).write_bytes(data)
     seal = {"epoch": state["epoch"] + 1, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    Path(folder, SEAL_FILE).write_text(json.dumps(seal))
+    return data, json.dumps(seal)
+
+
+def prune(checkpoints_uri: str, endpoint_url: str | None, keep: set[int]) -> None:
+    """Delete the checkpoints under `checkpoints_uri` but those of the 1-based epochs in `keep`."""
+    files = storage.list_tree(checkpoints_uri, endpoint_url)
+    dropped = {name for name, epoch in epoch_folders(files).items() if epoch not in keep}
+    for rel in files:
+        if rel.split("/", 1)[0] in dropped:
+            storage.delete_file(storage.join(checkpoints_uri, rel), endpoint_url)
 
 
 def epoch_folders(files: dict[str, int]) -> dict[str, int]:

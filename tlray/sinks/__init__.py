@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 SINKS = {  # name -> "module:class", opened in this order
-    "tune": "tlray.sinks.tune_queue:TuneQueueSink",  # first: the search decides on the epoch meanwhile
     "console": "tlray.sinks.console:ConsoleSink",
     "mlflow": "tlray.sinks.mlflow:MlflowSink",
+    # last: in a one-worker trial, Tune may end the trial at this epoch's report, before a sink after it logs
+    "tune": "tlray.sinks.tune_queue:TuneQueueSink",
 }
 
 

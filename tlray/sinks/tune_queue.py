@@ -1,7 +1,9 @@
-"""A search's trial: each epoch's metrics, its checkpoint sealed, into the queue the trial's driver reads.
+"""A search's trial: each epoch's metrics, its checkpoint sealed, to Tune through the trial's epoch queue.
 
-The driver (tlray.training.search.run_trial) hands them to Tune in order. The queue is unbounded: a put
-never waits, so the workers never wait for Tune's decision on an epoch.
+A trial of several workers: a ray.util.queue.Queue that the trial's process reads and hands to Tune in order
+(tlray.training.search.run_trainer); it is unbounded, so a put never waits and the workers never wait for Tune's
+decision on an epoch. A one-worker trial trains in the trial's process: its queue is tlray.training.search.ToTune,
+whose put reports to Tune there and then.
 """
 
 from __future__ import annotations

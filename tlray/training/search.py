@@ -1,9 +1,10 @@
-"""The search: Ray Tune over learning rate x freeze depth, one TorchTrainer per trial.
+"""The search: Ray Tune over learning rate x freeze depth (or random init), each trial a Tune function trainable.
 
-Ray 2.60 pattern: a Tune *function* trainable builds and fits a TorchTrainer
-(`Tuner(trainer)` is gone) and hands Tune the trainer's epochs (run_trial). The
-trial's driver function only waits on its trainer, so it reserves memory, not a CPU:
-holding a CPU per trial is what starves the trainers' workers on a small cluster.
+A one-worker trial runs the worker's loop (tlray.training.trainer.fine_tune) in the trial's own process, which
+reserves the worker's resources: starting a Ray Train controller and worker group would take longer than a short
+head-only trial trains. A trial of several workers builds and fits a TorchTrainer (Ray 2.60: `Tuner(trainer)` is
+gone) and hands Tune the trainer's epochs; its process only waits on the trainer, so it reserves memory, not a
+CPU: holding a CPU per trial is what starves the trainers' workers on a small cluster.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import math
 import os
 import signal
 import threading
+from dataclasses import dataclass
 
 import ray
 import ray.train
 import ray.tune
 import ray.util.queue
+import torch
 from ray.tune.experiment import Trial
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from ray.tune.schedulers import ASHAScheduler
@@ -34,7 +37,15 @@ from tlray.io import checkpoints, mlflow, storage
 from tlray.metrics import SEARCH_HISTORY, too_few_classes
 from tlray.plan import RunPlan
 from tlray.spec import RANDOM_INIT, JobSpec
-from tlray.training.trainer import make_trainer, warn_if_no_cpu_left_for_data, worker_resources
+from tlray.training.state import TrainState
+from tlray.training.trainer import (
+    Seat,
+    epochs_to_keep,
+    make_trainer,
+    run_loop,
+    warn_if_no_cpu_left_for_data,
+    worker_resources,
+)
 
 TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 64 * 1024**2}  # Tune needs a non-empty request
 RESULT_COLUMNS = ("trial", "lr", "freeze_depth", "epochs", "metric", "best_metric", "stopped_early", "status")
@@ -53,7 +64,7 @@ def run_search(plan: RunPlan) -> ray.tune.ResultGrid:
     concurrency, verbosity = concurrent_trials(spec), tune_verbosity()
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(run_trial, plan=plan, trials_at_once=concurrency),
-        TRIAL_DRIVER_RESOURCES,
+        worker_resources(spec) if in_own_process(spec) else TRIAL_DRIVER_RESOURCES,
     )
     experiment = storage.join(path, "search")
     if ray.tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
@@ -79,11 +90,21 @@ def run_search(plan: RunPlan) -> ray.tune.ResultGrid:
                 scheduler=make_scheduler(spec, concurrency),
             ),
             run_config=ray.tune.RunConfig(
-                name="search", storage_path=path, storage_filesystem=filesystem, verbose=verbosity
+                name="search",
+                storage_path=path,
+                storage_filesystem=filesystem,
+                verbose=verbosity,
+                failure_config=trial_failures(spec),
             ),
         )
     with ctrl_c_stops_the_search():
         return tuner.fit()
+
+
+def trial_failures(spec: JobSpec) -> ray.tune.FailureConfig:
+    """`scaling.max_failures` for a trial in its own process, which Tune restarts (from its latest checkpoint); a
+    trial of several workers has Ray Train restart its worker group instead."""
+    return ray.tune.FailureConfig(max_failures=spec.scaling.max_failures if in_own_process(spec) else 0)
 
 
 STOP_REQUESTED = threading.Event()  # set by Ctrl-C or SIGTERM during the search: what Tune ran is not all
@@ -134,23 +155,51 @@ def tune_verbosity() -> int:
 
 
 def run_trial(config: dict, plan: RunPlan, trials_at_once: int) -> None:
-    """One trial: the spec with this trial's hyper-parameters, trained by its own TorchTrainer.
+    """One trial: the spec with this trial's hyper-parameters, trained in this process (one worker) or by its own
+    TorchTrainer (several).
 
     Tune pauses a trial (hyperband) or stops it by ending this actor, and a paused trial resumes by calling this
-    function again: the trainer's run is named after the trial, so it resumes from its latest checkpoint, as a
-    resumed search does. The trainer fits in a second thread; its rank 0 puts each epoch's metrics in a queue once
-    the epoch's checkpoint is stored, and this thread hands them to Tune, in order.
-
-    The workers never wait for Tune: while Tune decides on an epoch (and pauses the trial), they may train the
-    next ones. Before each report, the trial records the epoch it hands to Tune (`tune_reported.json`); a resumed
-    trial first drops the checkpoints of epochs Tune never saw, so that it resumes from the last one Tune did, and
-    Tune gets every epoch once, in order.
+    function again: the trial's checkpoints are its own folder, so it resumes from its latest checkpoint, as a
+    resumed search does. Each epoch reaches Tune once its checkpoint is stored (`hand_to_tune`), in order.
     """
     trial_id = ray.tune.get_context().get_trial_id()
     trial = tracked_trial(plan, plan.for_trial(trial_spec(plan.spec, config), trial_id, trials_at_once), trial_id)
     settings = storage.join(trial.checkpoints_uri, TRIAL_FILE)
     storage.write_json(settings, trial_settings(trial, config["freeze_depth"]), trial.endpoint_url)
     drop_epochs_tune_never_saw(trial.checkpoints_uri, trial.endpoint_url)
+    if in_own_process(trial.spec):
+        run_loop(trial, own_process_seat(trial, trial_id), ToTune(trial))
+    else:
+        run_trainer(trial, trial_id)
+
+
+def in_own_process(spec: JobSpec) -> bool:
+    """A one-worker trial trains in its trial's own process: no Ray Train controller and worker group to start
+    (most of a short trial's time); a trial of several workers needs the group's collectives."""
+    return spec.scaling.num_workers == 1
+
+
+def own_process_seat(trial: RunPlan, trial_id: str) -> Seat:
+    """The trial's process as a worker group of one: its checkpoints stored and pruned as Ray Train would."""
+
+    def report(metrics: dict, state: TrainState | None) -> None:
+        checkpoints.store(state.to_checkpoint(), trial.checkpoints_uri, trial.endpoint_url)  # the seal last
+        keep = epochs_to_keep(state.history, trial.spec.train)
+        checkpoints.prune(trial.checkpoints_uri, trial.endpoint_url, keep)
+
+    device = torch.device("cuda") if trial.spec.scaling.use_gpu else torch.device("cpu")  # Ray set the visible GPU
+    return Seat(0, 1, 1, device, trial_id, lambda trained: trained, report, lambda: None)
+
+
+def run_trainer(trial: RunPlan, trial_id: str) -> None:
+    """The trial's TorchTrainer fits in a second thread; its rank 0 puts each epoch's metrics in a queue once the
+    epoch's checkpoint is stored, and this thread hands them to Tune, in order.
+
+    The workers never wait for Tune: while Tune decides on an epoch (and pauses the trial), they may train the
+    next ones. Before each report, the trial records the epoch it hands to Tune (`tune_reported.json`); a resumed
+    trial first drops the checkpoints of epochs Tune never saw, so that it resumes from the last one Tune did, and
+    Tune gets every epoch once, in order.
+    """
     reports = ray.util.queue.Queue(actor_options={"num_cpus": 0})  # unbounded: a worker's put never waits
     trainer = make_trainer(trial, epoch_queue=reports)
     failure: list[BaseException] = []
@@ -165,13 +214,29 @@ def run_trial(config: dict, plan: RunPlan, trials_at_once: int) -> None:
 
     threading.Thread(target=fit, name=f"fit-{trial_id}", daemon=True).start()
     while (metrics := reports.get()) is not None:
-        epoch = metrics["epoch"]
-        storage.write_json(storage.join(trial.checkpoints_uri, REPORTED_FILE), {"epoch": epoch}, trial.endpoint_url)
-        checkpoint = storage.join(trial.checkpoints_uri, checkpoints.folder_name(epoch - 1))
-        # training_iteration is the epoch itself: Tune counts a resumed trial's reports from 1 again
-        ray.tune.report({**metrics, "training_iteration": epoch, CHECKPOINT_PATH_KEY: checkpoint})
+        hand_to_tune(trial, metrics)
     if failure:
         raise failure[0]
+
+
+def hand_to_tune(trial: RunPlan, metrics: dict) -> None:
+    """An epoch whose checkpoint is stored, to Tune: recorded first as the last epoch Tune saw."""
+    epoch = metrics["epoch"]
+    storage.write_json(storage.join(trial.checkpoints_uri, REPORTED_FILE), {"epoch": epoch}, trial.endpoint_url)
+    checkpoint = storage.join(trial.checkpoints_uri, checkpoints.folder_name(epoch - 1))
+    # training_iteration is the epoch itself: Tune counts a resumed trial's reports from 1 again
+    ray.tune.report({**metrics, "training_iteration": epoch, CHECKPOINT_PATH_KEY: checkpoint})
+
+
+@dataclass(frozen=True)
+class ToTune:
+    """A one-worker trial's epoch queue (tlray.sinks.tune_queue): each epoch straight to Tune, which may stop the
+    trial there (Tune's report returns once Tune took the epoch)."""
+
+    trial: RunPlan
+
+    def put(self, metrics: dict) -> None:
+        hand_to_tune(self.trial, metrics)
 
 
 def tracked_trial(search: RunPlan, trial: RunPlan, trial_id: str) -> RunPlan:
@@ -199,17 +264,15 @@ def drop_epochs_tune_never_saw(checkpoints_uri: str, endpoint_url: str | None) -
     if not storage.exists(reported_uri, endpoint_url):
         return
     reported = storage.read_json(reported_uri, endpoint_url)["epoch"]
-    files = storage.list_tree(checkpoints_uri, endpoint_url)
-    ahead = sorted(name for name, epoch in checkpoints.epoch_folders(files).items() if epoch > reported)
+    saved = checkpoints.epoch_folders(storage.list_tree(checkpoints_uri, endpoint_url))
+    ahead = sorted(name for name, epoch in saved.items() if epoch > reported)
     if not ahead:
         return
     say(
         f"trial {checkpoints_uri.rsplit('/', 1)[-1]}: dropping {', '.join(ahead)}, "
         "trained past the last epoch the search saw"
     )
-    for rel in files:
-        if rel.split("/", 1)[0] in ahead:
-            storage.delete_file(storage.join(checkpoints_uri, rel), endpoint_url)
+    checkpoints.prune(checkpoints_uri, endpoint_url, keep={epoch for epoch in saved.values() if epoch <= reported})
     storage.delete_file(storage.join(checkpoints_uri, compat_ray.CHECKPOINT_MANAGER_SNAPSHOT), endpoint_url)
 
 

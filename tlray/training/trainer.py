@@ -11,12 +11,15 @@ import functools
 import os
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from tlray import sinks
 from tlray.console import say
@@ -32,9 +35,25 @@ from tlray.training.state import TrainState
 REPORT_POLL_ENV, REPORT_POLL_SECONDS = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
 
 
-def train_loop_per_worker(config: dict) -> None:
+@dataclass(frozen=True)
+class Seat:
+    """Where one worker's loop runs: a place in a Ray Train worker group (`ray_train_seat`), or a one-worker search
+    trial's own process (tlray.training.search.own_process_seat). All the loop asks of Ray goes through it."""
+
+    rank: int
+    world_size: int
+    local_world_size: int  # workers on this node
+    device: torch.device
+    run_name: str  # TRAIN_RUN, or the search trial's id
+    wrap: Callable[[nn.Module], nn.Module]  # the trained part, made ready for the group (DDP with several workers)
+    report: Callable[[dict, TrainState | None], None]  # an epoch's metrics, and rank 0's state: stored, recorded
+    recorded_state: Callable[[], dict | None]  # the checkpoint Ray recorded for this run, if any
+
+
+def run_loop(plan: RunPlan, seat: Seat, epoch_queue=None) -> None:
+    """`fine_tune`, with a bad input found on a worker raised bare."""
     try:
-        fine_tune(config)
+        fine_tune(plan, seat, epoch_queue)
     except Exception as exc:
         # A bad input found on a worker (an undecodable image, say) arrives wrapped in Ray's
         # task errors; raise it bare so the driver reports it as bad input (exit 2). Its first
@@ -45,18 +64,24 @@ def train_loop_per_worker(config: dict) -> None:
         raise type(user_error)(str(user_error).splitlines()[0]) from None
 
 
-def fine_tune(config: dict) -> None:
-    """One worker's share of the fine-tune: plain PyTorch, plus the steps marked "Ray n"."""
-    plan: RunPlan = config["plan"]  # everything the driver resolved (tlray.plan): the worker's only input
-    spec = plan.spec  # plan.data: classes, counts and a reference to the keys; never the index
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train's entry point on each worker of the group."""
+    run_loop(config["plan"], ray_train_seat(), config.get("epoch_queue"))
+
+
+def fine_tune(plan: RunPlan, seat: Seat, epoch_queue=None) -> None:
+    """One worker's share of the fine-tune: plain PyTorch, plus the steps marked "Ray n".
+
+    `plan`: everything the driver resolved (tlray.plan), the worker's only input; plan.data holds the classes,
+    counts and a reference to the keys, never the index. `epoch_queue`: where rank 0 hands each stored epoch to
+    a search's trial (tlray.sinks.tune_queue)."""
+    spec = plan.spec
 
     # Ray 1: this worker's place in the group and its device (cuda:N or cpu).
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
+    rank, world_size, device = seat.rank, seat.world_size, seat.device
     nodes = count_nodes(world_size)
     if device.type == "cpu":  # Ray sets 1 thread per reserved CPU; decoding uint8 leaves the node's others idle
-        workers_on_node = context.get_local_world_size() * plan.runs_at_once  # a search's trials share the node
+        workers_on_node = seat.local_world_size * plan.runs_at_once  # a search's trials share the node
         torch.set_num_threads(cpu_threads(node_cpus(), workers_on_node, spec.scaling.cpus_per_worker))
         if rank == 0:
             say(f"{world_size} CPU worker(s) on {nodes} node(s), {torch.get_num_threads()} torch thread(s) each")
@@ -64,17 +89,16 @@ def fine_tune(config: dict) -> None:
     # Ray 2: a re-run of the same run name (or a restarted worker group) resumes: from the newest complete
     # checkpoint in the run's storage, never older than the one Ray recorded (tlray.io.checkpoints says why),
     # at the freeze depth of its epoch (train.unfreeze_every), which decides the model's cut and optimizer groups.
-    saved = resume_state(plan.checkpoints_uri, plan.endpoint_url, rank, world_size)
+    saved = resume_state(plan.checkpoints_uri, plan.endpoint_url, rank, world_size, seat.recorded_state)
     depth = setup.resumed_depth(spec, saved)
     model, parts, precision = setup.build_model(plan, rank, device, depth)  # alike on every rank, then its own streams
 
     # Ray 3: move to the device and wrap the trained part in DistributedDataParallel (when world_size > 1):
     # gradients exist, and are all-reduced, for the trained blocks only. A block that unfreezes grows the trained
-    # part: every rank wraps it anew, with `wrap` (tlray.training.unfreezing).
+    # part: every rank wraps it anew, with `seat.wrap` (tlray.training.unfreezing).
     # channels_last: NHWC convolutions run on the GPU's tensor cores without layout changes
     model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
-    wrap = functools.partial(ray.train.torch.prepare_model, move_to_device=False)
-    trained = wrap(parts.rest)
+    trained = seat.wrap(parts.rest)
     worker = setup.build_worker(plan, model, parts.prefix, trained, precision, rank, world_size, device, nodes, depth)
     del trained  # the worker holds the wrapper alone: an unfrozen block's rewrap leaves no stale gradient hooks
     progress = setup.resume(worker, saved, spec.train, plan.weights_identity)
@@ -85,36 +109,59 @@ def fine_tune(config: dict) -> None:
     # Each epoch comes with the worker at its freeze depth: unfrozen and rewrapped where the depth falls.
     epochs = range(progress.start_epoch, spec.train.epochs)
     epoch_started = time.perf_counter()
-    with contextlib.closing(open_sinks(config, context, rank)) as epoch_sinks:
-        for worker, epoch, batches in unfreezing.train_epochs(worker, spec, epochs, wrap):  # noqa: B020 — drops the old one
+    with contextlib.closing(open_sinks(plan, seat.run_name, epoch_queue, rank)) as epoch_sinks:
+        for worker, epoch, batches in unfreezing.train_epochs(worker, spec, epochs, seat.wrap):  # noqa: B020 — drops the old one
             metrics = loop.run_epoch(worker, epoch, batches, progress, epoch_started)
 
-            # Ray 5: report metrics every epoch; rank 0 adds a checkpoint that Ray copies to the run's storage.
-            with tempfile.TemporaryDirectory() as checkpoint_dir:
-                checkpoint = None
-                rank_rngs = rng.gather(device, world_size)  # every rank's streams, so each resumes its own
-                if rank == 0:
-                    # the trained tensors, optimizer and schedule: the frozen blocks are the starting weights'
-                    state = TrainState.capture(
-                        *worker.stateful, epoch, progress, rank_rngs, precision.description, plan.weights_identity
-                    )
-                    checkpoints.write(state.to_checkpoint(), checkpoint_dir)  # the state, then its seal
-                    checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir)
-                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoints.folder_name(epoch))
+            # Ray 5: report metrics every epoch; rank 0 adds a checkpoint: the trained tensors, optimizer and
+            # schedule (the frozen blocks are the starting weights'), stored in the run's storage.
+            rank_rngs = rng.gather(device, world_size)  # every rank's streams, so each resumes its own
+            state = None
+            if rank == 0:
+                state = TrainState.capture(
+                    *worker.stateful, epoch, progress, rank_rngs, precision.description, plan.weights_identity
+                )
+            seat.report(metrics, state)
             # rank 0's sinks, once its checkpoint is stored: a run stopped after this resumes after this epoch
             epoch_sinks.log_epoch(epoch + 1, metrics)
             epoch_started = time.perf_counter()
 
 
-def open_sinks(config: dict, context, rank: int) -> sinks.Sinks:
+def ray_train_seat() -> Seat:
+    """A worker's place in a Ray Train worker group."""
+    context = ray.train.get_context()
+
+    def report(metrics: dict, state: TrainState | None) -> None:
+        with tempfile.TemporaryDirectory() as checkpoint_dir:
+            checkpoint = None
+            if state is not None:
+                checkpoints.write(state.to_checkpoint(), checkpoint_dir)  # the state, then its seal
+                checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir)
+            name = checkpoints.folder_name(metrics["epoch"] - 1)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)  # Ray copies it to storage
+
+    def recorded_state() -> dict | None:
+        recorded = ray.train.get_checkpoint()  # every rank has it
+        return load_checkpoint_state(recorded) if recorded else None
+
+    return Seat(
+        rank=context.get_world_rank(),
+        world_size=context.get_world_size(),
+        local_world_size=context.get_local_world_size(),
+        device=ray.train.torch.get_device(),
+        run_name=context.get_experiment_name(),
+        wrap=functools.partial(ray.train.torch.prepare_model, move_to_device=False),
+        report=report,
+        recorded_state=recorded_state,
+    )
+
+
+def open_sinks(plan: RunPlan, run_name: str, epoch_queue, rank: int) -> sinks.Sinks:
     """Rank 0's metrics sinks (tlray.sinks); the other ranks log nowhere."""
     if rank != 0:
         return sinks.Sinks([])
-    run_name = context.get_experiment_name()
     trial = None if run_name == TRAIN_RUN else run_name
-    plan: RunPlan = config["plan"]
-    context = sinks.SinkContext(trial, plan.spec.train.epochs, config.get("epoch_queue"), plan.tracking)
-    return sinks.open_all(context)
+    return sinks.open_all(sinks.SinkContext(trial, plan.spec.train.epochs, epoch_queue, plan.tracking))
 
 
 # ---------------------------------------------------------------------------------------
@@ -134,7 +181,9 @@ def count_nodes(world_size: int) -> int:
     return len(set(node_ids))
 
 
-def resume_state(checkpoints_uri: str, endpoint_url: str | None, rank: int, world_size: int) -> dict | None:
+def resume_state(
+    checkpoints_uri: str, endpoint_url: str | None, rank: int, world_size: int, recorded_state=lambda: None
+) -> dict | None:
     """The newest complete checkpoint's state, else the one Ray recorded (older checkpoints have no seal); None
     for a new run. Rank 0 picks the checkpoint and hands the others its epoch; each rank reads it into CPU memory.
     A broadcast of the state itself would stage model and optimizer state on every GPU (NCCL's object collectives
@@ -151,8 +200,7 @@ def resume_state(checkpoints_uri: str, endpoint_url: str | None, rank: int, worl
         dist.broadcast_object_list(holder, src=0)  # an int
         chosen = holder[0]
     if chosen is None:
-        recorded = ray.train.get_checkpoint()  # every rank has it
-        return load_checkpoint_state(recorded) if recorded else None
+        return recorded_state()
     return state if rank == 0 else checkpoints.read_epoch(checkpoints_uri, chosen, endpoint_url)
 
 
@@ -222,6 +270,17 @@ def checkpoint_config(train: TrainSpec) -> ray.train.CheckpointConfig:
         checkpoint_score_attribute=train.select_metric,
         checkpoint_score_order=metric_mode(train.select_metric),
     )
+
+
+def epochs_to_keep(history: list[dict], train: TrainSpec) -> set[int]:
+    """The 1-based epochs whose checkpoints `checkpoint_config` keeps after the last one in `history`: the latest,
+    and the best `checkpoints_to_keep` by `select_metric` (the most recent with `last`), ties to the latest."""
+    left, kept = list(history), {history[-1]["epoch"]}
+    for _ in range(min(train.checkpoints_to_keep, len(history))):
+        best = select_epoch(left, train.select_metric).epoch
+        kept.add(best)
+        left = [entry for entry in left if entry["epoch"] != best]
+    return kept
 
 
 def load_selected_checkpoint(checkpoints_uri: str, endpoint_url: str | None, select_metric: str):

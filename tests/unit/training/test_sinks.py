@@ -1,4 +1,4 @@
-"""Each epoch's metrics reach every sink rank 0 opened, in order: the search's queue, then the console line."""
+"""Each epoch's metrics reach every sink rank 0 opened, in order: the console line, then the search's queue."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def test_a_run_opens_the_console_and_a_search_trial_also_its_queue(capfd):
 
     queue = queue_module.SimpleQueue()  # answers put() as the trial's ray.util.queue.Queue does
     trial = sinks.open_all(sinks.SinkContext(trial="abc_00001", epochs=5, epoch_queue=queue))
-    assert [type(s) for s in trial.sinks] == [TuneQueueSink, ConsoleSink]  # SINKS order: Tune first
+    assert [type(s) for s in trial.sinks] == [ConsoleSink, TuneQueueSink]  # SINKS order: Tune last
 
     alone.log_epoch(3, METRICS)
     trial.log_epoch(3, METRICS)
@@ -31,6 +31,21 @@ def test_a_run_opens_the_console_and_a_search_trial_also_its_queue(capfd):
     assert lines == [
         "[tlray] epoch 3/5 train_loss=0.1235 images_per_second=1234 lr=0.001 nodes=1",
         "[tlray] trial abc_00001: epoch 3/5 train_loss=0.1235 images_per_second=1234 lr=0.001 nodes=1",
+    ]
+
+
+def test_tune_ending_a_trial_at_its_report_comes_after_every_other_sink_logged_the_epoch(capfd):
+    class EndsTheTrial:  # a one-worker trial's queue: Tune may stop the trial in its report, which never returns
+        def put(self, metrics):
+            raise SystemExit
+
+    trial = sinks.open_all(sinks.SinkContext(trial="abc_00002", epochs=5, epoch_queue=EndsTheTrial()))
+    try:
+        trial.log_epoch(3, METRICS)
+    except SystemExit:
+        pass
+    assert capfd.readouterr().out.splitlines() == [
+        "[tlray] trial abc_00002: epoch 3/5 train_loss=0.1235 images_per_second=1234 lr=0.001 nodes=1"
     ]
 
 
