@@ -82,6 +82,7 @@ def run_search(plan: RunPlan) -> ray.tune.ResultGrid:
                 metric=spec.tune.metric,
                 mode=spec.tune.mode,
                 num_samples=1,  # the grid holds one point per trial (search_space)
+                reuse_actors=in_own_process(spec),  # the next trial in a warm process: torch and tlray imported
                 # the same spec samples the same lrs; the generator caps concurrency, except under hyperband
                 search_alg=BasicVariantGenerator(
                     random_state=spec.train.seed,
