@@ -12,12 +12,12 @@ from torch import nn
 from tlray.errors import UserError
 
 
-def trained_state(model: nn.Module) -> dict:
-    """The model's state that training can change: its trainable parameters, and every buffer (BatchNorm's
-    running statistics, a few kilobytes, move in frozen blocks too with `model.batchnorm: train`)."""
+def trained_state(model: nn.Module, whole: dict) -> dict:
+    """Of `whole` (the model's state_dict), what training can change: its trainable parameters, and every buffer
+    (BatchNorm's running statistics, a few kilobytes, move in frozen blocks too with `model.batchnorm: train`)."""
     trained = {name for name, p in model.named_parameters() if p.requires_grad}
     trained |= {name for name, _ in model.named_buffers()}
-    return {name: tensor for name, tensor in model.state_dict().items() if name in trained}
+    return {name: tensor for name, tensor in whole.items() if name in trained}
 
 
 def load_model_state(model: nn.Module, saved: dict, weights_identity: str | None) -> None:

@@ -59,9 +59,9 @@ class TrainState:
     ) -> TrainState:
         """The state after 0-based `epoch` (its metrics already in `progress.history`). With the identity of the
         weights the model started from, the frozen parameters are left out: they are still those weights'."""
-        model_state, frozen_from = trained_state(model), weights_identity
-        if weights_identity is None or len(model_state) == len(model.state_dict()):
-            model_state, frozen_from = model.state_dict(), None
+        whole = model.state_dict()
+        model_state = trained_state(model, whole) if weights_identity else whole
+        frozen_from = weights_identity if len(model_state) < len(whole) else None
         return cls(
             model=model_state,
             optimizer=optimizer.state_dict(),
