@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # lines Ray prints for itself: in ray.log by default, on the console only with -v
 RAY_INTERNALS = (
     "(RayTrainWorker",
+    "(SingleWorker",
     "(TrainController",
     "Execution plan",
     "Reporting training result",

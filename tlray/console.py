@@ -32,6 +32,29 @@ def say(message: str) -> None:
     print(f"{MARK}{message}", file=sys.__stdout__, flush=True)
 
 
+class Laps:
+    """Wall seconds of a run's parts, each part timed from the end of the one before: the run's timings, which
+    metadata.json (`timings`), MLflow (metrics `seconds_<part>`) and the run's last console line record."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def lap(self, part: str) -> dict[str, float]:
+        """Time `part` as ending now; returns every part timed so far."""
+        now = time.perf_counter()
+        self.seconds[part] = self.seconds.get(part, 0.0) + now - self.last
+        self.last = now
+        return dict(self.seconds)
+
+    def note(self, part: str, seconds: float) -> None:
+        """A part measured elsewhere, inside another part (the epochs' own time, inside the fit)."""
+        self.seconds[part] = seconds
+
+    def line(self) -> str:
+        return "timings: " + ", ".join(f"{part} {seconds:.1f} s" for part, seconds in self.seconds.items())
+
+
 class Route:
     """The one routing state of this process: the log file, verbosity, whether worker lines are shown."""
 

@@ -55,6 +55,7 @@ def test_two_worker_run_exports_a_model_plain_pytorch_loads(tmp_path, capsys, ml
     assert main(["train", str(spec_path)]) == 0
     out = capsys.readouterr().out
     assert "model published to" in out and "val_accuracy" in out
+    assert re.search(r"\[tlray\] timings: index [\d.]+ s, weights [\d.]+ s, cluster [\d.]+ s, .*gate [\d.]+ s", out)
     check_tracked(mlflow_server, run_dir(spec_path))
 
     run = run_dir(spec_path)
@@ -107,6 +108,12 @@ def check_tracked(uri: str, run: Path) -> None:
     assert (params["scaling.num_workers"], params["train.epochs"], params["model.arch"]) == ("2", "2", "resnet18")
     assert (params["data_fingerprint"], params["weights_identity"]) == (metadata["dataset"]["fingerprint"], "none")
     assert tags_of(tracked)["tlray.model_uri"] == str(run / "model")
+    # the run's timings: every part in metadata.json and as MLflow metrics (the gate's in MLflow only)
+    parts = ["index", "weights", "cluster", "plan", "fit", "epochs", "publish"]  # no cache: no feature pass
+    assert sorted(metadata["timings"]) == sorted(parts)
+    assert all(seconds >= 0 for seconds in metadata["timings"].values())
+    logged = {m["key"] for m in tracked["data"]["metrics"] if m["key"].startswith("seconds_")}
+    assert logged == {f"seconds_{part}" for part in [*parts, "gate"]}
     listed = mlflow.Client(uri).call("GET", "artifacts/list", query={"run_id": tracked["info"]["run_id"]})
     assert {f["path"] for f in listed["files"]} == {"metadata.json", "MANIFEST.json"}
     query = {"name": "tiny-tracked", "alias": "champion"}
@@ -136,7 +143,7 @@ def test_run_terminated_after_first_epoch_resumes_from_its_checkpoint_and_frozen
     assert stop_seconds < 30, f"SIGTERM to exit took {stop_seconds:.1f} s"
     assert "tlray: terminated (SIGTERM)" in first.output
     assert not (run_dir(spec_path) / "metadata.json").exists(), "an interrupted run must not publish"
-    assert "Reporting training result" in first.output and "(RayTrainWorker" in first.output  # -v: shown live
+    assert "(SingleWorker" in first.output  # -v: the one worker's actor's lines (Ray Data's too), live
     resume_at = newest_sealed_epoch(run_dir(spec_path) / "train")
     assert 1 <= resume_at < 4, "the first run must stop before finishing, with its first epoch kept"
 
@@ -148,7 +155,7 @@ def test_run_terminated_after_first_epoch_resumes_from_its_checkpoint_and_frozen
     assert not [line for line in second.stdout.splitlines() if any(i in line for i in RAY_INTERNALS)]
     assert f"Ray's output: {run_dir(spec_path) / 'ray.log'}" in second.stdout
     ray_log = (run_dir(spec_path) / "ray.log").read_text()
-    assert "(RayTrainWorker" in ray_log and "Reporting training result" in ray_log and "[tlray] epoch 4/4" in ray_log
+    assert "(SingleWorker" in ray_log and "Execution plan" in ray_log and "[tlray] epoch 4/4" in ray_log
     trained_now = [int(e) for e in re.findall(r"\[tlray\] epoch (\d+)/4", second.stdout)]
     assert trained_now == list(range(resume_at + 1, 5))
     history = json.loads((run_dir(spec_path) / "metrics.json").read_text())["history"]
@@ -168,11 +175,9 @@ def test_run_terminated_after_first_epoch_resumes_from_its_checkpoint_and_frozen
     assert all(0 <= c <= e for c, e in zip(computed[resume_at:], expected[resume_at:], strict=True)), computed
     assert sum(expected[resume_at:]) < len(index.train) / 10  # a cold cache would compute all train and val rows
 
-    # 4. A stop after the last checkpoint was sealed, before Ray recorded it (and so before publish), leaves Ray's
-    # record of the run behind its storage; here it lost every epoch. The same command has no epoch left to
-    # train, and publishes from every sealed epoch, not from Ray's record.
+    # 4. A stop after the last checkpoint was sealed, before publish: the same command has no epoch left to
+    # train, and publishes from the sealed epochs.
     run = run_dir(spec_path)
-    (run / "train" / "checkpoint_manager_snapshot.json").unlink()  # Ray Train's record of the checkpoints
     for published in ("metadata.json", "metrics.json", "MANIFEST.json"):
         (run / published).unlink()
     third = subprocess.run([*TLRAY, "train", str(spec_path)], env=env, capture_output=True, text=True, timeout=600)
@@ -183,6 +188,10 @@ def test_run_terminated_after_first_epoch_resumes_from_its_checkpoint_and_frozen
     selection = json.loads((run / "metadata.json").read_text())["selection"]
     assert selection["epoch"] == select_epoch(history, load_spec(spec_path).train.select_metric).epoch
     assert selection["reason"].endswith("of 4")
+    # with the cache, the timings hold the feature pass: its seconds over the four epochs, within theirs
+    timings = json.loads((run / "metadata.json").read_text())["timings"]
+    assert timings["feature_pass"] == pytest.approx(sum(h["feature_pass_seconds"] for h in history))
+    assert timings["epochs"] == pytest.approx(sum(h["epoch_seconds"] for h in history))
 
 
 def newest_sealed_epoch(checkpoints: Path) -> int:

@@ -90,6 +90,9 @@ def check_search(spec_path: Path, out: str) -> None:
     assert metadata["spec"]["train"]["lr"] == pytest.approx(best["lr"])
     # the trial's best epoch (train.select_metric: val_accuracy) is what is published
     assert metadata["metrics"]["val_accuracy"] == pytest.approx(best["best_metric"])
+    # the search's timings, each part once (their sizes are the benchmark's business)
+    assert sorted(metadata["timings"]) == ["cluster", "index", "plan", "publish", "search", "weights"]
+    assert all(seconds >= 0 for seconds in metadata["timings"].values())
 
     # ... and its exported program reproduces the reported metric on the validation split
     index = build_index(spec.dataset)

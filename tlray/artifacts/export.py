@@ -4,9 +4,10 @@ Layout of a run (`<output.uri>/<name>/runs/<run_id>/`):
     model/model.pt2        torch.export program: `torch.export.load(p).module()(images)`, no tlray needed
     model/state_dict.pt    weights for `torchvision.models.get_model(arch, num_classes=…)`
     metrics.json           per-epoch history, the last and the selected epoch
-    metadata.json          classes, arch, weights, freeze depth, preprocessing, selected epoch, spec, versions
+    metadata.json          classes, arch, weights, freeze depth, preprocessing, selected epoch, spec, versions,
+                           the run's timings (seconds per part: indexing, weights, cluster, fit, publish)
     MANIFEST.json          every file above with its size and sha256: written last (tlray.artifacts.manifest)
-    train/                 Ray Train's checkpoints (resume state; not in the manifest, Ray prunes it)
+    train/                 the training checkpoints (resume state; not in the manifest, pruned as training goes)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 import tlray
 from tlray.artifacts.manifest import FORMAT_VERSION, MANIFEST, is_sealed, utc_timestamp, write_manifest
+from tlray.console import Laps
 from tlray.data.index import DatasetIndex
 from tlray.errors import UserError
 from tlray.io import storage
@@ -53,12 +55,14 @@ def publish(
     hyperparameters: dict | None = None,
     history: list[dict] | None = None,
     seal: bool = True,
+    timings: Laps | None = None,
 ) -> PublishedRun:
     """Export the weights in `state` (the selected epoch's training checkpoint) and describe the run.
 
     `model`: the driver's one model of the plan's arch and classes, which takes the weights.
     `history`: every epoch's metrics (the latest checkpoint's); default: the history in `state`.
     With `seal`, MANIFEST.json is written last; otherwise the caller adds files and calls `write_manifest`.
+    `timings`: the run's parts so far, which metadata.json records with this one's (`publish`: export and upload).
     A run that is already sealed is left as it is: re-running a finished job never rewrites a model that
     `latest.json` may point at.
     """
@@ -114,6 +118,7 @@ def publish(
         "hyperparameters": hyperparameters or {"lr": spec.train.lr, "freeze_depth": summary.depth},
         "spec": spec.model_dump(mode="json"),
         "versions": versions(),
+        "timings": timings.lap("publish") if timings else {},
     }
     storage.write_json(storage.join(destination, "metadata.json"), metadata, endpoint)
     if seal:

@@ -5,17 +5,18 @@ run goes on in the same MLflow run. Its params are the resolved spec as dotted k
 the data's fingerprint; each epoch's metrics come from rank 0's sink (tlray.sinks.mlflow), at step = epoch. A
 search is a parent run; each trial is a child run of it (tlray.training.search.tracked_trial).
 
-After publishing: the run's metadata.json, MANIFEST.json and report PNGs become artifacts (the weights too with
-`log_weights`), the published model a new version of the registered model named after the job, and the gate's
-champion holds the alias `champion`. The output (S3 or a folder) stays the record: every call here is bounded and
-never raises (tlray.io.mlflow), and a server that is unreachable turns all of this off after one warning.
+After publishing: the run's timings (seconds per part) become metrics; its metadata.json, MANIFEST.json and
+report PNGs artifacts (the weights too with `log_weights`); the published model a new version of the registered
+model named after the job, and the gate's champion holds the alias `champion`. The output (S3 or a folder) stays
+the record: every call here is bounded and never raises (tlray.io.mlflow), and a server that is unreachable
+turns all of this off after one warning.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from tlray.artifacts.champion import Decision
 from tlray.artifacts.manifest import MANIFEST
@@ -74,12 +75,13 @@ def record_search(plan: RunPlan, rows: list[dict], best: dict) -> None:
             dataclasses.replace(run, run_id=child["info"]["run_id"]).end()
 
 
-def record_published(plan: RunPlan, decision: Decision) -> None:
-    """After the gate: the published files as artifacts, the model as a registered version (alias `champion` when
-    the gate promoted it), and the MLflow run ended."""
+def record_published(plan: RunPlan, decision: Decision, timings: Mapping[str, float]) -> None:
+    """After the gate: the run's timings as metrics `seconds_<part>`, the published files as artifacts, the model
+    as a registered version (alias `champion` when the gate promoted it), and the MLflow run ended."""
     run = plan.tracking
     if run is None:
         return
+    run.log_metrics(0, {f"seconds_{part}": seconds for part, seconds in timings.items()})
     settings = plan.spec.tracking.mlflow
     model_uri = storage.join(plan.run_uri, "model")
     run.set_tags({MODEL_URI_TAG: model_uri})

@@ -14,6 +14,7 @@ import torch
 from tlray.artifacts.export import PublishedRun, publish, published_run, run_uri
 from tlray.artifacts.manifest import is_sealed, write_manifest
 from tlray.artifacts.search_report import write_search_report
+from tlray.console import Laps
 from tlray.errors import UserError
 from tlray.flows import steps, tracking
 from tlray.flows.scoring import confusion_matrix_of
@@ -42,35 +43,43 @@ def tune(spec_file: str, overrides: Sequence[str] = (), if_data_changed: bool = 
         raise UserError(
             "tune: the spec has no tune section; add one (see jobs/digits-new-domain.yaml) or use `tlray train`"
         )
+    laps = Laps()  # the run's timings: each step's seconds
     index = steps.index_data(spec)  # 2. the data: listed and split
     if if_data_changed and steps.champion_has_this_data(spec, index):
         return None
+    laps.lap("index")
     steps.check_destination(spec, index)  # 3. the output
     spec, model = steps.warm_start(spec, index)  # 4. the weights
     check_searchable(spec, index)
+    laps.lap("weights")
     run = run_uri(spec, index, "tune")
     steps.join_cluster(spec, index, run)  # 5. the cluster
+    laps.lap("cluster")
     print(f"[tlray] search {run.rsplit('/', 1)[-1]}: trials, results, report and best model under {run}")
     plan = tracking.start(steps.run_plan(spec, index, run, model), "tune")  # 6. the run plan, each trial's from it
+    laps.lap("plan")
     with tracking.ended_if_interrupted(plan):
-        grid = run_search(plan)  # 7. one TorchTrainer per trial, ASHA stops weak ones
+        grid = run_search(plan)  # 7. a trial per point, ASHA stops weak ones
         raise_if_interrupted(grid, spec)  # Ctrl-C: nothing is published, the same command resumes
         raise_if_no_trial_finished(grid)
+    laps.lap("search")
     rows = result_rows(grid, spec)
     print(results_table(rows, spec))
     best = best_trial(rows)
     best_plan = plan.for_best_trial(best_trial_spec(spec, best), model, best["trial"])
-    published = publish_best_trial(plan, best_plan, model, rows, best)  # 8. publish the best trial, and report
+    published = publish_best_trial(plan, best_plan, model, rows, best, laps)  # 8. publish the best trial, and report
     page = write_search_report(run, plan.endpoint_url)  # report/ is not in the manifest: `tlray report` redraws it
     tracking.record_search(plan, rows, best)  # the parent MLflow run: best trial, results table
     decision = steps.gate_champion(best_plan.spec, run, plan.data)  # 9. the champion gate
-    tracking.record_published(plan, decision)  # ... and MLflow's registry follows it
+    laps.lap("gate")
+    tracking.record_published(plan, decision, laps.seconds)  # ... and MLflow's registry follows it
     print(  # 10. what was published
         f"[tlray] best trial {best['trial']}: lr {best['lr']:.3g}, {choice_name(best['freeze_depth'])}, "
         f"{spec.tune.metric} {best['metric']:.4f}"
     )
     print(f"[tlray] model published to {published.uri}/model")
     print(f"[tlray] report: {page}")
+    print(f"[tlray] {laps.line()}", flush=True)
     return published
 
 
@@ -79,7 +88,7 @@ def choice_name(choice) -> str:
 
 
 def publish_best_trial(
-    plan: RunPlan, best_plan: RunPlan, model: torch.nn.Module, rows: list[dict], best: dict
+    plan: RunPlan, best_plan: RunPlan, model: torch.nn.Module, rows: list[dict], best: dict, timings: Laps
 ) -> PublishedRun:
     """The best trial's selected epoch, published as `tlray train` would, with the search's results and the
     model's confusion matrix beside it. A finished search, run again, keeps its published files as they are."""
@@ -91,6 +100,6 @@ def publish_best_trial(
     confusion = confusion_matrix_of(model, plan.data, state, best_plan.weights_identity)
     storage.write_json(storage.join(run, "confusion_matrix.json"), {**confusion, "trial": best["trial"]}, endpoint)
     hyperparameters = {"lr": best["lr"], "freeze_depth": best_plan.freeze.depth, "trial": best["trial"]}
-    published = publish(best_plan, model, state, hyperparameters, history, seal=False)
+    published = publish(best_plan, model, state, hyperparameters, history, seal=False, timings=timings)
     write_manifest(run, endpoint)  # last: from now on the run is complete
     return published

@@ -23,7 +23,6 @@ import ray
 import ray.train
 import ray.tune
 import ray.util.queue
-import torch
 from ray.tune.experiment import Trial
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from ray.tune.schedulers import ASHAScheduler
@@ -37,11 +36,10 @@ from tlray.io import checkpoints, mlflow, storage
 from tlray.metrics import SEARCH_HISTORY, too_few_classes
 from tlray.plan import RunPlan
 from tlray.spec import RANDOM_INIT, JobSpec
-from tlray.training.state import TrainState
 from tlray.training.trainer import (
-    Seat,
-    epochs_to_keep,
+    in_one_process,
     make_trainer,
+    one_process_seat,
     run_loop,
     warn_if_no_cpu_left_for_data,
     worker_resources,
@@ -64,7 +62,7 @@ def run_search(plan: RunPlan) -> ray.tune.ResultGrid:
     concurrency, verbosity = concurrent_trials(spec), tune_verbosity()
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(run_trial, plan=plan, trials_at_once=concurrency),
-        worker_resources(spec) if in_own_process(spec) else TRIAL_DRIVER_RESOURCES,
+        worker_resources(spec) if in_one_process(spec) else TRIAL_DRIVER_RESOURCES,
     )
     experiment = storage.join(path, "search")
     if ray.tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
@@ -82,7 +80,7 @@ def run_search(plan: RunPlan) -> ray.tune.ResultGrid:
                 metric=spec.tune.metric,
                 mode=spec.tune.mode,
                 num_samples=1,  # the grid holds one point per trial (search_space)
-                reuse_actors=in_own_process(spec),  # the next trial in a warm process: torch and tlray imported
+                reuse_actors=in_one_process(spec),  # the next trial in a warm process: torch and tlray imported
                 # the same spec samples the same lrs; the generator caps concurrency, except under hyperband
                 search_alg=BasicVariantGenerator(
                     random_state=spec.train.seed,
@@ -105,7 +103,7 @@ def run_search(plan: RunPlan) -> ray.tune.ResultGrid:
 def trial_failures(spec: JobSpec) -> ray.tune.FailureConfig:
     """`scaling.max_failures` for a trial in its own process, which Tune restarts (from its latest checkpoint); a
     trial of several workers has Ray Train restart its worker group instead."""
-    return ray.tune.FailureConfig(max_failures=spec.scaling.max_failures if in_own_process(spec) else 0)
+    return ray.tune.FailureConfig(max_failures=spec.scaling.max_failures if in_one_process(spec) else 0)
 
 
 STOP_REQUESTED = threading.Event()  # set by Ctrl-C or SIGTERM during the search: what Tune ran is not all
@@ -168,28 +166,10 @@ def run_trial(config: dict, plan: RunPlan, trials_at_once: int) -> None:
     settings = storage.join(trial.checkpoints_uri, TRIAL_FILE)
     storage.write_json(settings, trial_settings(trial, config["freeze_depth"]), trial.endpoint_url)
     drop_epochs_tune_never_saw(trial.checkpoints_uri, trial.endpoint_url)
-    if in_own_process(trial.spec):
-        run_loop(trial, own_process_seat(trial, trial_id), ToTune(trial))
+    if in_one_process(trial.spec):
+        run_loop(trial, one_process_seat(trial, trial_id), ToTune(trial))
     else:
         run_trainer(trial, trial_id)
-
-
-def in_own_process(spec: JobSpec) -> bool:
-    """A one-worker trial trains in its trial's own process: no Ray Train controller and worker group to start
-    (most of a short trial's time); a trial of several workers needs the group's collectives."""
-    return spec.scaling.num_workers == 1
-
-
-def own_process_seat(trial: RunPlan, trial_id: str) -> Seat:
-    """The trial's process as a worker group of one: its checkpoints stored and pruned as Ray Train would."""
-
-    def report(metrics: dict, state: TrainState | None) -> None:
-        checkpoints.store(state.to_checkpoint(), trial.checkpoints_uri, trial.endpoint_url)  # the seal last
-        keep = epochs_to_keep(state.history, trial.spec.train)
-        checkpoints.prune(trial.checkpoints_uri, trial.endpoint_url, keep)
-
-    device = torch.device("cuda") if trial.spec.scaling.use_gpu else torch.device("cpu")  # Ray set the visible GPU
-    return Seat(0, 1, 1, device, trial_id, lambda trained: trained, report, lambda: None)
 
 
 def run_trainer(trial: RunPlan, trial_id: str) -> None:

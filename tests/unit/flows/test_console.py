@@ -73,3 +73,15 @@ def test_a_run_in_s3_logs_to_a_local_file_named_after_it(tmp_path):
     assert console.log_path_for(str(tmp_path / "job" / "runs" / "r1")) == tmp_path / "job" / "runs" / "r1" / "ray.log"
     local = console.log_path_for("s3://bucket/job/runs/r1-abc")
     assert local.parts[-2:] == ("r1-abc", "ray.log")
+
+
+def test_laps_time_each_part_from_the_end_of_the_one_before(monkeypatch):
+    now = iter([10.0, 10.5, 13.0, 13.25, 20.0])
+    monkeypatch.setattr(console.time, "perf_counter", lambda: next(now))
+    laps = console.Laps()  # 10.0
+    assert laps.lap("index") == {"index": 0.5}
+    laps.lap("fit")  # 13.0
+    laps.note("epochs", 2.0)  # inside the fit: the clock does not move
+    laps.lap("fit")  # 13.25: a part timed again adds up
+    assert laps.lap("publish") == {"index": 0.5, "fit": 2.75, "epochs": 2.0, "publish": 6.75}
+    assert laps.line() == "timings: index 0.5 s, fit 2.8 s, epochs 2.0 s, publish 6.8 s"

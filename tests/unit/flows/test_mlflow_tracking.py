@@ -89,9 +89,11 @@ def test_a_train_run_is_logged_registered_and_the_champion_alias_follows_the_gat
 
     MlflowSink.open(SinkContext(None, 2, tracking=run)).log_epoch(1, {"epoch": 1, "val_accuracy": 0.6})
     promoted = gate(first, 0.70, scores)
-    tracking.record_published(first, promoted)
+    tracking.record_published(first, promoted, {"index": 0.25, "fit": 12.5})
     logged = run_of(mlflow_server, run.run_id)
     assert logged["info"]["status"] == "FINISHED"
+    timings = {m["key"]: m["value"] for m in logged["data"]["metrics"] if m["key"].startswith("seconds_")}
+    assert timings == {"seconds_index": 0.25, "seconds_fit": 12.5}  # the run's timings are metrics
     assert tags_of(logged)[tracking.MODEL_URI_TAG] == f"{first.run_uri}/model"
     assert artifacts_of(mlflow_server, run.run_id) == ["MANIFEST.json", "metadata.json", "report"]
     assert artifacts_of(mlflow_server, run.run_id, "report") == ["report/learning_curves.png"]
@@ -99,10 +101,10 @@ def test_a_train_run_is_logged_registered_and_the_champion_alias_follows_the_gat
 
     # a worse run: a new version, the alias stays; a better one: the alias moves to it
     worse = tracking.start(plan_of(spec, f"{spec.name}-bbbb"), "train")
-    tracking.record_published(worse, gate(worse, 0.65, scores))
+    tracking.record_published(worse, gate(worse, 0.65, scores), {})
     assert mlflow.alias_version(mlflow_server, spec.name, "champion") == "1"
     better = tracking.start(plan_of(spec, f"{spec.name}-cccc"), "train")
-    tracking.record_published(better, gate(better, 0.80, scores))
+    tracking.record_published(better, gate(better, 0.80, scores), {})
     assert mlflow.alias_version(mlflow_server, spec.name, "champion") == "3"
     versions = mlflow.Client(mlflow_server).call(
         "GET", "model-versions/search", query={"filter": f"name = '{spec.name}'"}
@@ -118,7 +120,7 @@ def test_a_train_run_is_logged_registered_and_the_champion_alias_follows_the_gat
     assert again.tracking == run
     assert run_of(mlflow_server, run.run_id)["info"]["status"] == "RUNNING"
     MlflowSink.open(SinkContext(None, 2, tracking=again.tracking)).log_epoch(2, {"epoch": 2, "val_accuracy": 0.7})
-    tracking.record_published(again, gate(again, 0.70, scores))  # kept: it is not the champion any more
+    tracking.record_published(again, gate(again, 0.70, scores), {})  # kept: it is not the champion any more
     answer = mlflow.Client(mlflow_server).call(
         "GET", "metrics/get-history", query={"run_id": run.run_id, "metric_key": "val_accuracy"}
     )
@@ -130,7 +132,7 @@ def test_a_train_run_is_logged_registered_and_the_champion_alias_follows_the_gat
 def test_log_weights_uploads_the_model_and_an_s3_model_is_its_own_source(tmp_path, mlflow_server):
     spec = job_spec(tmp_path, mlflow_server, {"log_weights": True, "experiment": "shared"})
     plan = tracking.start(plan_of(spec, f"{spec.name}-dddd"), "train")
-    tracking.record_published(plan, gate(plan, 0.5, {}))
+    tracking.record_published(plan, gate(plan, 0.5, {}), {})
     assert artifacts_of(mlflow_server, plan.tracking.run_id, "model") == ["model/model.pt2"]
     shared = mlflow.Client(mlflow_server).call("GET", "experiments/get-by-name", query={"experiment_name": "shared"})
     assert shared["experiment"]["experiment_id"] == plan.tracking.experiment_id
@@ -171,7 +173,7 @@ def test_a_search_is_a_parent_run_and_each_trial_a_child_with_its_own_params(tmp
     tags = tags_of(run_of(mlflow_server, parent.run_id))
     assert (tags["tlray.best_trial"], tags["tlray.best_lr"]) == ("t1", "0.002")
     assert artifacts_of(mlflow_server, parent.run_id) == ["tune_results.json"]
-    tracking.record_published(search, gate(search, 0.5, {}))
+    tracking.record_published(search, gate(search, 0.5, {}), {})
     published = ["MANIFEST.json", "metadata.json", "report", "tune_results.json"]
     assert artifacts_of(mlflow_server, parent.run_id) == published
     assert mlflow.alias_version(mlflow_server, spec.name, "champion") == "1"
@@ -185,7 +187,7 @@ def test_untracked_and_unreachable_runs_are_left_untracked(tmp_path, caplog):
         plan = plan_of(job_spec(tmp_path, uri), "down-1")
         started = tracking.start(plan, "train")
         assert started.tracking is None
-        tracking.record_published(started, gate(started, 0.5, {}))  # no MLflow run: nothing to do
+        tracking.record_published(started, gate(started, 0.5, {}), {})  # no MLflow run: nothing to do
         trial = tracked_trial(dataclasses.replace(plan, tracking=mlflow.TrackedRun(uri, "1", "r", "x")), plan, "t1")
     assert trial.tracking is None  # never the search's run: its epochs would land in the parent
     assert len([r for r in caplog.records if "unreachable" in r.getMessage()]) == 1

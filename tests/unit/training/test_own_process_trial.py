@@ -1,4 +1,4 @@
-"""A one-worker search trial trains in its own process (tlray.training.search.own_process_seat), without Ray:
+"""A one-worker search trial trains in its own process (tlray.training.trainer.one_process_seat), without Ray:
 its epochs reach Tune in order, each once its checkpoint is stored; it keeps the checkpoints Ray Train would;
 killed mid-run, it resumes from the last epoch Tune saw and ends as the undisturbed trial, to the bit."""
 
@@ -14,8 +14,8 @@ from test_unfreezing import images as images  # noqa: F401 — the fixture: in-m
 from tlray.io import checkpoints, storage
 from tlray.spec import TrainSpec
 from tlray.training import loop, search, trainer
-from tlray.training.search import REPORTED_FILE, ToTune, drop_epochs_tune_never_saw, own_process_seat
-from tlray.training.trainer import epochs_to_keep, run_loop
+from tlray.training.search import REPORTED_FILE, ToTune, drop_epochs_tune_never_saw
+from tlray.training.trainer import epochs_to_keep, one_process_seat, run_loop
 
 
 class Killed(Exception):
@@ -36,7 +36,7 @@ def run_trial(trial, reports: list[dict], dies_in_epoch: int | None = None) -> N
         patch.setattr(search.ray.tune, "report", reports.append)
         patch.setattr(loop, "run_epoch", dying)
         drop_epochs_tune_never_saw(trial.checkpoints_uri, None)
-        run_loop(trial, own_process_seat(trial, "trial_a"), ToTune(trial))
+        run_loop(trial, one_process_seat(trial, "trial_a"), ToTune(trial))
 
 
 @pytest.fixture
@@ -96,5 +96,5 @@ def test_the_kept_epochs_are_the_latest_and_the_best_by_select_metric_as_ray_tra
 def test_the_device_of_a_trial_in_its_own_process_is_the_gpu_ray_gave_it(tmp_path):
     spec = job(depth="all")
     gpu = spec.model_copy(update={"scaling": spec.scaling.model_copy(update={"use_gpu": True})})
-    assert own_process_seat(plan_of(gpu), "t").device == torch.device("cuda")
-    assert own_process_seat(plan_of(spec), "t").device == torch.device("cpu")
+    assert one_process_seat(plan_of(gpu), "t").device == torch.device("cuda")
+    assert one_process_seat(plan_of(spec), "t").device == torch.device("cpu")
