@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Transfer learning on the digits (tlray/flows/demo.py): sources, few-shot targets in every mode, a search; about
-# 11-13 minutes on 2 cores. DEMO_FLAGS passes flags on, e.g. make demo DEMO_FLAGS="--k 5 --seed 1 --s3".
+# 4 minutes on 2 cores. DEMO_FLAGS passes flags on, e.g. make demo DEMO_FLAGS="--k 5 --seed 1 --s3".
 demo: install
 	$(BIN)/tlray demo $(DEMO_FLAGS)
 
