@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -124,6 +125,38 @@ class Driver:
     @property
     def output(self) -> str:
         return "\n".join(self.lines[-80:])
+
+
+USER_FOLDERS = ("data", "outputs")  # what `make demo` and the README's commands write; git ignores them
+
+
+def git_status() -> str:
+    """git's view of the checkout ("" outside one, e.g. an unpacked sdist)."""
+    if not (ROOT / ".git").exists():
+        return ""
+    command = ["git", "status", "--porcelain", "--untracked-files=all"]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+
+def user_files() -> dict[str, tuple[int, int]]:
+    """The user's data/ and outputs/, file by file: size and modification time."""
+    return {
+        str(path.relative_to(ROOT)): (path.stat().st_size, path.stat().st_mtime_ns)
+        for folder in USER_FOLDERS
+        for path in sorted((ROOT / folder).rglob("*"))
+        if path.is_file()
+    }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _checkout_left_alone():
+    """The suite writes in temporary folders only: after it, `git status` says what it said before, and a demo
+    the user ran (outputs/demo/, data/) is as it was."""
+    status, files = git_status(), user_files()
+    yield
+    assert git_status() == status, f"the suite changed the checkout:\nbefore:\n{status}\nafter:\n{git_status()}"
+    changed = sorted({path for path, stat in set(files.items()) ^ set(user_files().items())})
+    assert not changed, f"the suite changed the user's files: {changed[:10]}"
 
 
 @pytest.fixture(autouse=True)

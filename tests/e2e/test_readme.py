@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -30,17 +31,37 @@ def test_quick_start_is_the_two_make_commands():
     assert RUNS_THIS_SUITE in (ROOT / ".ci" / "run").read_text()
 
 
+@pytest.fixture
+def checkout_copy(tmp_path) -> Path:
+    """The checkout's files (tracked, and new ones git does not ignore) in a temporary folder, with a link to its
+    .venv: the README's commands write their data/ and outputs/ there, never over the user's. Modification times
+    are kept, so `make` finds the virtual environment up to date and installs nothing."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    copy = tmp_path / "checkout"
+    for name in filter(None, listed.split("\0")):
+        if (ROOT / name).is_file():  # a tracked file deleted in the working tree is not copied
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, copy / name)
+    (copy / ".venv").symlink_to(ROOT / ".venv")
+    return copy
+
+
 @pytest.mark.timeout(2400)  # several whole runs, each under its own 900 s limit
-def test_every_readme_command_runs(monkeypatch):
-    monkeypatch.chdir(ROOT)  # the README's specs name paths relative to the checkout
-    path = f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}"
+def test_every_readme_command_runs(monkeypatch, checkout_copy):
+    monkeypatch.chdir(checkout_copy)  # the README's specs name paths relative to the checkout
+    path = f"{checkout_copy / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}"
     env = {**os.environ, "PATH": path, "DEMO_FLAGS": DEMO_FLAGS}
     try:
         for block in bash_blocks():
             script = "\n".join(line for line in block.splitlines() if line.strip() != RUNS_THIS_SUITE)
             done = subprocess.run(
                 ["bash", "-euo", "pipefail", "-c", script],
-                cwd=ROOT,
+                cwd=checkout_copy,
                 env=env,
                 capture_output=True,
                 text=True,
@@ -48,9 +69,9 @@ def test_every_readme_command_runs(monkeypatch):
             )
             assert done.returncode == 0, f"README block failed:\n{block}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
             if "make demo" in block:
-                check_demo(done.stdout)
+                check_demo(checkout_copy, done.stdout)
             if "tlray tune" in block:
-                check_search(ROOT / "jobs" / "digits-new-domain.yaml", done.stdout)
+                check_search(checkout_copy / "jobs" / "digits-new-domain.yaml", done.stdout)
             if "ray job submit" in block:
                 assert "succeeded" in done.stdout + done.stderr
                 assert "[tlray] epoch 6/6" in done.stdout  # the job's log reads as `tlray train` does here:
@@ -59,9 +80,9 @@ def test_every_readme_command_runs(monkeypatch):
         subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
-def check_demo(stdout: str) -> None:
+def check_demo(checkout: Path, stdout: str) -> None:
     """The demo's outputs agree with each other and with what it printed, and it printed for people."""
-    demo = ROOT / "outputs" / "demo"
+    demo = checkout / "outputs" / "demo"
     results = json.loads((demo / "results.json").read_text())
     assert (results["k"], results["quick"]) == (5, True)
     rows = results["rows"]
