@@ -173,3 +173,18 @@ def _fresh_ray_per_test():
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return write_image_folder(tmp_path / "images")
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless chromium for the session's page checks. CI sets TLRAY_REQUIRE_BROWSER=1, so there a missing
+    chromium fails instead of skipping the checks without anyone noticing."""
+    from browser import Browser, find_chromium
+
+    if find_chromium() is None:
+        message = "chromium is not installed (apt-get install chromium): the report pages' browser checks need it"
+        if os.environ.get("TLRAY_REQUIRE_BROWSER") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    with Browser() as started:
+        yield started

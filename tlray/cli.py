@@ -180,7 +180,9 @@ def launch_arguments(sub: argparse.ArgumentParser) -> None:
 
 def report_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument(
-        "run_uri", metavar="RUN_URI", help="the search's run folder or s3:// URI, as `tlray tune` printed it"
+        "run_uri",
+        metavar="RUN_URI",
+        help="a run's or a search's folder or s3:// URI, as `tlray train` / `tlray tune` printed it, or outputs/demo",
     )
     sub.add_argument("--endpoint-url", help="S3-compatible endpoint, when RUN_URI is in such a store")
 
@@ -202,7 +204,7 @@ COMMANDS = {
     "demo": Command(
         "tlray.flows.demo",
         "Transfer learning on scikit-learn's digits: train two source models, then few-shot targets in every "
-        "mode and freeze depth, and a search; print the table, write a report to outputs/demo.",
+        "mode and freeze depth, and a search; print the table, write a report to outputs/demo/report.",
         demo_arguments,
     ),
     "tune": Command(
@@ -235,7 +237,8 @@ COMMANDS = {
     ),
     "report": Command(
         "tlray.flows.report",
-        "Rebuild a search's report (PNG plots + index.html) from its stored results.",
+        "Redraw the report page (report/index.html and its PNGs) of a run, a search or the demo from its stored "
+        "results.",
         report_arguments,
     ),
     "reference": Command(

@@ -31,6 +31,7 @@ class Metric:
 METRICS: tuple[Metric, ...] = (
     Metric("epoch", None, searched=True),  # 1-based: the index of the others
     Metric("train_loss", "min", selectable=True, searched=True),
+    Metric("train_accuracy", "max", searched=True),  # on the batches as trained (augmented): the reports' curves
     Metric("val_loss", "min", selectable=True, gate="loss", searched=True),
     Metric("val_accuracy", "max", selectable=True, gate="accuracy", searched=True),
     Metric("val_top5", "max", selectable=True, gate="top5", searched=True, min_classes=5),
@@ -113,3 +114,16 @@ def select_epoch(history: list[dict], metric: str) -> Selection:
 
     best = max(history, key=rank)
     return Selection(best["epoch"], metric, metric_mode(metric), best.get(metric))
+
+
+def per_class_scores(counts: list[list[int]], classes: list[str]) -> dict[str, dict]:
+    """Precision, recall, F1 and support of every class from counts[true][predicted]. A row may have extra
+    columns after the classes' (predictions outside them): they count against recall, never as a class."""
+    scores = {}
+    for i, name in enumerate(classes):
+        true_positive, predicted, actual = counts[i][i], sum(row[i] for row in counts), sum(counts[i])
+        precision = true_positive / predicted if predicted else 0.0
+        recall = true_positive / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        scores[name] = {"precision": float(precision), "recall": float(recall), "f1": float(f1), "support": int(actual)}
+    return scores

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from browser import blank
 from conftest import RAY_INTERNALS, ROOT
-from test_tune import check_search
+from test_tune import check_search, run_dir
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +53,7 @@ def checkout_copy(tmp_path) -> Path:
 
 
 @pytest.mark.timeout(2400)  # several whole runs, each under its own 900 s limit
-def test_every_readme_command_runs(monkeypatch, checkout_copy):
+def test_every_readme_command_runs(monkeypatch, checkout_copy, browser):
     monkeypatch.chdir(checkout_copy)  # the README's specs name paths relative to the checkout
     path = f"{checkout_copy / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}"
     env = {**os.environ, "PATH": path, "DEMO_FLAGS": DEMO_FLAGS}
@@ -69,9 +70,11 @@ def test_every_readme_command_runs(monkeypatch, checkout_copy):
             )
             assert done.returncode == 0, f"README block failed:\n{block}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
             if "make demo" in block:
-                check_demo(checkout_copy, done.stdout)
+                check_demo(checkout_copy, done.stdout, browser)
             if "tlray tune" in block:
-                check_search(checkout_copy / "jobs" / "digits-new-domain.yaml", done.stdout)
+                search = checkout_copy / "jobs" / "digits-new-domain.yaml"
+                check_search(search, done.stdout)
+                check_search_page(browser, run_dir(search) / "report" / "index.html")
             if "ray job submit" in block:
                 assert "succeeded" in done.stdout + done.stderr
                 assert "[tlray] epoch 6/6" in done.stdout  # the job's log reads as `tlray train` does here:
@@ -80,7 +83,7 @@ def test_every_readme_command_runs(monkeypatch, checkout_copy):
         subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
-def check_demo(checkout: Path, stdout: str) -> None:
+def check_demo(checkout: Path, stdout: str, browser) -> None:
     """The demo's outputs agree with each other and with what it printed, and it printed for people."""
     demo = checkout / "outputs" / "demo"
     results = json.loads((demo / "results.json").read_text())
@@ -102,12 +105,45 @@ def check_demo(checkout: Path, stdout: str) -> None:
     table = (demo / "table.md").read_text().strip()
     assert table in stdout
     assert len(table.splitlines()) == len(rows) + 2
-    for name in ("accuracy.png", "learning_curves.png", "index.html", "ray.log"):
-        assert (demo / name).stat().st_size > 0, name
+    assert (demo / "ray.log").stat().st_size > 0
+    check_demo_page(browser, demo / "report" / "index.html", rows)
+    extractor = next(row for row in rows if row["mode"] == "feature extractor")  # its epoch 1 has the feature pass
+    check_run_page(browser, Path(extractor["run"]) / "report" / "index.html", epochs=len(extractor["curve"]))
     console = stdout.splitlines()
     assert len(console) <= 60, f"the demo printed {len(console)} lines"
     assert not [line for line in console if any(internal in line for internal in RAY_INTERNALS)]
     assert "(SingleWorker" in (demo / "ray.log").read_text()  # the training actors' output went to the log
+
+
+def check_page(browser, page: Path, tables: dict[str, int]):
+    """A report page as a browser shows it: every image loads, each table has its rows, the screenshot is not blank."""
+    checked = browser.check(page)
+    assert checked.images, page
+    assert checked.broken_images() == [], page
+    assert {table_id: checked.table(table_id).rows for table_id in tables} == tables, page
+    assert not blank(checked.screenshot), page
+    return checked
+
+
+def check_demo_page(browser, page: Path, rows: list[dict]) -> None:
+    checked = check_page(browser, page, {"modes": len(rows)})
+    assert sorted(src for src, _ in checked.images) == ["accuracy.png", "learning_curves.png"]
+    assert checked.table("modes").first_cells == [row["target"] for row in rows]
+
+
+def check_run_page(browser, page: Path, epochs: int) -> None:
+    metadata = json.loads((page.parent.parent / "metadata.json").read_text())
+    classes = len(metadata["classes"])
+    checked = check_page(browser, page, {"epochs": epochs, "per-class": classes, "freeze": 6})
+    assert checked.table("per-class").first_cells == metadata["classes"]
+    assert sorted(src for src, _ in checked.images) == ["confusion_matrix.png", "curves.png", "epoch_times.png"]
+
+
+def check_search_page(browser, page: Path) -> None:
+    trials = json.loads((page.parent.parent / "tune_results.json").read_text())["trials"]
+    checked = check_page(browser, page, {"trials": len(trials)})
+    assert checked.table("trials").first_cells == [t["trial"] for t in trials]
+    assert len(checked.images) == 3 + len(trials)  # the search's three charts and a curve per trial
 
 
 def test_cluster_commands_name_what_exists():

@@ -96,6 +96,19 @@ def test_s3_dataset_trains_and_publishes_to_s3(tmp_path, s3_env, s3_bucket, caps
     assert metadata["dataset"]["bad_images"]["count"] == 1
     assert metadata["dataset"]["bad_images"]["examples"] == [f"s3://{s3_bucket}/images/red/corrupt.png"]
 
+    # the run's report is uploaded with it, each file with its content type, as an S3 static website serves it
+    report = metadata_key.rsplit("/", 1)[0] + "/report/"
+    assert f"[tlray] report: s3://{s3_bucket}/{report}index.html" in out
+    pages = [k for k in published if k.startswith(report) and not k.endswith("/")]  # pyarrow's folder markers
+    types = {k[len(report) :]: s3(s3_env).head_object(Bucket=s3_bucket, Key=k)["ContentType"] for k in pages}
+    assert types == {
+        "index.html": "text/html",
+        "style.css": "text/css",
+        "curves.png": "image/png",
+        "epoch_times.png": "image/png",
+        "confusion_matrix.png": "image/png",
+    }
+
 
 def test_bad_image_with_on_bad_image_fail_is_exit_2_naming_the_key(tmp_path, s3_env, s3_bucket, capsys):
     data = write_image_folder(tmp_path / "images", classes=2, per_class=8)

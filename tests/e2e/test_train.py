@@ -65,7 +65,7 @@ def test_two_worker_run_exports_a_model_plain_pytorch_loads(tmp_path, capsys, ml
     assert metadata["spec"]["scaling"]["num_workers"] == 2
     assert set(metadata["versions"]) >= {"tlray", "torch", "torchvision", "ray"}
     assert [h["epoch"] for h in history] == [1, 2]
-    for key in ("train_loss", "val_loss", "val_accuracy", "images_per_second"):
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "images_per_second"):
         assert all(key in h for h in history)
     assert "val_top5" not in history[-1]  # only with 5 or more classes
 
@@ -94,6 +94,16 @@ def test_two_worker_run_exports_a_model_plain_pytorch_loads(tmp_path, capsys, ml
     assert torch.allclose(exported, expected, atol=1e-4)
     assert torch.equal(exported.argmax(1), expected.argmax(1))
 
+    # the published epoch's validation confusion matrix: both workers' halves summed, as the model predicts them
+    index = build_index(load_spec(spec_path).dataset)
+    val_images = torch.stack([transform(open_rgb(index.location(key))) for key, _ in index.val])
+    counts = [[0] * 3 for _ in range(3)]
+    for (_, label), predicted in zip(index.val, model(val_images).argmax(1).tolist(), strict=True):
+        counts[label][predicted] += 1
+    confusion = json.loads((run / "confusion_matrix.json").read_text())
+    assert confusion == {"classes": metadata["classes"], "matrix": counts, "epoch": metadata["selection"]["epoch"]}
+    assert "[tlray] report: " + str(run / "report" / "index.html") in out
+
 
 def check_tracked(uri: str, run: Path) -> None:
     """The run in MLflow: named by its run id, every epoch's metrics at its step, the spec as params, the
@@ -115,7 +125,11 @@ def check_tracked(uri: str, run: Path) -> None:
     logged = {m["key"] for m in tracked["data"]["metrics"] if m["key"].startswith("seconds_")}
     assert logged == {f"seconds_{part}" for part in [*parts, "gate"]}
     listed = mlflow.Client(uri).call("GET", "artifacts/list", query={"run_id": tracked["info"]["run_id"]})
-    assert {f["path"] for f in listed["files"]} == {"metadata.json", "MANIFEST.json"}
+    assert {f["path"] for f in listed["files"]} == {"metadata.json", "confusion_matrix.json", "MANIFEST.json", "report"}
+    query = {"run_id": tracked["info"]["run_id"], "path": "report"}
+    listed = mlflow.Client(uri).call("GET", "artifacts/list", query=query)
+    pages = {"index.html", "style.css", "curves.png", "epoch_times.png", "confusion_matrix.png"}
+    assert {f["path"] for f in listed["files"]} == {f"report/{name}" for name in pages}
     query = {"name": "tiny-tracked", "alias": "champion"}
     champion = mlflow.Client(uri).call("GET", "registered-models/alias", query=query)["model_version"]
     assert (champion["version"], champion["run_id"]) == ("1", tracked["info"]["run_id"])

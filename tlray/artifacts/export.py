@@ -4,6 +4,7 @@ Layout of a run (`<output.uri>/<name>/runs/<run_id>/`):
     model/model.pt2        torch.export program: `torch.export.load(p).module()(images)`, no tlray needed
     model/state_dict.pt    weights for `torchvision.models.get_model(arch, num_classes=…)`
     metrics.json           per-epoch history, the last and the selected epoch
+    confusion_matrix.json  the selected epoch's validation counts[true][predicted], as its validation counted them
     metadata.json          classes, arch, weights, freeze depth, preprocessing, selected epoch, spec, versions,
                            the run's timings (seconds per part: indexing, weights, cluster, fit, publish)
     MANIFEST.json          every file above with its size and sha256: written last (tlray.artifacts.manifest)
@@ -30,6 +31,7 @@ from tlray.models.trained import load_model_state
 from tlray.plan import RunPlan
 from tlray.spec import JobSpec
 
+CONFUSION = "confusion_matrix.json"
 EXPORT_BATCH = 2  # example batch for torch.export; the batch dimension is exported as dynamic
 
 
@@ -89,6 +91,9 @@ def publish(
     bad_images = {"count": final.get("bad_images", 0), "examples": state.get("bad_image_examples", [])}
     metrics = {"history": history, "final": final, "selected": selected, "bad_images": bad_images}
     storage.write_json(storage.join(destination, "metrics.json"), metrics, endpoint)
+    if state.get("val_confusion") is not None:  # checkpoints of older tlrays have none
+        confusion = {"classes": list(plan.classes), "matrix": state["val_confusion"], "epoch": selection.epoch}
+        storage.write_json(storage.join(destination, CONFUSION), confusion, endpoint)
     metadata = {
         "format_version": FORMAT_VERSION,
         "run_id": plan.run_id,

@@ -1,5 +1,6 @@
-"""The PNG plots of tlray's reports: a search's learning curves and search space, a confusion matrix,
-and the demo's accuracy bars and curves. Drawn with matplotlib's file backend: a cluster node has no display."""
+"""The PNG plots of tlray's reports: a run's curves and epoch times, a search's learning curves and search space,
+each trial's curve, a confusion matrix, and the demo's accuracy bars and curves. Drawn with matplotlib's file
+backend: a cluster node has no display."""
 
 from __future__ import annotations
 
@@ -68,16 +69,22 @@ def plot_search_space(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_confusion(confusion: dict, path: Path) -> None:
+CONFUSION_NAMED = 60  # classes up to which the axes name every class
+CONFUSION_COUNTED = 30  # ... and the cells show their counts
+CONFUSION_INCHES = 16  # the largest side: 1,000 classes draw a heat map, not a 45,000 px image
+
+
+def plot_confusion(confusion: dict, path: Path, title: str = "on the validation split") -> None:
     plt = pyplot()
     classes, counts = confusion["classes"], np.array(confusion["matrix"])
-    size = max(4.5, 0.45 * len(classes) + 2)
+    size = min(max(4.5, 0.45 * len(classes) + 2), CONFUSION_INCHES)
     fig, ax = plt.subplots(figsize=(size, size), dpi=100)
     ax.imshow(counts, cmap="Blues")
-    ticks = range(len(classes))
-    ax.set_xticks(ticks, classes, rotation=90 if len(classes) > 6 else 0)
-    ax.set_yticks(ticks, classes)
-    for (i, j), value in np.ndenumerate(counts):
+    if len(classes) <= CONFUSION_NAMED:
+        ticks = range(len(classes))
+        ax.set_xticks(ticks, classes, rotation=90 if len(classes) > 6 else 0)
+        ax.set_yticks(ticks, classes)
+    for (i, j), value in np.ndenumerate(counts if len(classes) <= CONFUSION_COUNTED else []):
         if value:
             ax.text(
                 j,
@@ -88,7 +95,67 @@ def plot_confusion(confusion: dict, path: Path) -> None:
                 fontsize=8,
                 color="white" if value > counts.max() / 2 else "black",
             )
-    ax.set(xlabel="predicted", ylabel="true", title=f"best trial {confusion.get('trial', '')} on the validation split")
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_run_curves(history: list[dict], selected_epoch: int, path: Path) -> None:
+    """Loss and accuracy per epoch, training and validation, side by side; the published epoch marked."""
+    plt = pyplot()
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    for ax, name in zip(axes, ("loss", "accuracy"), strict=True):
+        for split, style in (("train", "o-"), ("val", "s-")):
+            values = [h.get(f"{split}_{name}") for h in history]
+            if any(v is not None for v in values):  # runs of older tlrays have no train_accuracy
+                ax.plot(epochs, [float("nan") if v is None else v for v in values], style, markersize=4, label=split)
+        ax.axvline(
+            selected_epoch, color="tab:red", linestyle="--", linewidth=1, label=f"published (epoch {selected_epoch})"
+        )
+        ax.set(xlabel="epoch", title=f"{name} per epoch")
+        ax.set_xticks(epochs)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_epoch_times(history: list[dict], path: Path) -> None:
+    """Seconds per epoch: the frozen-prefix cache's feature pass apart from training and validation."""
+    plt = pyplot()
+    epochs = [h["epoch"] for h in history]
+    feature = [h.get("feature_pass_seconds", 0.0) for h in history]
+    rest = [h["epoch_seconds"] - f for h, f in zip(history, feature, strict=True)]
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    ax.bar(epochs, rest, color="tab:blue", label="training and validation")
+    if any(feature):
+        ax.bar(epochs, feature, bottom=rest, color="tab:orange", label="feature pass (frozen blocks, once)")
+    ax.set(xlabel="epoch", ylabel="seconds", title="time per epoch")
+    ax.set_xticks(epochs)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_trial_curve(trial: dict, metric: str, path: Path) -> None:
+    """One trial's losses and its search metric per epoch."""
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3), dpi=80)
+    epochs = [h["epoch"] for h in trial["history"]]
+    for name, style in (("train_loss", "o-"), ("val_loss", "s-")):
+        left.plot(epochs, [h.get(name, float("nan")) for h in trial["history"]], style, markersize=4, label=name)
+    right.plot(epochs, [h.get(metric, float("nan")) for h in trial["history"]], "o-", markersize=4, color="tab:green")
+    left.set(xlabel="epoch", title="loss")
+    right.set(xlabel="epoch", title=metric)
+    for ax in (left, right):
+        ax.set_xticks(epochs)
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    fig.suptitle(f"trial {trial['trial']}: lr {trial['lr']:.3g}, freeze depth {trial['freeze_depth']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

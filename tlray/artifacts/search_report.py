@@ -8,10 +8,12 @@ in S3. The report is not in the run's manifest: redrawing it never unseals the r
 from __future__ import annotations
 
 import html
-import tempfile
 from pathlib import Path
 
-from tlray.artifacts.plots import plot_confusion, plot_learning_curves, plot_search_space
+from tlray.artifacts.export import CONFUSION
+from tlray.artifacts.pages import figure, file_name, link, page, table, write_report
+from tlray.artifacts.plots import plot_confusion, plot_learning_curves, plot_search_space, plot_trial_curve
+from tlray.artifacts.run_report import confusion_title, gate_decision, gate_section
 from tlray.errors import UserError
 from tlray.io import storage
 
@@ -33,65 +35,64 @@ def write_search_report(run: str, endpoint_url: str | None = None) -> str:
             f"RUN_URI: no tune_results.json in {run} ({exc}); give the folder `tlray tune` printed"
         ) from None
     try:
-        confusion = storage.read_json(storage.join(run, "confusion_matrix.json"), endpoint_url)
+        confusion = storage.read_json(storage.join(run, CONFUSION), endpoint_url)
     except (FileNotFoundError, OSError):
         confusion = None  # an interrupted search has results but no published model yet
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        plot_learning_curves(results, out / "learning_curves.png")
-        plot_search_space(results, out / "search_space.png")
-        if confusion:
-            plot_confusion(confusion, out / "confusion_matrix.png")
-        (out / "index.html").write_text(index_html(results, confusion, sorted(p.name for p in out.glob("*.png"))))
-        storage.upload_dir(out, storage.join(run, "report"), endpoint_url)
-    return storage.join(run, "report", "index.html")
+    gate = gate_section(gate_decision(run, endpoint_url)) if confusion else "<p>Nothing published yet.</p>"
+    return write_report(run, lambda folder: search_page(results, confusion, gate, folder), endpoint_url)
 
 
-def index_html(results: dict, confusion: dict | None, images: list[str]) -> str:
-    metric = html.escape(results["metric"])
-    rows = "\n".join(
-        "<tr>"
-        + "".join(
-            f"<td>{html.escape(str(v))}</td>"
-            for v in (
-                t["trial"],
-                f"{t['lr']:.3g}",
-                t["freeze_depth"],
-                f"{t['epochs']}/{results['epochs']}",
-                "-" if t["metric"] is None else f"{t['metric']:.4f}",
-                "-" if t["best_metric"] is None else f"{t['best_metric']:.4f}",
-                "error" if t["status"] == "error" else ("yes" if t["stopped_early"] else "no"),
-            )
-        )
-        + "</tr>"
-        for t in results["trials"]
-    )
-    figures = "\n".join(
-        f'<figure><img src="{name}" alt="{html.escape(PLOTS.get(name, name))}">'
-        f"<figcaption>{html.escape(PLOTS.get(name, name))}</figcaption></figure>"
-        for name in images
-    )
-    best = results["trials"][0] if results["trials"] else None
+def search_page(results: dict, confusion: dict | None, gate: str, folder: Path) -> str:
+    plot_learning_curves(results, folder / "learning_curves.png")
+    plot_search_space(results, folder / "search_space.png")
+    if confusion:
+        plot_confusion(confusion, folder / "confusion_matrix.png", confusion_title(confusion))
+    (folder / "trials").mkdir()
+    for trial in results["trials"]:
+        plot_trial_curve(trial, results["metric"], folder / "trials" / f"{file_name(trial['trial'])}.png")
+    figures = "\n".join(figure(name, PLOTS[name]) for name in PLOTS if (folder / name).exists())
+    return page("tlray search report", index_body(results, gate, figures))
+
+
+def index_body(results: dict, gate: str, figures: str) -> str:
+    metric, trials = results["metric"], results["trials"]
+    rows = [
+        [
+            link(f"#trial-{file_name(t['trial'])}", t["trial"]),
+            f"{t['lr']:.3g}",
+            t["freeze_depth"],
+            f"{t['epochs']}/{results['epochs']}",
+            "-" if t["metric"] is None else t["metric"],
+            "-" if t["best_metric"] is None else t["best_metric"],
+            "error" if t["status"] == "error" else ("yes" if t["stopped_early"] else "no"),
+        ]
+        for t in trials
+    ]
+    best = trials[0] if trials else None
     summary = (
         f"Best trial <b>{html.escape(str(best['trial']))}</b>: lr {best['lr']:.3g}, "
         f"freeze depth {html.escape(str(best['freeze_depth']))}, "
-        f"{metric} {best['metric']:.4f}."
+        f"{html.escape(metric)} {best['metric']:.4f}."
         if best and best["metric"] is not None
         else "No trial finished."
     )
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>tlray search report</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}figure{{margin:1.5em 0}}img{{max-width:100%}}</style>
-</head><body>
-<h1>tlray search report</h1>
-<p>{summary} Trials are sorted by their last {metric} ({html.escape(results["mode"])} is better).</p>
-<table><thead><tr><th>trial</th><th>lr</th><th>freeze depth</th><th>epochs</th><th>{metric} (last)</th>
-<th>best</th><th>stopped early</th></tr></thead>
-<tbody>
-{rows}
-</tbody></table>
-{figures}
-</body></html>
-"""
+    header = ["trial", "lr", "freeze depth", "epochs", f"{metric} (last)", "best", "stopped early"]
+    curves = "\n".join(
+        figure(
+            f"trials/{file_name(t['trial'])}.png",
+            f"trial {t['trial']}: losses and {metric} per epoch",
+            f"trial-{file_name(t['trial'])}",
+        )
+        for t in trials
+    )
+    return (
+        f"<p>{summary} Trials are sorted by their last {html.escape(metric)} "
+        f"({html.escape(results['mode'])} is better); each trial links to its learning curve.</p>\n"
+        + table("trials", header, rows)
+        + "\n<h2>Champion gate</h2>"
+        + gate
+        + "\n<h2>The search</h2>\n"
+        + figures
+        + "\n<h2>Each trial's learning curve</h2>\n"
+        + curves
+    )

@@ -6,7 +6,7 @@
 3. every target (`jobs/digits-new-domain.yaml`, `jobs/digits-new-classes.yaml`) in the seed's three modes:
    random init, partial freeze at several depths (0 = full fine-tune), feature extractor;
 4. `tlray tune` over lr x (random init, freeze depths) on every target;
-5. one table on the console, and a report: table.md, results.json, accuracy.png, learning_curves.png.
+5. one table on the console, table.md and results.json, and a report page: report/index.html with its charts.
 
 Each job prints one line here; their epochs and Ray's output go to the demo's log file.
 """
@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tlray import archs, console
+from tlray.artifacts.demo_report import HEADER, RESULTS, columns, write_demo_page
 from tlray.artifacts.export import PublishedRun
-from tlray.artifacts.plots import plot_demo
 from tlray.data import demo_data
 from tlray.errors import UserError
 from tlray.flows.train import train
@@ -99,9 +99,9 @@ def demo(k: int, seed: int, s3: bool, quick: bool, jobs: str = "jobs", data: str
             for overrides in mode_overrides(plan, target, weights):  # 3. the three modes
                 rows.append(run_row(plan, target, images, overrides))
             rows.append(run_search(plan, target, images, weights))  # 4. tune
-        write_demo_report(plan, rows)  # 5. table and report
+        report = write_demo_report(plan, rows)  # 5. table and report
         print(table(rows))
-        console.say(f"report: {plan.out / 'index.html'}; demo done in {time.perf_counter() - started:.0f} s")
+        console.say(f"report: {report}; demo done in {time.perf_counter() - started:.0f} s")
         return rows
 
 
@@ -266,29 +266,18 @@ def upload(plan: DemoPlan, folder: Path) -> str:
 # The table and the report
 # ---------------------------------------------------------------------------------------
 def table(rows: list[Row]) -> str:
-    head = "| target | mode | freeze depth | trainable params | val accuracy | train s | wall s |"
-    lines = [head, "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        mode = f"tune (lr {r.lr:.2g}{', random init' if r.random_init else ''})" if r.mode == "tune" else r.mode
-        lines.append(
-            f"| {r.target} | {mode} | {r.freeze_depth} | {r.trainable:,} | {r.val_accuracy:.3f} | "
-            f"{r.train_seconds:.1f} | {r.wall_seconds:.0f} |"
-        )
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(columns(asdict(r))) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def write_demo_report(plan: DemoPlan, rows: list[Row]) -> None:
+def write_demo_report(plan: DemoPlan, rows: list[Row]) -> str:
+    """results.json and table.md in the demo's folder, and the page drawn from them; returns the page."""
     plan.out.mkdir(parents=True, exist_ok=True)
     settings = {"k": plan.k, "seed": plan.seed, "quick": plan.quick, "s3": bool(plan.s3)}
-    (plan.out / "results.json").write_text(json.dumps({**settings, "rows": [asdict(r) for r in rows]}, indent=2))
+    (plan.out / RESULTS).write_text(json.dumps({**settings, "rows": [asdict(r) for r in rows]}, indent=2))
     (plan.out / "table.md").write_text(table(rows) + "\n")
-    plot_demo([asdict(r) for r in rows], plan.out)
-    (plan.out / "index.html").write_text(
-        "<html><body><h1>tlray demo</h1>"
-        f"<p>k={plan.k} labelled images per class, seed {plan.seed}</p>"
-        f"<pre>{table(rows)}</pre>"
-        '<img src="accuracy.png"><img src="learning_curves.png"></body></html>'
-    )
+    return write_demo_page(str(plan.out))
 
 
 DEMO_BUCKET = "tlray-demo"

@@ -114,5 +114,5 @@ def write_evaluation(report: dict, out: str, endpoint_url: str | None) -> None:
         folder = Path(tmp)
         (folder / "evaluation.json").write_text(json.dumps(report, indent=2, sort_keys=True))
         (folder / "confusion_matrix.json").write_text(json.dumps(confusion, indent=2))
-        plot_confusion({**confusion, "trial": ""}, folder / "confusion_matrix.png")
+        plot_confusion(confusion, folder / "confusion_matrix.png", "on the evaluated split")
         storage.upload_dir(folder, storage.absolute_uri(out), endpoint_url)

@@ -1,8 +1,8 @@
-"""Scoring a model on a split: logits, labels, the classification report, the confusion matrix.
+"""Scoring a model on a split: logits, labels, the classification report with its confusion matrix.
 
 Images are decoded by Ray Data tasks exactly as in training (pipeline.image_dataset) and normalised on the
-device; undecodable images keep label -1 and are left out of every count. `tlray evaluate`, the champion
-gate and a search's report share these.
+device; undecodable images keep label -1 and are left out of every count. `tlray evaluate` and the champion
+gate share these.
 """
 
 from __future__ import annotations
@@ -15,28 +15,7 @@ import torch
 from tlray.artifacts.published import PublishedModel
 from tlray.data import order, pipeline
 from tlray.data.pipeline import BAD_LABEL, DataSource
-from tlray.models.trained import load_model_state
-
-
-def confusion_matrix_of(model: torch.nn.Module, source: DataSource, state: dict, weights_identity: str | None) -> dict:
-    """The trained weights in `state`, loaded into `model` (the driver's, of the starting weights `weights_identity`),
-    over the validation split (decoded by Ray Data, as in training)."""
-    load_model_state(model, state, weights_identity)
-    return {"classes": list(source.classes), "matrix": confusion_matrix(model, source)}
-
-
-def confusion_matrix(model: torch.nn.Module, source: DataSource) -> list[list[int]]:
-    """Counts[true][predicted] of `model` over the validation split of a pipeline.DataSource."""
-    num_classes = len(source.classes)
-    counts = np.zeros((num_classes, num_classes), dtype=np.int64)
-    model.eval()
-    rows = order.val_rows(source.counts["val"], 0, 1)
-    with torch.no_grad():
-        for batch in pipeline.iter_batches(source, "val", rows, 64, torch.device("cpu")):
-            good = batch["label"] >= 0  # undecodable images carry a negative label
-            predicted = model(source.preprocessing.normalise(batch["image"][good])).argmax(1)
-            np.add.at(counts, (batch["label"][good].numpy(), predicted.numpy()), 1)
-    return counts.tolist()
+from tlray.metrics import per_class_scores
 
 
 @torch.no_grad()
@@ -104,19 +83,8 @@ def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: l
         "loss": float(torch.nn.functional.cross_entropy(logits, labels)) if len(labels) else float("nan"),
         "classes": list(classes),
         "confusion_matrix": counts[:, :k].tolist(),
-        "per_class": {},
     }
     if k >= 5:
         report["top5"] = float((logits.topk(5, 1).indices == labels[:, None]).any(1).sum()) / n
-    for i, name in enumerate(classes):
-        tp, predicted_i, actual_i = counts[i, i], counts[:, i].sum(), counts[i].sum()
-        precision = tp / predicted_i if predicted_i else 0.0
-        recall = tp / actual_i if actual_i else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        report["per_class"][name] = {
-            "precision": float(precision),
-            "recall": float(recall),
-            "f1": float(f1),
-            "support": int(actual_i),
-        }
+    report["per_class"] = per_class_scores(counts.tolist(), classes)
     return report

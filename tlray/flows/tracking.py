@@ -19,13 +19,15 @@ import dataclasses
 from collections.abc import Iterator, Mapping
 
 from tlray.artifacts.champion import Decision
+from tlray.artifacts.export import CONFUSION
 from tlray.artifacts.manifest import MANIFEST
+from tlray.artifacts.pages import REPORT
 from tlray.io import mlflow, storage
 from tlray.plan import RunPlan
 
 CHAMPION_ALIAS = "champion"
 MODEL_URI_TAG = "tlray.model_uri"
-PUBLISHED_FILES = ("metadata.json", MANIFEST)
+PUBLISHED_FILES = ("metadata.json", CONFUSION, MANIFEST)
 WEIGHT_FILES = ("model/model.pt2", "model/state_dict.pt")
 
 
@@ -85,9 +87,9 @@ def record_published(plan: RunPlan, decision: Decision, timings: Mapping[str, fl
     settings = plan.spec.tracking.mlflow
     model_uri = storage.join(plan.run_uri, "model")
     run.set_tags({MODEL_URI_TAG: model_uri})
-    report = storage.list_tree(storage.join(plan.run_uri, "report"), plan.endpoint_url)
-    pngs = [f"report/{name}" for name in sorted(report) if name.endswith(".png")]
-    for name in (*PUBLISHED_FILES, *pngs, *(WEIGHT_FILES if settings.log_weights else ())):
+    report = storage.list_tree(storage.join(plan.run_uri, REPORT), plan.endpoint_url)
+    pages = [f"{REPORT}/{name}" for name in sorted(report)]  # the report page whole: MLflow's UI shows it
+    for name in (*PUBLISHED_FILES, *pages, *(WEIGHT_FILES if settings.log_weights else ())):
         log_stored_file(run, plan, name)
     version = mlflow.register_version(run, plan.spec.name, version_source(run, model_uri), {MODEL_URI_TAG: model_uri})
     if version is not None and decision.action == "promoted":

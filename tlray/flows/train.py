@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tlray.artifacts.export import PublishedRun, publish, run_uri
+from tlray.artifacts.run_report import write_run_report
 from tlray.console import Laps
 from tlray.flows import steps, tracking
 from tlray.spec import load_spec
@@ -42,9 +43,11 @@ def train(spec_file: str, overrides: Sequence[str] = (), if_data_changed: bool =
     published = publish(plan, model, state, history=history, timings=laps)
     decision = steps.gate_champion(spec, run, plan.data)  # 9. the champion gate
     laps.lap("gate")
+    page = write_run_report(run, plan.endpoint_url)  # report/ is not in the manifest: `tlray report` redraws it
     tracking.record_published(plan, decision, laps.seconds)  # ... and MLflow's registry follows it
     print(f"[tlray] model published to {published.uri}/model")  # 10. what was published
     print(f"[tlray] val_accuracy {published.metrics['val_accuracy']:.4f} after {published.metrics['epoch']} epochs")
+    print(f"[tlray] report: {page}")
     print(f"[tlray] {laps.line()}", flush=True)
     return published
 

@@ -17,8 +17,6 @@ from tlray.artifacts.search_report import write_search_report
 from tlray.console import Laps
 from tlray.errors import UserError
 from tlray.flows import steps, tracking
-from tlray.flows.scoring import confusion_matrix_of
-from tlray.io import storage
 from tlray.plan import RunPlan
 from tlray.spec import RANDOM_INIT, load_spec
 from tlray.training.search import (
@@ -68,10 +66,10 @@ def tune(spec_file: str, overrides: Sequence[str] = (), if_data_changed: bool = 
     best = best_trial(rows)
     best_plan = plan.for_best_trial(best_trial_spec(spec, best), model, best["trial"])
     published = publish_best_trial(plan, best_plan, model, rows, best, laps)  # 8. publish the best trial, and report
-    page = write_search_report(run, plan.endpoint_url)  # report/ is not in the manifest: `tlray report` redraws it
-    tracking.record_search(plan, rows, best)  # the parent MLflow run: best trial, results table
     decision = steps.gate_champion(best_plan.spec, run, plan.data)  # 9. the champion gate
     laps.lap("gate")
+    page = write_search_report(run, plan.endpoint_url)  # report/ is not in the manifest: `tlray report` redraws it
+    tracking.record_search(plan, rows, best)  # the parent MLflow run: best trial, results table, report
     tracking.record_published(plan, decision, laps.seconds)  # ... and MLflow's registry follows it
     print(  # 10. what was published
         f"[tlray] best trial {best['trial']}: lr {best['lr']:.3g}, {choice_name(best['freeze_depth'])}, "
@@ -90,15 +88,13 @@ def choice_name(choice) -> str:
 def publish_best_trial(
     plan: RunPlan, best_plan: RunPlan, model: torch.nn.Module, rows: list[dict], best: dict, timings: Laps
 ) -> PublishedRun:
-    """The best trial's selected epoch, published as `tlray train` would, with the search's results and the
-    model's confusion matrix beside it. A finished search, run again, keeps its published files as they are."""
+    """The best trial's selected epoch, published as `tlray train` would (its validation confusion matrix too), with
+    the search's results beside it. A finished search, run again, keeps its published files as they are."""
     spec, run, endpoint = plan.spec, plan.run_uri, plan.endpoint_url
     if is_sealed(run, endpoint):
         return published_run(run, endpoint)
     write_results(rows, run, spec)
     state, history = load_selected_checkpoint(best_plan.checkpoints_uri, endpoint, spec.train.select_metric)
-    confusion = confusion_matrix_of(model, plan.data, state, best_plan.weights_identity)
-    storage.write_json(storage.join(run, "confusion_matrix.json"), {**confusion, "trial": best["trial"]}, endpoint)
     hyperparameters = {"lr": best["lr"], "freeze_depth": best_plan.freeze.depth, "trial": best["trial"]}
     published = publish(best_plan, model, state, hyperparameters, history, seal=False, timings=timings)
     write_manifest(run, endpoint)  # last: from now on the run is complete

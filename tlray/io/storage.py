@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import mimetypes
 import os
 from pathlib import Path
 from urllib.parse import urlparse
@@ -66,10 +67,23 @@ def upload_dir(local_dir: str | Path, uri: str, endpoint_url: str | None = None)
     pafs.copy_files(str(local_dir), path, destination_filesystem=fs)
 
 
-def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None) -> None:
+def upload_site(local_dir: str | Path, uri: str, endpoint_url: str | None = None) -> None:
+    """A folder of web pages: in S3 each file carries its content type, so a static website serves the page
+    as a page (S3 would otherwise answer binary/octet-stream, and a browser would download it)."""
+    if not is_s3(uri):
+        upload_dir(local_dir, uri, endpoint_url)
+        return
+    for file in sorted(Path(local_dir).rglob("*")):
+        if file.is_file():
+            kind = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
+            write_bytes(join(uri, file.relative_to(local_dir).as_posix()), file.read_bytes(), endpoint_url, kind)
+
+
+def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None, content_type: str | None = None) -> None:
     fs, path = filesystem(uri, endpoint_url)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as out:
+    metadata = {"Content-Type": content_type} if content_type and is_s3(uri) else None
+    with fs.open_output_stream(path, metadata=metadata) as out:
         out.write(data)
 
 

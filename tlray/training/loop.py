@@ -30,7 +30,7 @@ def run_epoch(worker: Worker, epoch: int, batches, progress: Progress, started: 
     (also appended to `progress.history`). `started`: when the epoch began, its wait for data included."""
     w, source = worker, worker.source
     train_started = time.perf_counter()
-    loss_sum, seen, bad_rows = train_epoch(
+    loss_sum, seen, bad_rows, correct = train_epoch(
         w.model, w.trained, w.features, batches, w.optimizer, w.scheduler, w.scaler, w.loss_fn, w.precision.dtype
     )
     elapsed = time.perf_counter() - train_started
@@ -48,13 +48,15 @@ def run_epoch(worker: Worker, epoch: int, batches, progress: Progress, started: 
     bad_locations = [source.location("train", r) for r in bad_rows] + [source.location("val", r) for r in val_bad_rows]
     if epoch == 0:
         progress.bad_image_examples = (progress.bad_image_examples + bad_locations)[:BAD_EXAMPLES]
-    loss_sum, seen, elapsed, bad, total_rows = all_reduce_sum(
-        [loss_sum, seen, elapsed, len(bad_locations), w.batch_size * w.steps_per_epoch + val["rows"]], w.device
+    loss_sum, seen, correct, elapsed, bad, total_rows = all_reduce_sum(
+        [loss_sum, seen, correct, elapsed, len(bad_locations), w.batch_size * w.steps_per_epoch + val["rows"]],
+        w.device,
     )
     check_bad_images(bad, total_rows, progress.bad_image_examples, w.rank)
     metrics = {
         "epoch": epoch + 1,
         "train_loss": loss_sum / max(seen, 1),
+        "train_accuracy": correct / max(seen, 1),  # on the batches as trained: augmented, weights moving
         "train_images": int(seen),  # decoded and trained on, all workers
         # images/s of the whole group: all images over the mean worker wall time
         "images_per_second": seen / (elapsed / w.world_size),
@@ -65,8 +67,9 @@ def run_epoch(worker: Worker, epoch: int, batches, progress: Progress, started: 
         "bad_images": int(bad),
         "resumes": progress.resumes,
         "nodes": w.nodes,  # the worker group's, which a restart after losing a node may shrink
-        **{k: v for k, v in val.items() if k != "rows"},
+        **{k: v for k, v in val.items() if k not in ("rows", "confusion")},
     }
+    progress.val_confusion = val["confusion"]  # this epoch's: its checkpoint keeps it for the run's report
     if w.device.type == "cuda":  # this epoch's peak, the first after a resume with the checkpoint's load in it
         metrics["gpu_peak_mib"] = torch.cuda.max_memory_allocated(w.device) / 2**20
         torch.cuda.reset_peak_memory_stats(w.device)
@@ -89,7 +92,8 @@ def check_bad_images(bad: float, total_rows: float, examples: list[str], rank: i
 
 
 def train_epoch(model, trained, features, batches, optimizer, scheduler, scaler, loss_fn, amp_dtype):
-    """One pass over this worker's batches: (summed loss, images trained on, rows of undecodable images).
+    """One pass over this worker's batches: (summed loss, images trained on, rows of undecodable images, images
+    predicted right).
 
     `model` is the whole model (switched to train mode; frozen blocks stay in eval, models.freeze), `trained`
     its trained part (DDP-wrapped on several workers), `features` uint8 images (or cached activations) -> its
@@ -97,7 +101,7 @@ def train_epoch(model, trained, features, batches, optimizer, scheduler, scaler,
     """
     model.train()
     device = next(model.parameters()).device
-    seen, loss_sum, bad_rows = 0, torch.zeros((), device=device), []
+    seen, loss_sum, correct, bad_rows = 0, torch.zeros((), device=device), torch.zeros((), device=device), []
     for batch in batches:
         labels = batch["label"]
         good = int((labels != BAD_LABEL).sum())  # the step's one read-back from the device
@@ -113,8 +117,9 @@ def train_epoch(model, trained, features, batches, optimizer, scheduler, scaler,
         scaler.update()
         scheduler.step()
         seen, loss_sum = seen + good, loss_sum + loss.detach().float() * good
+        correct += (logits.detach().argmax(1) == labels).sum()  # a bad image's label (-1) is never predicted
     average_buffers(model)
-    return float(loss_sum), seen, bad_rows
+    return float(loss_sum), seen, bad_rows, int(correct)
 
 
 def average_buffers(model: nn.Module) -> None:
@@ -149,15 +154,18 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 @torch.no_grad()
 def validate(model, forward, batches, num_classes, loss_fn, amp_dtype) -> tuple[dict, list[int]]:
-    """Loss and accuracy over this worker's share of the validation split, summed over all workers.
+    """Loss, accuracy and the confusion matrix over this worker's share of the validation split, summed over all
+    workers in one collective.
 
     `forward`: uint8 images (or cached activations) -> logits; `model` is switched to eval mode meanwhile.
-    Returns the metrics (plus "rows": this worker's row count) and the rows of undecodable images.
+    Returns the metrics (plus "rows": this worker's row count, and "confusion": counts[true][predicted] as lists)
+    and the rows of undecodable images.
     """
     was_training = model.training
     model.eval()
-    loss_sum = correct = correct5 = count = rows = 0.0
+    loss_sum = correct5 = rows = 0.0
     bad_rows, device = [], next(model.parameters()).device
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device)
     for batch in batches:
         good = batch["label"] != BAD_LABEL
         bad_rows += batch["row"][~good].tolist()
@@ -168,14 +176,22 @@ def validate(model, forward, batches, num_classes, loss_fn, amp_dtype) -> tuple[
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = forward(images).float()
         loss_sum += loss_fn(logits, labels).item() * len(labels)
-        correct += (logits.argmax(1) == labels).sum().item()
+        confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2)
         if num_classes >= TOP5_CLASSES:
             correct5 += (logits.topk(5, 1).indices == labels[:, None]).any(1).sum().item()
-        count += len(labels)
     model.train(was_training)
-    loss_sum, correct, correct5, count = all_reduce_sum([loss_sum, correct, correct5, count], device)
-    count = max(count, 1)
-    metrics = {"val_loss": loss_sum / count, "val_accuracy": correct / count, "rows": rows}
+    sums = torch.cat([torch.tensor([loss_sum, correct5], dtype=torch.float64, device=device), confusion])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+    loss_sum, correct5 = sums[:2].tolist()
+    counts = sums[2:].view(num_classes, num_classes).long()
+    count = max(int(counts.sum()), 1)
+    metrics = {
+        "val_loss": loss_sum / count,
+        "val_accuracy": int(counts.trace()) / count,
+        "rows": rows,
+        "confusion": counts.tolist(),
+    }
     if num_classes >= TOP5_CLASSES:
         metrics["val_top5"] = correct5 / count
     return metrics, bad_rows

@@ -22,10 +22,11 @@ class Progress:
     history: list[dict] = field(default_factory=list)  # every epoch's metrics so far, one entry per epoch
     bad_image_examples: list[str] = field(default_factory=list)  # the first undecodable images (epoch 1's)
     resumes: int = 0  # restarts before this run of the loop: each epoch's metrics say how many came before it
+    val_confusion: list[list[int]] | None = None  # the last epoch's validation counts[true][predicted]
 
     @classmethod
     def after(cls, state: TrainState) -> Progress:
-        return cls(state.epoch + 1, state.history, state.bad_image_examples, state.resumes + 1)
+        return cls(state.epoch + 1, state.history, state.bad_image_examples, state.resumes + 1, state.val_confusion)
 
 
 @dataclass
@@ -43,6 +44,7 @@ class TrainState:
     rng: RankStates | None = None  # every rank's random streams (tlray.training.rng); None: saved by no rank
     precision: str | None = None  # train.amp as the workers resolved it on their device (metadata.json says)
     frozen_from: str | None = None  # `model` holds the trained tensors only; the rest are these weights' (identity)
+    val_confusion: list[list[int]] | None = None  # this epoch's validation counts[true][predicted]: the run's report
 
     @classmethod
     def capture(
@@ -74,6 +76,7 @@ class TrainState:
             rng=rank_rngs,
             precision=precision,
             frozen_from=frozen_from,
+            val_confusion=progress.val_confusion,
         )
 
     def restore(self, model, optimizer, scheduler, scaler, weights_identity: str | None) -> None:
@@ -86,7 +89,7 @@ class TrainState:
     def to_checkpoint(self) -> dict:
         """The dict state.pt holds; a state captured without a precision leaves that key out, as before."""
         saved = {f.name: getattr(self, f.name) for f in fields(self)}
-        for key in ("precision", "frozen_from"):  # as older checkpoints were
+        for key in ("precision", "frozen_from", "val_confusion"):  # as older checkpoints were
             if saved[key] is None:
                 del saved[key]
         return saved
@@ -106,6 +109,7 @@ class TrainState:
             rng=saved.get("rng"),
             precision=saved.get("precision"),
             frozen_from=saved.get("frozen_from"),
+            val_confusion=saved.get("val_confusion"),
         )
 
 

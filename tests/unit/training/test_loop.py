@@ -49,16 +49,18 @@ def toy_training(steps_per_epoch: int = 4):
 def test_train_epoch_lowers_the_loss_epoch_by_epoch_until_validation_separates_the_classes():
     model, optimizer, scheduler, scaler = toy_training()
     points, labels = separable(32, seed=1)
-    losses = []
+    losses, accuracies = [], []
     for _ in range(TRAIN.epochs):
         batches = as_batches(points, labels, 8)
-        loss_sum, seen, bad_rows = train_epoch(
+        loss_sum, seen, bad_rows, correct = train_epoch(
             model, model, lambda x: x, batches, optimizer, scheduler, scaler, nn.CrossEntropyLoss(), None
         )
         assert (seen, bad_rows) == (32, [])
         losses.append(loss_sum / seen)
+        accuracies.append(correct / seen)
     assert all(later < earlier for earlier, later in zip(losses, losses[1:], strict=False))
     assert losses[-1] < losses[0] / 2
+    assert accuracies[-1] == 1.0 and accuracies[0] < 1.0  # counted on the batches as they were trained
     assert model.training  # train_epoch leaves the model in train mode
 
     val_points, val_labels = separable(16, seed=2)
@@ -87,6 +89,7 @@ def test_validate_equals_a_hand_computation_on_a_fixed_model():
     assert val["val_loss"] == pytest.approx(expected_loss, rel=1e-6)
     assert val["val_accuracy"] == 3 / 4  # the fourth row's largest logit is class 2, its label 0
     assert val["rows"] == 5 and "val_top5" not in val  # top-5 only with 5 or more classes
+    assert val["confusion"] == [[1, 0, 1], [0, 1, 0], [0, 0, 1]]  # counts[true][predicted], the bad row left out
     assert bad_rows == [14]
     assert model.training  # back in the mode it was in
 

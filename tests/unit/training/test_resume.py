@@ -45,7 +45,7 @@ def run_epochs(parts, epochs: range, stop_after: int | None = None, folder: Path
     model, optimizer, scheduler, scaler = parts
     losses, saved = [], None
     for epoch in epochs:
-        loss_sum, seen, bad = train_epoch(
+        loss_sum, seen, bad, _ = train_epoch(
             model, model, lambda x: x, batches(epoch), optimizer, scheduler, scaler, nn.CrossEntropyLoss(), None
         )
         assert (seen, bad) == (STEPS * BATCH, [])

@@ -173,3 +173,48 @@ def test_resume_hands_the_group_the_epoch_and_every_rank_reads_the_same_checkpoi
     assert rank1["state"]["model"]["w"][0].item() == 1.0 and rank1["state"]["model"]["w"].device.type == "cpu"
     assert len(rank0["sent_bytes"]) == len(rank1["sent_bytes"]) == 1  # one collective on each rank
     assert max(rank0["sent_bytes"]) < 100  # an epoch number, not 800 KB of state
+
+
+# ---------------------------------------------------------------------------------------
+# Validation over two ranks: the whole split's numbers, the confusion matrix in the same one collective
+# ---------------------------------------------------------------------------------------
+def val_split() -> list[dict]:
+    """Twelve rows of logits over 4 classes (the identity model's inputs), in batches of 3; the last undecodable."""
+    generator = torch.Generator().manual_seed(7)
+    images = torch.randn(12, 4, generator=generator)
+    labels = torch.randint(0, 4, (12,), generator=generator)
+    labels[-1] = -1
+    return [
+        {"image": images[i : i + 3], "label": labels[i : i + 3], "row": torch.arange(i, i + 3)} for i in (0, 3, 6, 9)
+    ]
+
+
+def identity_model() -> nn.Module:
+    model = nn.Linear(4, 4, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(4))
+    return model
+
+
+def validate_half(rank: int) -> tuple[dict, int]:
+    from tlray.training.loop import validate
+
+    model = identity_model()
+    with mock.patch.object(dist, "all_reduce", wraps=dist.all_reduce) as all_reduce:
+        val, _ = validate(model, model, val_split()[rank::WORLD], 4, nn.CrossEntropyLoss(), None)
+    return val, all_reduce.call_count
+
+
+def test_two_ranks_validate_the_whole_split_as_one_process_does_in_one_collective(tmp_path):
+    from tlray.training.loop import validate
+
+    model = identity_model()
+    alone, _ = validate(model, model, val_split(), 4, nn.CrossEntropyLoss(), None)
+    (rank0, calls0), (rank1, calls1) = run_group(tmp_path, validate_half)
+    assert (calls0, calls1) == (1, 1)
+    assert sum(map(sum, alone["confusion"])) == 11  # every decodable row, once
+    for val in (rank0, rank1):
+        assert val["confusion"] == alone["confusion"]
+        assert val["val_accuracy"] == alone["val_accuracy"]
+        assert val["val_loss"] == pytest.approx(alone["val_loss"], rel=1e-12)
+    assert rank0["rows"] + rank1["rows"] == 12  # each rank's own rows, before the sum
