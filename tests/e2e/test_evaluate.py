@@ -102,7 +102,8 @@ def test_the_run_publishes_its_best_epoch_and_a_manifest_and_becomes_champion(ch
     assert all(torch.equal(exported[k], v) for k, v in checkpoint["model"].items())
 
     manifest = read_run_manifest(run, endpoint)
-    assert sorted(manifest["files"]) == ["metadata.json", "metrics.json", "model/model.pt2", "model/state_dict.pt"]
+    published = ["confusion_matrix.json", "metadata.json", "metrics.json", "model/model.pt2", "model/state_dict.pt"]
+    assert sorted(manifest["files"]) == published  # not train/, nor report/
     pointer = champion_run["pointer"]
     assert pointer.dataset_fingerprint == metadata["dataset"]["fingerprint"]
     assert pointer.manifest_sha256 == manifest_digest(run, endpoint)
