@@ -22,6 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import aiohttp
 
@@ -51,6 +52,11 @@ COLLECT = """(() => ({
     rows: t.querySelectorAll('tbody tr').length,
     first_cells: [...t.querySelectorAll('tbody tr')].map(r => r.cells.length ? r.cells[0].textContent.trim() : ''),
   })),
+  links: [...document.links].map(a => {
+    const href = a.getAttribute('href') || '';
+    const here = href.startsWith('#') ? !!document.getElementById(decodeURIComponent(href.slice(1))) : null;
+    return [href, a.href, here];
+  }),
 }))()"""
 
 
@@ -74,9 +80,24 @@ class PageCheck:
     images: list[tuple[str, int]]
     tables: list[Table]
     screenshot: bytes
+    links: list[tuple[str, str, bool | None]] = ()  # (href as written, resolved URL, its anchor exists: #-links only)
 
     def broken_images(self) -> list[str]:
         return [src for src, width in self.images if width == 0]
+
+    def broken_links(self) -> list[str]:
+        """Links a reader offline cannot follow: an anchor missing from the page, a file that is not there, or
+        anything outside the page's own folder tree of files (a report's links are relative, to files)."""
+        broken = []
+        for href, resolved, anchor_found in self.links:
+            if href.startswith("#"):
+                ok = bool(anchor_found)
+            else:
+                parsed = urlparse(resolved)
+                ok = parsed.scheme == "file" and Path(unquote(parsed.path)).exists()
+            if not ok:
+                broken.append(href)
+        return broken
 
     def table(self, id: str) -> Table:
         for table in self.tables:
@@ -213,6 +234,7 @@ class Browser:
             images=[(src, width) for src, width in value["images"]],
             tables=[Table(**table) for table in value["tables"]],
             screenshot=base64.b64decode(shot["data"]),
+            links=[tuple(link) for link in value["links"]],
         )
 
     def close(self) -> None:
@@ -250,6 +272,9 @@ def main() -> None:
         print(f"  img {src}: {width} px wide{' (BROKEN)' if width == 0 else ''}")
     for table in check.tables:
         print(f"  table #{table.id}: {table.rows} rows, columns {table.header}")
+    broken = set(check.broken_links())
+    for href, _, _ in check.links:
+        print(f"  link {href}{' (BROKEN)' if href in broken else ''}")
 
 
 if __name__ == "__main__":

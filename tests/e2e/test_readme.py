@@ -120,6 +120,7 @@ def check_page(browser, page: Path, tables: dict[str, int]):
     checked = browser.check(page)
     assert checked.images, page
     assert checked.broken_images() == [], page
+    assert checked.broken_links() == [], page  # the model's files, each trial's curve, each demo row's run page
     assert {table_id: checked.table(table_id).rows for table_id in tables} == tables, page
     assert not blank(checked.screenshot), page
     return checked

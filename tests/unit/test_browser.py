@@ -43,6 +43,27 @@ def test_a_missing_image_is_broken(browser, tmp_path: Path):
     assert check.broken_images() == ["missing.png"]
 
 
+def test_links_an_offline_reader_cannot_follow_are_broken(browser, tmp_path: Path):
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "index.html").write_text("<p>run a</p>")
+    links = [
+        "<a href='#here'>here</a>",  # an anchor on the page
+        "<a href='#gone'>gone</a>",  # an anchor that is not
+        "<a href='runs/a/index.html'>a</a>",  # a relative link to a file that exists
+        "<a href='runs/b/index.html'>b</a>",  # ... and to one that does not
+        "<a href='https://example.com/report.html'>web</a>",  # not offline
+    ]
+    check = browser.check(write_page(tmp_path, "<h2 id='here'>x</h2>" + "".join(links)))
+    assert [href for href, _, _ in check.links] == [
+        "#here",
+        "#gone",
+        "runs/a/index.html",
+        "runs/b/index.html",
+        "https://example.com/report.html",
+    ]
+    assert check.broken_links() == ["#gone", "runs/b/index.html", "https://example.com/report.html"]
+
+
 def test_an_empty_page_is_blank(browser, tmp_path: Path):
     check = browser.check(write_page(tmp_path, ""))
 

@@ -84,7 +84,9 @@ def epoch(n: int, train_loss: float, val_accuracy: float, feature_pass: float | 
 def write_run(job: Path, run_id: str = "train-abc") -> Path:
     """A published run as `tlray train` stores it, and the champion gate's decision on it."""
     run = job / "runs" / run_id
-    run.mkdir(parents=True)
+    (run / "model").mkdir(parents=True)
+    for name in ("model.pt2", "state_dict.pt"):
+        (run / "model" / name).write_bytes(b"weights")  # what the page links to
     history = [epoch(1, 1.2, 0.60, 1.5), epoch(2, 0.8, 22 / 26), epoch(3, 0.7, 0.80)]
     (run / "metrics.json").write_text(json.dumps({"history": history, "selected": history[1], "final": history[2]}))
     metadata = {
@@ -182,6 +184,9 @@ def write_demo(out: Path, runs: Path) -> Path:
         demo_row("new domain", "tune", 2, 0.866, 40.0, str(runs / "r4"), lr=0.00056),
     ]
     (out / "results.json").write_text(json.dumps({"k": 10, "seed": 0, "quick": False, "rows": rows}))
+    for row in rows:  # each row's run page, which the demo's table links to
+        (Path(row["run"]) / "report").mkdir(parents=True)
+        (Path(row["run"]) / "report" / "index.html").write_text("<p>run</p>")
     return out
 
 
@@ -320,6 +325,7 @@ def test_each_kind_of_page_renders_in_a_browser(pages, browser, kind):
     checked = browser.check(pages[kind])
     assert checked.images  # every kind of page draws charts
     assert checked.broken_images() == []
+    assert checked.broken_links() == []  # the model's files, each trial's curve, each demo row's run page
     assert all(width >= 400 for _, width in checked.images)
     for table_id, rows in EXPECTED_TABLES[kind]:
         assert checked.table(table_id).rows == rows
