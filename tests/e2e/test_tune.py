@@ -114,6 +114,7 @@ def check_search(spec_path: Path, out: str) -> None:
     for t in trials:
         assert f'<a href="#trial-{t["trial"]}">' in page
         assert (report / "trials" / f"{t['trial']}.png").stat().st_size > 5_000
+    assert f'<p id="gate" class="promoted">champion gate (gate): promoted {run.name}' in page  # the job's first
     # the published epoch's validation, as the loop counted it, agrees with the accuracy it reported
     confusion = json.loads((run / "confusion_matrix.json").read_text())
     assert sum(map(sum, confusion["matrix"])) == len(index.val)

@@ -11,10 +11,8 @@ import html
 import os
 from pathlib import Path
 
-from tlray.artifacts.pages import REPORT, figure, link, page, table, write_report
+from tlray.artifacts.pages import REPORT, figure, link, page, read_results, table, write_report
 from tlray.artifacts.plots import demo_label, plot_demo
-from tlray.errors import UserError
-from tlray.io import storage
 
 RESULTS = "results.json"
 HEADER = ("target", "mode", "freeze depth", "trainable params", "val accuracy", "train s", "wall s")
@@ -42,10 +40,7 @@ def columns(row: dict) -> list[str]:
 
 def write_demo_page(out: str, endpoint_url: str | None = None) -> str:
     """Draw the demo's page into `<out>/report/` from `<out>/results.json`; returns the index.html location."""
-    try:
-        results = storage.read_json(storage.join(out, RESULTS), endpoint_url)
-    except (FileNotFoundError, OSError) as exc:
-        raise UserError(f"RUN_URI: no {RESULTS} in {out} ({exc}); give the folder `tlray demo` wrote") from None
+    results = read_results(out, RESULTS, endpoint_url, "demo")
     return write_report(out, lambda folder: demo_page(results, out, folder), endpoint_url)
 
 

@@ -50,6 +50,11 @@ def runs_uri(spec: JobSpec) -> str:
     return storage.join(spec.job_uri, "runs")
 
 
+def job_of(run: str) -> str:
+    """The job folder (latest.json, history.jsonl) of a run folder `<job>/runs/<run_id>`."""
+    return run.rstrip("/").rsplit("/runs/", 1)[0]
+
+
 def publish(
     plan: RunPlan,
     model: torch.nn.Module,

@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from tlray.errors import UserError
 from tlray.io import storage
 
 REPORT = "report"
@@ -79,6 +80,22 @@ def page(title: str, body: str) -> str:
 def file_name(text: str) -> str:
     """A trial's name as a file name and an HTML id: letters, digits, `-` and `_` only."""
     return re.sub(r"[^A-Za-z0-9_-]+", "-", text)
+
+
+def read_results(base: str, name: str, endpoint_url: str | None, command: str) -> dict:
+    """The stored results a page is drawn from; their absence is bad input (`tlray report` on the wrong folder)."""
+    try:
+        return storage.read_json(storage.join(base, name), endpoint_url)
+    except (FileNotFoundError, OSError) as exc:
+        raise UserError(f"RUN_URI: no {name} in {base} ({exc}); give the folder `tlray {command}` printed") from None
+
+
+def read_if_stored(base: str, name: str, endpoint_url: str | None) -> dict | None:
+    """Results a page shows when they are there (a run of an older tlray, an unfinished search has none)."""
+    try:
+        return storage.read_json(storage.join(base, name), endpoint_url)
+    except (FileNotFoundError, OSError):
+        return None
 
 
 def write_report(base: str, draw: Callable[[Path], str], endpoint_url: str | None = None) -> str:

@@ -11,11 +11,9 @@ import html
 from pathlib import Path
 
 from tlray.artifacts import champion
-from tlray.artifacts.export import CONFUSION
-from tlray.artifacts.pages import figure, link, page, table, write_report
+from tlray.artifacts.export import CONFUSION, job_of
+from tlray.artifacts.pages import figure, link, page, read_if_stored, read_results, table, write_report
 from tlray.artifacts.plots import plot_confusion, plot_epoch_times, plot_run_curves
-from tlray.errors import UserError
-from tlray.io import storage
 from tlray.metrics import per_class_scores
 
 EPOCH_COLUMNS = (
@@ -28,23 +26,16 @@ EPOCH_COLUMNS = (
 
 def write_run_report(run: str, endpoint_url: str | None = None) -> str:
     """Draw the run's page into `<run>/report/`; returns the index.html location."""
-    try:
-        metadata = storage.read_json(storage.join(run, "metadata.json"), endpoint_url)
-        history = storage.read_json(storage.join(run, "metrics.json"), endpoint_url)["history"]
-    except (FileNotFoundError, OSError) as exc:
-        raise UserError(f"RUN_URI: no published run in {run} ({exc}); give the folder `tlray train` printed") from None
-    try:
-        confusion = storage.read_json(storage.join(run, CONFUSION), endpoint_url)
-    except (FileNotFoundError, OSError):
-        confusion = None  # published by an older tlray, whose checkpoints kept no confusion matrix
+    metadata = read_results(run, "metadata.json", endpoint_url, "train")
+    history = read_results(run, "metrics.json", endpoint_url, "train")["history"]
+    confusion = read_if_stored(run, CONFUSION, endpoint_url)  # an older tlray's checkpoints kept none
     decision = gate_decision(run, endpoint_url)
     return write_report(run, lambda folder: run_page(metadata, history, confusion, decision, folder), endpoint_url)
 
 
 def gate_decision(run: str, endpoint_url: str | None) -> champion.Decision | None:
-    """The champion gate's last decision on this run, from the job's history.jsonl (`<job>/runs/<run id>`)."""
-    job = run.rstrip("/").rsplit("/runs/", 1)[0]
-    mine = [line for line in champion.read_history(job, endpoint_url) if line.get("run") == run.rstrip("/")]
+    """The champion gate's last decision on this run, from the job's history.jsonl."""
+    mine = [line for line in champion.read_history(job_of(run), endpoint_url) if line.get("run") == run.rstrip("/")]
     return champion.Decision(**mine[-1]) if mine else None
 
 

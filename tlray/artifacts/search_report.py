@@ -11,11 +11,10 @@ import html
 from pathlib import Path
 
 from tlray.artifacts.export import CONFUSION
-from tlray.artifacts.pages import figure, file_name, link, page, table, write_report
+from tlray.artifacts.manifest import is_sealed
+from tlray.artifacts.pages import figure, file_name, link, page, read_if_stored, read_results, table, write_report
 from tlray.artifacts.plots import plot_confusion, plot_learning_curves, plot_search_space, plot_trial_curve
 from tlray.artifacts.run_report import confusion_title, gate_decision, gate_section
-from tlray.errors import UserError
-from tlray.io import storage
 
 PLOTS = {
     "learning_curves.png": (
@@ -28,17 +27,10 @@ PLOTS = {
 
 def write_search_report(run: str, endpoint_url: str | None = None) -> str:
     """Draw the plots and index.html into `<run>/report/`; returns the index.html location."""
-    try:
-        results = storage.read_json(storage.join(run, "tune_results.json"), endpoint_url)
-    except (FileNotFoundError, OSError) as exc:
-        raise UserError(
-            f"RUN_URI: no tune_results.json in {run} ({exc}); give the folder `tlray tune` printed"
-        ) from None
-    try:
-        confusion = storage.read_json(storage.join(run, CONFUSION), endpoint_url)
-    except (FileNotFoundError, OSError):
-        confusion = None  # an interrupted search has results but no published model yet
-    gate = gate_section(gate_decision(run, endpoint_url)) if confusion else "<p>Nothing published yet.</p>"
+    results = read_results(run, "tune_results.json", endpoint_url, "tune")
+    confusion = read_if_stored(run, CONFUSION, endpoint_url)  # an interrupted search has published nothing yet
+    published = is_sealed(run, endpoint_url)
+    gate = gate_section(gate_decision(run, endpoint_url)) if published else "<p>Nothing published yet.</p>"
     return write_report(run, lambda folder: search_page(results, confusion, gate, folder), endpoint_url)
 
 

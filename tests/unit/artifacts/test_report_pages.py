@@ -247,6 +247,7 @@ def test_a_search_page_links_every_trial_to_its_learning_curve(tmp_path):
     page = Page(index.read_text())
     assert [row[0] for row in page.tables["trials"]] == ["a_00000", "a_00001"]
     assert [row[-1] for row in page.tables["trials"]] == ["no", "yes"]  # stopped early
+    assert "<h2>Champion gate</h2><p>Nothing published yet.</p>" in index.read_text()  # no MANIFEST.json: unsealed
     assert page.links == ["#trial-a_00000", "#trial-a_00001"]
     assert {"trial-a_00000", "trial-a_00001"} <= page.ids
     assert "trials/a_00000.png" in page.images
