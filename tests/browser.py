@@ -120,6 +120,18 @@ def blank(png: bytes) -> bool:
     return image.getcolors(maxcolors=1) is not None or ImageStat.Stat(image.convert("L")).stddev[0] < 1
 
 
+def check_renders(browser: Browser, page: Path, tables: dict[str, int]) -> PageCheck:
+    """A report page as a reader sees it: it draws images and every one loads, every link leads to something there,
+    each table in `tables` ({id: body rows}) has its rows, and the screenshot is not blank."""
+    checked = browser.check(page)
+    assert checked.images, page
+    assert checked.broken_images() == [], page
+    assert checked.broken_links() == [], page
+    assert {table_id: checked.table(table_id).rows for table_id in tables} == tables, page
+    assert not blank(checked.screenshot), page
+    return checked
+
+
 class _Tab:
     """One websocket to one tab: commands in order, their answers matched by id, events kept for `wait`."""
 

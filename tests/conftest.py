@@ -15,6 +15,8 @@ import yaml
 from mlflow_fixtures import mlflow_server  # noqa: F401 — pytest fixtures
 from s3_fixtures import flaky_s3, s3_bucket, s3_env, s3_server  # noqa: F401 — pytest fixtures
 
+pytest.register_assert_rewrite("browser")  # check_renders' asserts show their values, as a test's own do
+
 # Nothing leaves the machine: no usage statistics, and every Ray socket on loopback.
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"

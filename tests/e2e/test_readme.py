@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from browser import blank
+from browser import check_renders
 from conftest import RAY_INTERNALS, ROOT
 from test_tune import check_search, run_dir
 
@@ -115,19 +115,8 @@ def check_demo(checkout: Path, stdout: str, browser) -> None:
     assert "(SingleWorker" in (demo / "ray.log").read_text()  # the training actors' output went to the log
 
 
-def check_page(browser, page: Path, tables: dict[str, int]):
-    """A report page as a browser shows it: every image loads, each table has its rows, the screenshot is not blank."""
-    checked = browser.check(page)
-    assert checked.images, page
-    assert checked.broken_images() == [], page
-    assert checked.broken_links() == [], page  # the model's files, each trial's curve, each demo row's run page
-    assert {table_id: checked.table(table_id).rows for table_id in tables} == tables, page
-    assert not blank(checked.screenshot), page
-    return checked
-
-
 def check_demo_page(browser, page: Path, rows: list[dict]) -> None:
-    checked = check_page(browser, page, {"modes": len(rows)})
+    checked = check_renders(browser, page, {"modes": len(rows)})
     assert sorted(src for src, _ in checked.images) == ["accuracy.png", "learning_curves.png"]
     assert checked.table("modes").first_cells == [row["target"] for row in rows]
 
@@ -135,14 +124,14 @@ def check_demo_page(browser, page: Path, rows: list[dict]) -> None:
 def check_run_page(browser, page: Path, epochs: int) -> None:
     metadata = json.loads((page.parent.parent / "metadata.json").read_text())
     classes = len(metadata["classes"])
-    checked = check_page(browser, page, {"epochs": epochs, "per-class": classes, "freeze": 6})
+    checked = check_renders(browser, page, {"epochs": epochs, "per-class": classes, "freeze": 6})
     assert checked.table("per-class").first_cells == metadata["classes"]
     assert sorted(src for src, _ in checked.images) == ["confusion_matrix.png", "curves.png", "epoch_times.png"]
 
 
 def check_search_page(browser, page: Path) -> None:
     trials = json.loads((page.parent.parent / "tune_results.json").read_text())["trials"]
-    checked = check_page(browser, page, {"trials": len(trials)})
+    checked = check_renders(browser, page, {"trials": len(trials)})
     assert checked.table("trials").first_cells == [t["trial"] for t in trials]
     assert len(checked.images) == 3 + len(trials)  # the search's three charts and a curve per trial
 
