@@ -12,6 +12,7 @@ import json
 from datetime import datetime, timezone
 
 import tlray
+from tlray.console import LOG_FILE
 from tlray.errors import UserError
 from tlray.io import storage
 
@@ -20,6 +21,8 @@ FORMAT_VERSION = 1  # of metadata.json and MANIFEST.json; loaders refuse version
 # Not part of the published artifact: Ray's resume state (pruned and rewritten by Ray) and the search
 # report (redrawn at any time by `tlray report`).
 UNSEALED_PREFIXES = ("train/", "search/", "trials/", "report/")
+# ... nor the run's Ray log (a local run's `<run>/ray.log`), which Ray goes on writing after the run is sealed
+UNSEALED_FILES = (LOG_FILE,)
 
 
 class ManifestError(UserError):
@@ -36,7 +39,7 @@ def write_manifest(run: str, endpoint_url: str | None = None) -> dict:
     files = {
         path: {"size": size, "sha256": storage.sha256_of(storage.join(run, path), endpoint_url)}
         for path, size in sorted(storage.list_tree(run, endpoint_url).items())
-        if path != MANIFEST and not path.startswith(UNSEALED_PREFIXES)
+        if path != MANIFEST and path not in UNSEALED_FILES and not path.startswith(UNSEALED_PREFIXES)
     }
     manifest = {"format_version": FORMAT_VERSION, "created_at": utc_timestamp(), "files": files}
     storage.write_json(storage.join(run, MANIFEST), manifest, endpoint_url)

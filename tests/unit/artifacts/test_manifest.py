@@ -30,6 +30,16 @@ def test_manifest_lists_every_published_file_and_loaders_check_it(tmp_path):
         read_verified(run, "model/model.pt2", manifest)
 
 
+def test_the_runs_ray_log_is_not_sealed_and_growing_after_the_manifest_leaves_the_run_sealed(tmp_path):
+    log = tmp_path / "a" / "ray.log"  # a local run's Ray log, which Ray writes until the process ends
+    log.parent.mkdir()
+    log.write_text("started\n")
+    run = fake_run(str(tmp_path / "a"))
+    assert sorted(read_run_manifest(run)["files"]) == ["metadata.json", "metrics.json", "model/model.pt2"]
+    log.write_text("started\nshutting down\n")
+    assert is_sealed(run)
+
+
 def test_a_run_without_manifest_or_of_another_format_is_refused(tmp_path):
     unsealed = fake_run(str(tmp_path / "b"), sealed=False)
     with pytest.raises(ManifestError, match="has no MANIFEST.json: the run is incomplete"):
